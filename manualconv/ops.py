@@ -1,0 +1,70 @@
+"""The ``cpp`` backend: the compiled kernels in csrc/, registered as ``torch.ops.manualconv.*``.
+
+Importing this module loads the extension (if it was built) and registers a fake kernel for
+each operator, so ``torch.compile`` and ``torch.library.opcheck`` can trace them: a fake kernel
+runs the op's shape check and returns an empty tensor of the output's size.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .checks import check_avg_pool2d, check_conv2d, check_grad_output, check_pool2d
+
+try:
+    importlib.import_module("manualconv._C")  # loading it runs TORCH_LIBRARY(manualconv, ...)
+
+    LOAD_ERROR = None
+except ImportError as error:  # not built: the package falls back to the reference backend
+    LOAD_ERROR = error
+
+AVAILABLE = LOAD_ERROR is None
+
+
+def _empty(like: torch.Tensor, size) -> torch.Tensor:
+    return like.new_empty(size)
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("manualconv::conv2d_forward")
+    def _(input, weight, bias, stride, padding, dilation, groups):
+        size = check_conv2d(input.shape, weight.shape, None if bias is None else bias.shape,
+                            stride, padding, dilation, groups)
+        return _empty(input, size)
+
+    @torch.library.register_fake("manualconv::conv2d_grad_input")
+    def _(grad_output, weight, input_size, stride, padding, dilation, groups):
+        out_size = check_conv2d(input_size, weight.shape, None, stride, padding, dilation, groups)
+        check_grad_output("conv2d_grad_input", grad_output.shape, out_size)
+        return _empty(grad_output, input_size)
+
+    @torch.library.register_fake("manualconv::conv2d_grad_weight")
+    def _(input, grad_output, weight_size, stride, padding, dilation, groups):
+        out_size = check_conv2d(input.shape, weight_size, None, stride, padding, dilation, groups)
+        check_grad_output("conv2d_grad_weight", grad_output.shape, out_size)
+        return _empty(input, weight_size)
+
+    @torch.library.register_fake("manualconv::max_pool2d_forward")
+    def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+        size = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+        return _empty(input, size), input.new_empty(size, dtype=torch.int64)
+
+    @torch.library.register_fake("manualconv::max_pool2d_backward")
+    def _(grad_output, indices, input_size):
+        if tuple(indices.shape) != tuple(grad_output.shape):
+            raise RuntimeError("max_pool2d_backward: indices must have grad_output's size")
+        return _empty(grad_output, input_size)
+
+    @torch.library.register_fake("manualconv::avg_pool2d_forward")
+    def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        size = check_avg_pool2d(input.shape, kernel_size, stride, padding, ceil_mode, divisor_override)
+        return _empty(input, size)
+
+    @torch.library.register_fake("manualconv::avg_pool2d_backward")
+    def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        out_size = check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override)
+        check_grad_output("avg_pool2d_backward", grad_output.shape, out_size)
+        return _empty(grad_output, input_size)

@@ -1,0 +1,216 @@
+"""The ``reference`` backend: the derivation written literally in plain tensor code.
+
+Readable and slow, with no compiled code. Every function takes and returns batched NCHW tensors
+and has the same signature as the C++ operator of the same name (``torch.ops.manualconv.*``).
+Notation (docs/derivation.md): x input, W kernel, b bias, y = x ⋆ W + b the output, δ = ∂J/∂y
+the delta arriving from the layer above, s stride, p padding, d dilation, k kernel size.
+
+Only general tensor algebra is used here: pad, strided slicing, einsum (a matmul), flip,
+scatter/gather, reductions and elementwise arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .checks import (
+    check_avg_pool2d,
+    check_conv2d,
+    check_grad_output,
+    check_max_pool2d_indices,
+    check_pool2d,
+)
+
+
+def _window(offset: int, count: int, step: int) -> slice:
+    """Rows offset, offset+step, …, offset+(count−1)·step: where one kernel tap lands."""
+    return slice(offset, offset + (count - 1) * step + 1, step)
+
+
+def correlate2d(x: torch.Tensor, weight: torch.Tensor, stride, dilation, groups: int) -> torch.Tensor:
+    # y[n,o,i,j] = Σ_{c,a,b} W[o,c,a,b] · x[n,c,i·s+a·d, j·s+b·d]   (cross-correlation, no padding)
+    n, c, h, w = x.shape
+    out_channels, c_per_group, kh, kw = weight.shape
+    h_out = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    x_g = x.reshape(n, groups, c_per_group, h, w)
+    w_g = weight.reshape(groups, out_channels // groups, c_per_group, kh, kw)
+    y = x.new_zeros(n, groups, out_channels // groups, h_out, w_out)
+    for a in range(kh):
+        for b in range(kw):
+            tap = x_g[:, :, :, _window(a * dilation[0], h_out, stride[0]), _window(b * dilation[1], w_out, stride[1])]
+            y = y + torch.einsum("ngchw,goc->ngohw", tap, w_g[:, :, :, a, b])
+    return y.reshape(n, out_channels, h_out, w_out)
+
+
+def zero_pad(x: torch.Tensor, padding, value: float = 0.0) -> torch.Tensor:
+    """Surround each plane with p rows/columns of ``value`` (a negative p crops)."""
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=value)
+
+
+def conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
+    # y = pad(x, p) ⋆ W + b
+    check_conv2d(input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups)
+    y = correlate2d(zero_pad(input, padding), weight, stride, dilation, groups)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y
+
+
+def dilate_with_zeros(delta: torch.Tensor, stride) -> torch.Tensor:
+    # stride s as zero insertion: s−1 zeros between neighbouring entries of δ
+    if tuple(stride) == (1, 1):
+        return delta
+    n, c, h, w = delta.shape
+    out = delta.new_zeros(n, c, (h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1)
+    out[:, :, :: stride[0], :: stride[1]] = delta
+    return out
+
+
+def rotate180_transposed(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    # rot180(W) with input and output channels swapped within each group: (C, O/g, kH, kW)
+    out_channels, c_per_group, kh, kw = weight.shape
+    w_g = weight.reshape(groups, out_channels // groups, c_per_group, kh, kw)
+    return w_g.transpose(1, 2).reshape(groups * c_per_group, out_channels // groups, kh, kw).flip(2, 3)
+
+
+def conv2d_grad_input(grad_output, weight, input_size, stride, padding, dilation, groups):
+    # δx = "full" correlation of the stride-dilated δ with the 180°-rotated kernel
+    out_size = check_conv2d(input_size, weight.shape, None, stride, padding, dilation, groups)
+    check_grad_output("conv2d_grad_input", grad_output.shape, out_size)
+    kernel = weight.shape[2:]
+    delta = dilate_with_zeros(grad_output, stride)
+    # "full" padding d·(k−1) − p on each side; the bottom/right also get back the r rows the
+    # forward's floor division skipped, so the result has exactly the input's size.
+    before, after = [], []
+    for dim in range(2):
+        full = dilation[dim] * (kernel[dim] - 1) - padding[dim]
+        skipped = input_size[2 + dim] - (delta.shape[2 + dim] + dilation[dim] * (kernel[dim] - 1) - 2 * padding[dim])
+        before.append(full)
+        after.append(full + skipped)
+    delta = F.pad(delta, (before[1], after[1], before[0], after[0]))  # negative amounts crop
+    return correlate2d(delta, rotate180_transposed(weight, groups), (1, 1), dilation, groups)
+
+
+def conv2d_grad_weight(input, grad_output, weight_size, stride, padding, dilation, groups):
+    # ∂J/∂W[o,c,a,b] = Σ_{n,i,j} δ[n,o,i,j] · pad(x)[n,c,i·s+a·d, j·s+b·d]  (x correlated with δ)
+    out_size = check_conv2d(input.shape, weight_size, None, stride, padding, dilation, groups)
+    check_grad_output("conv2d_grad_weight", grad_output.shape, out_size)
+    n, _, h_out, w_out = grad_output.shape
+    out_channels, c_per_group, kh, kw = weight_size
+    x = zero_pad(input, padding)
+    x_g = x.reshape(n, groups, c_per_group, x.shape[2], x.shape[3])
+    d_g = grad_output.reshape(n, groups, out_channels // groups, h_out, w_out)
+    taps = []
+    for a in range(kh):
+        for b in range(kw):
+            tap = x_g[:, :, :, _window(a * dilation[0], h_out, stride[0]), _window(b * dilation[1], w_out, stride[1])]
+            taps.append(torch.einsum("ngchw,ngohw->goc", tap, d_g))
+    return torch.stack(taps, dim=-1).reshape(out_channels, c_per_group, kh, kw)
+
+
+def conv2d_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
+    # ∂J/∂b[o] = Σ_{n,i,j} δ[n,o,i,j]
+    return grad_output.sum(dim=(0, 2, 3))
+
+
+def _pool_taps(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int):
+    """For each kernel tap a: positions a·d + i·s − p (i < out) in input coordinates, and which are inside."""
+    i = torch.arange(out)
+    for a in range(kernel):
+        pos = a * dilation + i * stride - pad
+        yield a, pos, (pos >= 0) & (pos < size)
+
+
+def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+    # y[i,j] = max over the window of x; argmax recorded as a flat index h·W + w into the plane.
+    # Ties keep the first maximum in row-major order; a NaN wins over numbers (torch's rule).
+    n, c, h_out, w_out = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    h, w = input.shape[2:]
+    x = input.reshape(n, c, h * w)
+    best = input.new_full((n, c, h_out, w_out), float("-inf"))
+    best_index = torch.zeros((n, c, h_out, w_out), dtype=torch.long, device=input.device)
+    seen = torch.zeros((h_out, w_out), dtype=torch.bool, device=input.device)
+    for _, rows, row_ok in _pool_taps(h, h_out, kernel_size[0], stride[0], padding[0], dilation[0]):
+        for _, cols, col_ok in _pool_taps(w, w_out, kernel_size[1], stride[1], padding[1], dilation[1]):
+            inside = (row_ok[:, None] & col_ok[None, :]).to(input.device)
+            index = (rows.clamp(0, h - 1)[:, None] * w + cols.clamp(0, w - 1)[None, :]).to(input.device)
+            value = x[:, :, index]
+            take = inside & (~seen | (value > best) | value.isnan())
+            best = torch.where(take, value, best)
+            best_index = torch.where(take, index, best_index)
+            seen = seen | inside
+    return best, best_index
+
+
+def max_pool2d_backward(grad_output, indices, input_size):
+    # δx[argmax] += δy: each delta is routed to the position that won the max in forward
+    check_max_pool2d_indices(grad_output, indices, input_size)
+    n, c, h, w = input_size
+    grad_input = grad_output.new_zeros(n, c, h * w)
+    grad_input = grad_input.scatter_add(2, indices.reshape(n, c, -1), grad_output.reshape(n, c, -1))
+    return grad_input.reshape(n, c, h, w)
+
+
+def max_pool2d_gather(grad_input, indices):
+    # δy[i,j] = δx[argmax(i,j)]: the adjoint of max_pool2d_backward (used for double backward)
+    n, c = indices.shape[:2]
+    flat = grad_input.reshape(n, c, -1).gather(2, indices.reshape(n, c, -1))
+    return flat.reshape(indices.shape)
+
+
+def avg_pool2d_divisors(input_size, out_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, device, dtype):
+    # divisor of window (i,j): divisor_override, else the window's area inside the padded input
+    # (count_include_pad) or inside the input alone
+    if divisor_override is not None:
+        return torch.full(out_size, float(divisor_override), dtype=dtype, device=device)
+    sides: List[torch.Tensor] = []
+    for size, out, k, s, p in zip(input_size, out_size, kernel_size, stride, padding):
+        start = torch.arange(out) * s - p
+        end = torch.clamp(start + k, max=size + p)
+        if count_include_pad:
+            sides.append(end - start)
+        else:
+            sides.append(torch.clamp(end, max=size) - torch.clamp(start, min=0))
+    area = sides[0][:, None] * sides[1][None, :]
+    return area.clamp(min=1).to(device=device, dtype=dtype)
+
+
+def _avg_pool_padding(input_size, out_size, kernel_size, stride, padding):
+    """Zero padding (top, bottom, left, right) that holds every window, ceil_mode's last one too."""
+    extra = [max(p, (o - 1) * s + k - n - p) for n, o, k, s, p in zip(input_size, out_size, kernel_size, stride, padding)]
+    return (padding[1], extra[1], padding[0], extra[0])
+
+
+def avg_pool2d_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    # y[i,j] = (Σ_window x) / divisor(i,j)
+    n, c, h_out, w_out = check_avg_pool2d(input.shape, kernel_size, stride, padding, ceil_mode, divisor_override)
+    pads = _avg_pool_padding(input.shape[2:], (h_out, w_out), kernel_size, stride, padding)
+    x = F.pad(input, pads)
+    total = input.new_zeros(n, c, h_out, w_out)
+    for a in range(kernel_size[0]):
+        for b in range(kernel_size[1]):
+            total = total + x[:, :, _window(a, h_out, stride[0]), _window(b, w_out, stride[1])]
+    divisor = avg_pool2d_divisors(input.shape[2:], (h_out, w_out), kernel_size, stride, padding, ceil_mode,
+                                  count_include_pad, divisor_override, input.device, input.dtype)
+    return total / divisor
+
+
+def avg_pool2d_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    # δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / divisor(i,j): each delta spread evenly over its window
+    out_size = check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override)
+    check_grad_output("avg_pool2d_backward", grad_output.shape, out_size)
+    n, c, h, w = input_size
+    h_out, w_out = out_size[2:]
+    divisor = avg_pool2d_divisors((h, w), (h_out, w_out), kernel_size, stride, padding, ceil_mode,
+                                  count_include_pad, divisor_override, grad_output.device, grad_output.dtype)
+    share = grad_output / divisor
+    left, right, top, bottom = _avg_pool_padding((h, w), (h_out, w_out), kernel_size, stride, padding)
+    grad = grad_output.new_zeros(n, c, top + h + bottom, left + w + right)
+    for a in range(kernel_size[0]):
+        for b in range(kernel_size[1]):
+            grad[:, :, _window(a, h_out, stride[0]), _window(b, w_out, stride[1])] += share
+    return grad[:, :, top : top + h, left : left + w]
