@@ -1,0 +1,106 @@
+"""Every case of the table, through both backends: gradcheck, gradgradcheck, float32 equality
+with torch.nn (indices exactly), agreement of the backends, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import manualconv
+from cases import ERRORS, SAMPLES, call, make_error_inputs, make_inputs
+from oracle import assert_within, exact_and_bound, output_of, run_with_grads
+
+# Finite differences need a differentiable point: ties and NaNs (max pool) are not one, so those
+# cases are only compared with torch.nn below.
+SMOOTH = [case for case in SAMPLES if case.fill == "randn"]
+
+
+def _function(case):
+    return lambda *tensors: output_of(call(case, "manual", *tensors))
+
+
+@pytest.mark.parametrize("case", SMOOTH, ids=str)
+def test_gradcheck(case, backend):
+    tensors = [t.requires_grad_(True) for t in make_inputs(case, torch.float64)]
+    assert torch.autograd.gradcheck(_function(case), tensors), case
+
+
+@pytest.mark.parametrize("case", SMOOTH, ids=str)
+def test_gradgradcheck(case, backend):
+    tensors = [t.requires_grad_(True) for t in make_inputs(case, torch.float64)]
+    assert torch.autograd.gradgradcheck(_function(case), tensors), case
+
+
+def _float32_run(case, lib):
+    tensors = make_inputs(case, torch.float32, seed=1)
+    grad_output = torch.randn_like(output_of(call(case, "native", *tensors)), memory_format=torch.contiguous_format)
+    return tensors, grad_output, run_with_grads(case, lib, tensors, grad_output)
+
+
+@pytest.mark.parametrize("case", SAMPLES, ids=str)
+def test_float32_matches_native(case, backend):
+    tensors, grad_output, ours = _float32_run(case, "manual")
+    native = run_with_grads(case, "native", tensors, grad_output)
+    exact, bound = exact_and_bound(case, tensors, grad_output)
+    assert ours.keys() == native.keys(), case
+    if "indices" in ours:
+        assert ours["indices"].dtype == torch.int64, case
+        assert torch.equal(ours["indices"], native["indices"]), f"{case}: max-pool indices differ from torch's"
+    for what, exact_value in exact.items():
+        if what != "indices":
+            assert_within(case, what, ours[what], exact_value, bound[what])
+            assert_within(case, f"native {what} (checks the bound)", native[what], exact_value, bound[what])
+
+
+@pytest.mark.parametrize("case", SAMPLES, ids=str)
+def test_backends_agree(case):
+    with manualconv.use_backend("reference"):
+        tensors, grad_output, reference = _float32_run(case, "manual")
+    with manualconv.use_backend("cpp"):
+        cpp = run_with_grads(case, "manual", tensors, grad_output)
+    _, bound = exact_and_bound(case, tensors, grad_output)
+    for what, value in reference.items():
+        if what == "indices":
+            assert torch.equal(value, cpp[what]), f"{case}: backends' indices differ"
+        else:  # each is within its bound of the exact value, so within twice of each other
+            assert_within(case, f"cpp vs reference {what}", cpp[what], value.double(), 2 * bound[what])
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=str)
+def test_bad_input_raises(case, backend):
+    tensors = make_error_inputs(case)
+    error_type, pattern = case.error
+    with pytest.raises(error_type, match=pattern):
+        call(case, "manual", *tensors)
+    try:  # where torch raises too, it raises the same type
+        call(case, "native", *tensors)
+    except Exception as native_error:  # noqa: BLE001
+        assert type(native_error) is (case.torch_error or error_type), f"{case}: torch raised {native_error!r}"
+
+
+def test_output_memory_format_and_dtype(backend):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    y = manualconv.functional.conv2d(x, w, padding=1)
+    assert y.dtype == torch.float64 and y.shape == (2, 4, 6, 6)
+
+
+KERNEL_ERRORS = [
+    # (name, kernel name, args builder, message pattern): the kernels check backward's inputs too
+    ("grad-input-wrong-delta", "conv2d_grad_input",
+     lambda: (torch.randn(1, 2, 5, 5), torch.randn(2, 3, 3, 3), [1, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
+    ("grad-weight-wrong-delta", "conv2d_grad_weight",
+     lambda: (torch.randn(1, 3, 8, 8), torch.randn(1, 2, 5, 5), [2, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
+    ("max-backward-wrong-indices", "max_pool2d_backward",
+     lambda: (torch.randn(1, 2, 4, 4), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
+    ("max-backward-index-out-of-plane", "max_pool2d_backward",
+     lambda: (torch.randn(1, 2, 4, 4), torch.full((1, 2, 4, 4), 64, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
+    ("avg-backward-wrong-delta", "avg_pool2d_backward",
+     lambda: (torch.randn(1, 2, 3, 3), [1, 2, 8, 8], [2, 2], [2, 2], [0, 0], False, True, None), r"grad_output"),
+]
+
+
+@pytest.mark.parametrize("name,kernel,args,pattern", KERNEL_ERRORS, ids=[e[0] for e in KERNEL_ERRORS])
+def test_kernel_rejects_bad_backward_input(name, kernel, args, pattern, backend):
+    with pytest.raises(RuntimeError, match=pattern):
+        getattr(manualconv.backend.kernels(backend), kernel)(*args())
