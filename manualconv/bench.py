@@ -1,0 +1,156 @@
+"""Benchmark: manualconv against torch.nn, forward + backward, in one process.
+
+    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool] [--markdown FILE]
+
+For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
+32², 16², 8², a stride-2 conv, 1×1 convs, 2×2 and 3×3 pools), native and manualconv steps are
+run alternately, so both see the same machine state; the median of the repeats is reported.
+ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
+GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import functional as MF
+from .backend import get_backend, use_backend
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str  # 'conv' | 'pool'
+    input: tuple  # (C, H, W), the batch is added
+    kwargs: dict
+    weight: Optional[tuple] = None
+    op: str = "conv2d"
+
+    def flops(self, batch: int) -> float:
+        if self.kind != "conv":
+            return 0.0
+        out_channels, in_per_group, kh, kw = self.weight
+        stride, padding = self.kwargs.get("stride", 1), self.kwargs.get("padding", 0)
+        h_out = (self.input[1] + 2 * padding - kh) // stride + 1
+        w_out = (self.input[2] + 2 * padding - kw) // stride + 1
+        return 3 * 2.0 * batch * out_channels * in_per_group * kh * kw * h_out * w_out
+
+
+SUITE: List[Layer] = [
+    Layer("conv3x3 3->16 @32 (stem)", "conv", (3, 32, 32), dict(padding=1), (16, 3, 3, 3)),
+    Layer("conv3x3 16->16 @32", "conv", (16, 32, 32), dict(padding=1), (16, 16, 3, 3)),
+    Layer("conv3x3 32->32 @16", "conv", (32, 16, 16), dict(padding=1), (32, 32, 3, 3)),
+    Layer("conv3x3 64->64 @8", "conv", (64, 8, 8), dict(padding=1), (64, 64, 3, 3)),
+    Layer("conv3x3 64->128 @16 (VGG)", "conv", (64, 16, 16), dict(padding=1), (128, 64, 3, 3)),
+    Layer("conv3x3 128->256 @8 (VGG)", "conv", (128, 8, 8), dict(padding=1), (256, 128, 3, 3)),
+    Layer("conv3x3 16->32 stride2 @32", "conv", (16, 32, 32), dict(stride=2, padding=1), (32, 16, 3, 3)),
+    Layer("conv1x1 16->32 stride2 @32", "conv", (16, 32, 32), dict(stride=2), (32, 16, 1, 1)),
+    Layer("conv1x1 64->128 @8", "conv", (64, 8, 8), {}, (128, 64, 1, 1)),
+    Layer("maxpool 2x2 64@32", "pool", (64, 32, 32), dict(kernel_size=2), op="max_pool2d"),
+    Layer("maxpool 3x3 s2 p1 64@32", "pool", (64, 32, 32), dict(kernel_size=3, stride=2, padding=1), op="max_pool2d"),
+    Layer("maxpool 2x2 128@16", "pool", (128, 16, 16), dict(kernel_size=2), op="max_pool2d"),
+    Layer("avgpool 2x2 64@32", "pool", (64, 32, 32), dict(kernel_size=2), op="avg_pool2d"),
+    Layer("avgpool 3x3 s1 p1 64@16", "pool", (64, 16, 16), dict(kernel_size=3, stride=1, padding=1), op="avg_pool2d"),
+]
+
+
+def _step(functional, layer: Layer, x: torch.Tensor, weight, grad_output) -> Callable[[], None]:
+    """One forward + backward of the layer through ``functional`` (torch's or manualconv's)."""
+    def step():
+        x.grad = None
+        if weight is not None:
+            weight.grad = None
+            y = functional.conv2d(x, weight, None, **layer.kwargs)
+        else:
+            y = getattr(functional, layer.op)(x, **layer.kwargs)
+        y.backward(grad_output)
+    return step
+
+
+def _time(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, *layer.input, requires_grad=True)
+    weight = None if layer.weight is None else torch.randn(layer.weight, requires_grad=True)
+    with torch.no_grad():
+        y = F.conv2d(x, weight, **layer.kwargs) if weight is not None else getattr(F, layer.op)(x, **layer.kwargs)
+    grad_output = torch.randn_like(y)
+    native, manual = _step(F, layer, x, weight, grad_output), _step(MF, layer, x, weight, grad_output)
+    for step in (native, manual):  # warm-up: allocator, thread pool, caches
+        step()
+        step()
+    times_native, times_manual = [], []
+    for _ in range(repeat):
+        times_native.append(_time(native))
+        times_manual.append(_time(manual))
+    t_native, t_manual = statistics.median(times_native), statistics.median(times_manual)
+    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
+                native_gflops=layer.flops(batch) / t_native / 1e9, manual_gflops=layer.flops(batch) / t_manual / 1e9)
+
+
+def geomean(values: List[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -> Dict[str, float]:
+    rows = []
+    header = f"manualconv {get_backend()} vs torch {torch.__version__}, float32, batch {batch}, " \
+             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward"
+    print(header)
+    print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} {'man GF/s':>9s}")
+    for layer in SUITE:
+        if only and layer.kind != only:
+            continue
+        result = measure(layer, batch, repeat)
+        rows.append((layer, result))
+        gf = (f"{result['native_gflops']:9.1f} {result['manual_gflops']:9.1f}" if layer.kind == "conv" else f"{'':9s} {'':9s}")
+        print(f"{layer.name:32s} {result['native_ms']:10.2f} {result['manual_ms']:10.2f} {result['ratio']:7.2f} {gf}")
+        sys.stdout.flush()
+    summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in ("conv", "pool")}
+    for kind, value in summary.items():
+        if not math.isnan(value):
+            print(f"geomean ratio (native/manual), {kind}: {value:.2f}")
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(header + "\n\n| layer | native ms | manualconv ms | ratio | native GFLOP/s | manualconv GFLOP/s |\n")
+            f.write("|---|---:|---:|---:|---:|---:|\n")
+            for layer, r in rows:
+                gf = (f"{r['native_gflops']:.1f} | {r['manual_gflops']:.1f}" if layer.kind == "conv" else " | ")
+                f.write(f"| {layer.name} | {r['native_ms']:.2f} | {r['manual_ms']:.2f} | {r['ratio']:.2f} | {gf} |\n")
+            for kind, value in summary.items():
+                if not math.isnan(value):
+                    f.write(f"\ngeomean ratio, {kind}: **{value:.2f}**\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m manualconv.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--only", choices=["conv", "pool"])
+    parser.add_argument("--backend", choices=["cpp", "reference"], default=None)
+    parser.add_argument("--markdown", help="also write the table as Markdown to this file")
+    args = parser.parse_args(argv)
+    if args.batch <= 0 or args.repeat <= 0:
+        parser.error("--batch and --repeat must be positive")
+    with use_backend(args.backend or get_backend()):
+        run(args.batch, args.repeat, args.only, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
