@@ -3,15 +3,36 @@
     import manualconv
     conv = manualconv.Conv2d(3, 16, 3, padding=1)      # a drop-in torch.nn.Conv2d
     y = manualconv.functional.max_pool2d(conv(x), 2)  # torch.nn.functional's signature
+    model = manualconv.convert(torchvision_model)     # every supported layer switched over
     manualconv.set_backend("reference")               # plain-tensor kernels instead of C++
 
 Layers: API (functional, modules) → autograd Functions (autograd.py) → kernels ('cpp' from
 csrc/ or 'reference' in reference.py, chosen by set_backend / use_backend).
 """
 
-from . import functional, reference
+from . import functional, models, reference
 from .backend import get_backend, set_backend, use_backend
-from .modules import AvgPool2d, Conv2d, MaxPool2d
+from .convert import convert, revert
+from .modules import (
+    AdaptiveAvgPool2d,
+    AdaptiveMaxPool2d,
+    AvgPool2d,
+    Conv1d,
+    Conv2d,
+    ConvTranspose2d,
+    CrossEntropyLoss,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    ScaledTanh,
+    Sigmoid,
+    Subsampling2d,
+    Tanh,
+)
 
 __version__ = "0.1.0"
-__all__ = ["functional", "reference", "Conv2d", "MaxPool2d", "AvgPool2d", "set_backend", "get_backend", "use_backend"]
+__all__ = [
+    "functional", "models", "reference", "set_backend", "get_backend", "use_backend", "convert", "revert",
+    "Conv2d", "MaxPool2d", "AvgPool2d", "Conv1d", "ConvTranspose2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
+    "Linear", "ReLU", "Sigmoid", "Tanh", "ScaledTanh", "CrossEntropyLoss", "Subsampling2d",
+]

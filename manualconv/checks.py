@@ -29,51 +29,56 @@ def _fmt(size: Sequence[int]) -> str:
     return "[" + ", ".join(str(s) for s in size) + "]"
 
 
-def conv2d_output_size(input_hw, kernel_hw, stride, padding, dilation) -> Tuple[int, int]:
+def conv_output_size(input_size, kernel_size, stride, padding, dilation) -> Tuple[int, ...]:
     """H_out = ⌊(H + 2p − d·(k−1) − 1) / s⌋ + 1 for each spatial dim."""
     return tuple(
         (h + 2 * p - d * (k - 1) - 1) // s + 1
-        for h, k, s, p, d in zip(input_hw, kernel_hw, stride, padding, dilation)
+        for h, k, s, p, d in zip(input_size, kernel_size, stride, padding, dilation)
     )
 
 
-def check_conv2d(
+def _x(values) -> str:
+    return " x ".join(str(v) for v in values)
+
+
+def check_conv(
+    op: str,
     input_size: Sequence[int],
     weight_size: Sequence[int],
     bias_size: Optional[Sequence[int]],
-    stride: Tuple[int, int],
-    padding: Tuple[int, int],
-    dilation: Tuple[int, int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
     groups: int,
-) -> Tuple[int, int, int, int]:
-    """Validate a conv2d call on (N, C, H, W) input; return the output size (N, O, H_out, W_out)."""
-    if len(weight_size) != 4:
+) -> Tuple[int, ...]:
+    """Validate a convolution with len(stride) spatial dims on (N, C, *spatial) input; return the
+    output size (N, O, *spatial_out). ``op`` ('conv1d', 'conv2d') names the call in messages."""
+    dims = len(stride)
+    if len(weight_size) != dims + 2:
         raise RuntimeError(
-            "conv2d: weight must be 4-D (out_channels, in_channels/groups, kH, kW), "
+            f"{op}: weight must be {dims + 2}-D (out_channels, in_channels/groups, *kernel_size), "
             f"but got weight of size {_fmt(weight_size)}"
         )
-    if len(input_size) != 4:
+    if len(input_size) != dims + 2:
         raise RuntimeError(
-            "Expected 3D (unbatched) or 4D (batched) input to conv2d, "
+            f"Expected {dims + 1}D (unbatched) or {dims + 2}D (batched) input to {op}, "
             f"but got input of size: {_fmt(input_size)}"
         )
     if any(s <= 0 for s in stride):
-        raise RuntimeError(f"conv2d: non-positive stride is not supported, got stride={tuple(stride)}")
+        raise RuntimeError(f"{op}: non-positive stride is not supported, got stride={tuple(stride)}")
     if any(p < 0 for p in padding):
-        raise RuntimeError(f"conv2d: negative padding is not supported, got padding={tuple(padding)}")
+        raise RuntimeError(f"{op}: negative padding is not supported, got padding={tuple(padding)}")
     if any(d <= 0 for d in dilation):
-        raise RuntimeError(
-            f"conv2d: non-positive dilation is not supported, got dilation={tuple(dilation)}"
-        )
+        raise RuntimeError(f"{op}: non-positive dilation is not supported, got dilation={tuple(dilation)}")
     if groups <= 0:
-        raise RuntimeError(f"conv2d: non-positive groups is not supported, got groups={groups}")
-    out_channels, in_per_group, kh, kw = weight_size
+        raise RuntimeError(f"{op}: non-positive groups is not supported, got groups={groups}")
+    out_channels, in_per_group, kernel = weight_size[0], weight_size[1], tuple(weight_size[2:])
     if out_channels % groups != 0:
         raise RuntimeError(
             f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
             f"but got weight of size {_fmt(weight_size)} instead"
         )
-    n, c, h, w = input_size
+    n, c, spatial = input_size[0], input_size[1], tuple(input_size[2:])
     if c != in_per_group * groups:
         raise RuntimeError(
             f"Given groups={groups}, weight of size {_fmt(weight_size)}, expected "
@@ -85,16 +90,19 @@ def check_conv2d(
             f"Given weight of size {_fmt(weight_size)}, expected bias to be 1-dimensional with "
             f"{out_channels} elements, but got bias of size {_fmt(bias_size)} instead"
         )
-    padded = (h + 2 * padding[0], w + 2 * padding[1])
-    effective = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-    if padded[0] < effective[0] or padded[1] < effective[1]:
+    padded = [h + 2 * p for h, p in zip(spatial, padding)]
+    effective = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    if any(p < e for p, e in zip(padded, effective)):
         raise RuntimeError(
-            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
-            f"Kernel size: ({effective[0]} x {effective[1]}). "
-            "Kernel size can't be greater than actual input size"
+            f"{op}: Calculated padded input size per channel: ({_x(padded)}). "
+            f"Kernel size: ({_x(effective)}). Kernel size can't be greater than actual input size"
         )
-    h_out, w_out = conv2d_output_size((h, w), (kh, kw), stride, padding, dilation)
-    return (n, out_channels, h_out, w_out)
+    return (n, out_channels) + conv_output_size(spatial, kernel, stride, padding, dilation)
+
+
+def check_conv2d(input_size, weight_size, bias_size, stride, padding, dilation, groups) -> Tuple[int, int, int, int]:
+    """check_conv for conv2d (N, C, H, W) input; returns (N, O, H_out, W_out)."""
+    return check_conv("conv2d", input_size, weight_size, bias_size, stride, padding, dilation, groups)
 
 
 def pool2d_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
@@ -181,3 +189,78 @@ def check_max_pool2d_indices(grad_output, indices, input_size) -> None:
         raise RuntimeError(
             f"max_pool2d_backward: indices must lie in [0, {plane}) (the flattened H·W plane)"
         )
+
+
+def adaptive_windows(size: int, out: int):
+    """Adaptive pooling's window i covers [⌊i·H/H_out⌋, ⌈(i+1)·H/H_out⌉) (torch's boundaries)."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def check_adaptive_pool2d(op: str, input_size: Sequence[int], output_size: Sequence[int]) -> Tuple[int, int, int, int]:
+    """Validate an adaptive pool on (N, C, H, W) input; return (N, C, H_out, W_out)."""
+    if len(input_size) != 4 or any(s == 0 for s in input_size[1:]):
+        raise RuntimeError(
+            f"{op}: expected a 3D (C, H, W) or 4D (N, C, H, W) input with non-zero channels, height "
+            f"and width, but got input of size {_fmt(input_size)}"
+        )
+    if len(output_size) != 2:
+        raise RuntimeError(f"{op}: output_size must be an int or a pair, but got {list(output_size)}")
+    if any(o < 0 for o in output_size):
+        raise RuntimeError(
+            f"{op}: elements of output_size must be greater than or equal to 0, but got output_size={tuple(output_size)}"
+        )
+    return (input_size[0], input_size[1], output_size[0], output_size[1])
+
+
+def check_conv_transpose2d(input_size, weight_size, bias_size, stride, padding, output_padding, dilation, groups):
+    """Validate conv_transpose2d on (N, C_in, H, W) input; return (N, C_out, H_out, W_out) with
+    H_out = (H − 1)·s − 2p + d·(k − 1) + output_padding + 1."""
+    op = "conv_transpose2d"
+    if len(input_size) != 4:
+        raise RuntimeError(
+            f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: {_fmt(input_size)}"
+        )
+    if len(weight_size) != 4:
+        raise RuntimeError(
+            f"{op}: weight must be 4-D (in_channels, out_channels/groups, kH, kW), but got weight of size {_fmt(weight_size)}"
+        )
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"{op}: non-positive stride is not supported, got stride={tuple(stride)}")
+    if any(p < 0 for p in padding) or any(p < 0 for p in output_padding):
+        raise RuntimeError(f"{op}: negative padding is not supported, got padding={tuple(padding)}, "
+                           f"output_padding={tuple(output_padding)}")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"{op}: non-positive dilation is not supported, got dilation={tuple(dilation)}")
+    if groups <= 0:
+        raise RuntimeError(f"{op}: non-positive groups is not supported, got groups={groups}")
+    for op_, s, d in zip(output_padding, stride, dilation):
+        if op_ >= s and op_ >= d:
+            raise RuntimeError(
+                f"{op}: output padding must be smaller than either stride or dilation, but got "
+                f"output_padding={tuple(output_padding)}, stride={tuple(stride)}, dilation={tuple(dilation)}"
+            )
+    in_channels, out_per_group, kh, kw = weight_size
+    if in_channels % groups != 0:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+            f"but got weight of size {_fmt(weight_size)} instead"
+        )
+    if input_size[1] != in_channels:
+        raise RuntimeError(
+            f"Given transposed=1, weight of size {_fmt(weight_size)}, expected input{_fmt(input_size)} "
+            f"to have {in_channels} channels, but got {input_size[1]} channels instead"
+        )
+    out_channels = out_per_group * groups
+    if bias_size is not None and (len(bias_size) != 1 or bias_size[0] != out_channels):
+        raise RuntimeError(
+            f"Given transposed=1, weight of size {_fmt(weight_size)}, expected bias to be 1-dimensional "
+            f"with {out_channels} elements, but got bias of size {_fmt(bias_size)} instead"
+        )
+    out = [(h - 1) * s - 2 * p + d * (k - 1) + o + 1
+           for h, s, p, d, k, o in zip(input_size[2:], stride, padding, dilation, (kh, kw), output_padding)]
+    if any(o <= 0 for o in out):
+        raise RuntimeError(
+            f"{op}: Given input size per channel: ({_x(input_size[2:])}). Calculated output size per "
+            f"channel: ({_x(out)}). Output size is too small"
+        )
+    return (input_size[0], out_channels, out[0], out[1])

@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .checks import check_avg_pool2d, check_conv2d, check_grad_output, check_pool2d
+from .checks import check_adaptive_pool2d, check_avg_pool2d, check_conv2d, check_grad_output, check_pool2d
 
 try:
     importlib.import_module("manualconv._C")  # loading it runs TORCH_LIBRARY(manualconv, ...)
@@ -67,4 +67,19 @@ if AVAILABLE:
     def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
         out_size = check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override)
         check_grad_output("avg_pool2d_backward", grad_output.shape, out_size)
+        return _empty(grad_output, input_size)
+
+    @torch.library.register_fake("manualconv::adaptive_max_pool2d_forward")
+    def _(input, output_size):
+        size = check_adaptive_pool2d("adaptive_max_pool2d", input.shape, output_size)
+        return _empty(input, size), input.new_empty(size, dtype=torch.int64)
+
+    @torch.library.register_fake("manualconv::adaptive_avg_pool2d_forward")
+    def _(input, output_size):
+        return _empty(input, check_adaptive_pool2d("adaptive_avg_pool2d", input.shape, output_size))
+
+    @torch.library.register_fake("manualconv::adaptive_avg_pool2d_backward")
+    def _(grad_output, input_size):
+        out_size = check_adaptive_pool2d("adaptive_avg_pool2d", input_size, grad_output.shape[2:])
+        check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
         return _empty(grad_output, input_size)

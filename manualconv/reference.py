@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .checks import (
+    adaptive_windows,
+    check_adaptive_pool2d,
     check_avg_pool2d,
     check_conv2d,
     check_grad_output,
@@ -214,3 +216,71 @@ def avg_pool2d_backward(grad_output, input_size, kernel_size, stride, padding, c
         for b in range(kernel_size[1]):
             grad[:, :, _window(a, h_out, stride[0]), _window(b, w_out, stride[1])] += share
     return grad[:, :, top : top + h, left : left + w]
+
+
+def _adaptive_taps(size: int, out: int):
+    """For each tap a: rows start(i)+a of every window i, and which are still inside window i."""
+    windows = adaptive_windows(size, out)
+    if not windows:
+        return
+    start = torch.tensor([s for s, _ in windows])
+    end = torch.tensor([e for _, e in windows])
+    for a in range(int((end - start).max())):
+        pos = start + a
+        yield pos.clamp(max=size - 1), pos < end
+
+
+def adaptive_max_pool2d_forward(input, output_size):
+    # y[i,j] = max over window [⌊iH/H_out⌋, ⌈(i+1)H/H_out⌉) × (same for columns); argmax as in max_pool2d
+    n, c, h_out, w_out = check_adaptive_pool2d("adaptive_max_pool2d", input.shape, output_size)
+    h, w = input.shape[2:]
+    x = input.reshape(n, c, h * w)
+    best = input.new_full((n, c, h_out, w_out), float("-inf"))
+    best_index = torch.zeros((n, c, h_out, w_out), dtype=torch.long, device=input.device)
+    seen = torch.zeros((h_out, w_out), dtype=torch.bool, device=input.device)
+    for rows, row_ok in _adaptive_taps(h, h_out):
+        for cols, col_ok in _adaptive_taps(w, w_out):
+            inside = (row_ok[:, None] & col_ok[None, :]).to(input.device)
+            index = (rows[:, None] * w + cols[None, :]).to(input.device)
+            value = x[:, :, index]
+            take = inside & (~seen | (value > best) | value.isnan())
+            best = torch.where(take, value, best)
+            best_index = torch.where(take, index, best_index)
+            seen = seen | inside
+    return best, best_index
+
+
+def adaptive_avg_pool2d_forward(input, output_size):
+    # y[i,j] = (Σ_window x) / area(window)
+    n, c, h_out, w_out = check_adaptive_pool2d("adaptive_avg_pool2d", input.shape, output_size)
+    h, w = input.shape[2:]
+    x = input.reshape(n, c, h * w)
+    total = input.new_zeros(n, c, h_out, w_out)
+    for rows, row_ok in _adaptive_taps(h, h_out):
+        for cols, col_ok in _adaptive_taps(w, w_out):
+            inside = (row_ok[:, None] & col_ok[None, :]).to(input.device)
+            index = (rows[:, None] * w + cols[None, :]).to(input.device)
+            total = total + torch.where(inside, x[:, :, index], 0)
+    return total / adaptive_areas((h, w), (h_out, w_out), input)
+
+
+def adaptive_areas(input_hw, output_hw, like: torch.Tensor) -> torch.Tensor:
+    """area(i, j) of each adaptive window, shape (H_out, W_out)."""
+    sides = [torch.tensor([e - s for s, e in adaptive_windows(size, out)]) for size, out in zip(input_hw, output_hw)]
+    return (sides[0][:, None] * sides[1][None, :]).to(device=like.device, dtype=like.dtype)
+
+
+def adaptive_avg_pool2d_backward(grad_output, input_size):
+    # δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / area(i,j)
+    n, c, h, w = input_size
+    out_size = check_adaptive_pool2d("adaptive_avg_pool2d", input_size, grad_output.shape[2:])
+    check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
+    h_out, w_out = out_size[2:]
+    share = (grad_output / adaptive_areas((h, w), (h_out, w_out), grad_output)).reshape(n, c, -1)
+    grad = grad_output.new_zeros(n, c, h * w)
+    for rows, row_ok in _adaptive_taps(h, h_out):
+        for cols, col_ok in _adaptive_taps(w, w_out):
+            inside = (row_ok[:, None] & col_ok[None, :]).to(grad_output.device).reshape(-1)
+            index = (rows[:, None] * w + cols[None, :]).to(grad_output.device).reshape(-1)
+            grad = grad.index_add(2, index, torch.where(inside, share, 0))
+    return grad.reshape(n, c, h, w)

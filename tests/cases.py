@@ -9,6 +9,7 @@ identical calls.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -33,10 +34,27 @@ class Case:
     layout: str = "contiguous"  # 'contiguous' | 'channels_last' | 'strided' (a non-contiguous view)
     error: Optional[Tuple[type, str]] = None  # (exception type, regex the message must match)
     torch_error: Optional[type] = None  # the type torch raises, where it differs (see note)
+    target: Optional[str] = None  # cross_entropy: 'index' | 'probabilities' (| spoiled variants)
     corrupt: Optional[str] = None  # error cases: 'input-float64' | 'bias-float64' | 'weight-on-meta' | 'integer'
 
     def __str__(self) -> str:
         return f"{self.op}-{self.name}"
+
+    def _replace_error(self, error) -> "Case":
+        return dataclasses.replace(self, error=error)
+
+
+@dataclass(frozen=True)
+class Rand:
+    """A keyword argument that is a tensor (e.g. cross_entropy's class weights): positive random
+    values of this shape, the same for every library, made when the case is called."""
+
+    shape: Tuple[int, ...]
+
+
+LINEAR_OPS = {"conv2d", "conv1d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_max_pool2d",
+              "adaptive_avg_pool2d", "linear", "subsampling2d"}
+MAX_OPS = {"max_pool2d", "adaptive_max_pool2d"}
 
 
 def conv2d_cases() -> List[Case]:
@@ -178,7 +196,123 @@ def avg_pool2d_cases() -> List[Case]:
     return samples + errors
 
 
-ALL_CASES = conv2d_cases() + max_pool2d_cases() + avg_pool2d_cases()
+
+def conv1d_cases() -> List[Case]:
+    c = lambda name, input, weight, bias=True, **kw: Case(name, "conv1d", input, kw, weight=weight, bias=bias)  # noqa: E731
+    samples = [
+        c("k3-pad1", (2, 3, 9), (4, 3, 3), padding=1),
+        c("stride2-dilation2", (2, 2, 11), (3, 2, 3), stride=2, dilation=2, padding=2, bias=False),
+        c("groups-depthwise", (1, 4, 8), (4, 1, 3), groups=4),
+        c("same-even", (1, 2, 7), (2, 2, 4), padding="same"),
+        c("unbatched", (2, 8), (3, 2, 2)),
+        Case("padding-mode-circular", "conv1d", (2, 2, 6), dict(padding=2), weight=(3, 2, 3), padding_mode="circular"),
+        Case("padding-mode-reflect", "conv1d", (1, 2, 6), dict(padding=1), weight=(3, 2, 3), padding_mode="reflect"),
+        Case("padding-mode-replicate", "conv1d", (1, 2, 6), dict(padding=1, stride=2), weight=(3, 2, 3), padding_mode="replicate"),
+    ]
+    e = lambda name, input, weight, error, **kw: Case(name, "conv1d", input, kw, weight=weight, error=error)  # noqa: E731
+    errors = [
+        e("rank4-input", (1, 2, 3, 8), (4, 2, 3), (RuntimeError, r"2D \(unbatched\) or 3D \(batched\) input to conv1d")),
+        e("channels-mismatch", (1, 3, 8), (4, 2, 3), (RuntimeError, r"expected input\[1, 3, 8\] to have 2 channels")),
+        e("kernel-larger-than-input", (1, 2, 2), (4, 2, 3), (RuntimeError, r"Kernel size can't be greater")),
+        e("stride0", (1, 2, 8), (4, 2, 3), (RuntimeError, r"non-positive stride"), stride=0),
+    ]
+    return samples + errors
+
+
+def conv_transpose2d_cases() -> List[Case]:
+    c = lambda name, input, weight, bias=True, **kw: Case(name, "conv_transpose2d", input, kw, weight=weight, bias=bias)  # noqa: E731
+    samples = [
+        c("k3", (2, 3, 4, 5), (3, 4, 3, 3)),
+        c("stride2-padding1-output-padding1", (2, 3, 4, 4), (3, 2, 3, 3), stride=2, padding=1, output_padding=1),
+        c("stride-tuple-nonsquare", (1, 2, 3, 5), (2, 3, 2, 3), stride=(2, 3), padding=(0, 1), bias=False),
+        c("groups2", (1, 4, 4, 4), (4, 3, 3, 3), groups=2, stride=2),
+        c("dilation2-output-padding-above-stride", (1, 2, 4, 4), (2, 2, 3, 3), dilation=2, output_padding=1),
+        c("unbatched", (2, 4, 4), (2, 3, 2, 2), stride=2),
+    ]
+    e = lambda name, input, weight, error, **kw: Case(name, "conv_transpose2d", input, kw, weight=weight, error=error)  # noqa: E731
+    errors = [
+        e("output-padding-not-below-stride-or-dilation", (1, 4, 5, 5), (4, 2, 3, 3), (RuntimeError, r"output padding must be smaller than either stride or dilation"), stride=2, output_padding=2),
+        e("channels-mismatch", (1, 3, 5, 5), (4, 2, 3, 3), (RuntimeError, r"expected input\[1, 3, 5, 5\] to have 4 channels")),
+        e("output-too-small", (1, 4, 1, 1), (4, 2, 1, 1), (RuntimeError, r"Output size is too small"), padding=1),
+        e("rank2-input", (5, 5), (4, 2, 3, 3), (RuntimeError, r"3D \(unbatched\) or 4D \(batched\) input to conv_transpose2d")),
+    ]
+    return samples + errors
+
+
+def adaptive_pool_cases() -> List[Case]:
+    samples, errors = [], []
+    for op in ("adaptive_max_pool2d", "adaptive_avg_pool2d"):
+        a = lambda name, input, **kw: Case(name, op, input, kw)  # noqa: E731
+        samples += [
+            a("divisible", (2, 3, 8, 8), output_size=4),
+            a("overlapping-windows", (2, 2, 7, 9), output_size=(3, 4)),
+            a("larger-than-input", (1, 2, 3, 5), output_size=(5, 7)),
+            a("global", (2, 3, 5, 6), output_size=1),
+            a("none-entry", (1, 2, 6, 7), output_size=(None, 3)),
+            a("unbatched", (2, 7, 7), output_size=3),
+            Case("channels-last", op, (2, 3, 6, 6), dict(output_size=4), layout="channels_last"),
+        ]
+        errors += [
+            Case("rank2", op, (6, 6), dict(output_size=2), error=(RuntimeError, r"3D \(C, H, W\) or 4D")),
+            Case("negative-output-size", op, (1, 2, 6, 6), dict(output_size=(-1, 2)), error=(RuntimeError, r"greater than or equal to 0")),
+            Case("output-size-three-values", op, (1, 2, 6, 6), dict(output_size=(2, 2, 2)), error=(RuntimeError, r"output_size")),
+        ]
+    samples += [
+        Case("ties-relu", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
+        Case("nan", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="nan"),
+        Case("return-indices", "adaptive_max_pool2d", (2, 2, 9, 5), dict(output_size=(4, 2), return_indices=True)),
+    ]
+    return samples + errors
+
+
+def dense_cases() -> List[Case]:
+    """Linear, the activations and the loss: the rest of a network's backward pass."""
+    samples = [
+        Case("2d", "linear", (4, 6), weight=(3, 6)),
+        Case("3d-no-bias", "linear", (2, 3, 5), weight=(4, 5), bias=False),
+        Case("1d", "linear", (5,), weight=(2, 5)),
+    ]
+    for op in ("relu", "sigmoid", "tanh"):
+        samples.append(Case("4d", op, (2, 3, 4, 5)))
+    samples += [
+        Case("mean", "cross_entropy", (6, 5), target="index"),
+        Case("weight-ignore-index", "cross_entropy", (6, 5), dict(weight=Rand((5,)), ignore_index=2), target="index"),
+        Case("label-smoothing-weight", "cross_entropy", (6, 5), dict(weight=Rand((5,)), label_smoothing=0.2), target="index"),
+        Case("sum", "cross_entropy", (6, 5), dict(reduction="sum", label_smoothing=0.1), target="index"),
+        Case("none-spatial", "cross_entropy", (3, 4, 2, 3), dict(reduction="none", weight=Rand((4,))), target="index"),
+        Case("unbatched", "cross_entropy", (5,), target="index"),
+        Case("probabilities", "cross_entropy", (6, 5), dict(weight=Rand((5,)), label_smoothing=0.3), target="probabilities"),
+        Case("probabilities-none", "cross_entropy", (4, 3), dict(reduction="none"), target="probabilities"),
+    ]
+    errors = [
+        Case("in-features-mismatch", "linear", (4, 6), weight=(3, 5), error=(RuntimeError, r"in_features=5")),
+        Case("target-out-of-bounds", "cross_entropy", (3, 5), target="index-out-of-bounds", error=(IndexError, r"Target 7 is out of bounds")),
+        Case("batch-mismatch", "cross_entropy", (3, 5), target="index-short", error=(ValueError, r"Expected input batch_size \(3\) to match target batch_size \(2\)")),
+        Case("weight-wrong-size", "cross_entropy", (3, 5), dict(weight=Rand((4,))), target="index", error=(RuntimeError, r"weight tensor should be defined either for all 5 classes")),
+        Case("label-smoothing-above-1", "cross_entropy", (3, 5), dict(label_smoothing=1.5), target="index", error=(RuntimeError, r"label_smoothing must be between 0.0 and 1.0")),
+        Case("unknown-reduction", "cross_entropy", (3, 5), dict(reduction="avg"), target="index", error=(ValueError, r"avg is not a valid value for reduction")),
+        Case("float-target-wrong-shape", "cross_entropy", (3, 5), target="probabilities-wrong-shape", error=(RuntimeError, r"probability targets must have the input.s size")),
+    ]
+    return samples + errors
+
+
+def subsampling2d_cases() -> List[Case]:
+    s = lambda name, input, **kw: Case(name, "subsampling2d", input, kw, weight=(input[-3],))  # noqa: E731
+    samples = [
+        s("n2", (2, 3, 6, 8), kernel_size=2),
+        s("n3-nonsquare-image", (1, 2, 6, 9), kernel_size=3),
+        s("unbatched", (2, 4, 4), kernel_size=2),
+        Case("no-bias", "subsampling2d", (2, 2, 4, 4), dict(kernel_size=2), weight=(2,), bias=False),
+    ]
+    errors = [
+        s("input-not-divisible-by-block", (1, 2, 7, 8), kernel_size=2)._replace_error((RuntimeError, r"must be divisible by kernel_size")),
+        Case("weight-wrong-size", "subsampling2d", (1, 2, 4, 4), dict(kernel_size=2), weight=(3,), error=(RuntimeError, r"one per input channel")),
+    ]
+    return samples + errors
+
+
+ALL_CASES = (conv2d_cases() + max_pool2d_cases() + avg_pool2d_cases() + conv1d_cases() + conv_transpose2d_cases()
+             + adaptive_pool_cases() + dense_cases() + subsampling2d_cases())
 SAMPLES = [case for case in ALL_CASES if case.error is None]
 ERRORS = [case for case in ALL_CASES if case.error is not None]
 
@@ -213,16 +347,40 @@ def _layout(case: Case, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_inputs(case: Case, dtype=torch.float64, seed: int = 0) -> List[torch.Tensor]:
-    """The case's tensors: [x] for pools, [x, W] or [x, W, b] for convs."""
+    """The case's tensors: [x], [x, W(, b)] (conv, linear, subsampling), [logits, target] (loss)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = [_layout(case, _fill(case, case.input, dtype, generator))]
-    if case.op == "conv2d":
-        weight = torch.randn(case.weight, dtype=dtype, generator=generator) / math.sqrt(math.prod(case.weight[1:]) or 1)
-        tensors.append(_layout(case, weight))
+    if case.weight is not None:
+        fan_in = math.prod(case.weight[1:]) if len(case.weight) > 1 else 1
+        tensors.append(_layout(case, torch.randn(case.weight, dtype=dtype, generator=generator) / math.sqrt(fan_in)))
         if case.bias:
-            bias_size = case.bias if isinstance(case.bias, tuple) else (case.weight[0],)
+            channels = case.weight[1] * case.kwargs.get("groups", 1) if case.op == "conv_transpose2d" else case.weight[0]
+            bias_size = case.bias if isinstance(case.bias, tuple) else (channels,)
             tensors.append(torch.randn(bias_size, dtype=dtype, generator=generator))
+    if case.target is not None:
+        tensors.append(_target(case, dtype, generator))
     return tensors
+
+
+def _target(case: Case, dtype, generator) -> torch.Tensor:
+    classes = case.input[0] if len(case.input) == 1 else case.input[1]
+    batch = () if len(case.input) == 1 else (case.input[0],) + tuple(case.input[2:])
+    if case.target == "index":
+        return torch.randint(0, classes, batch, generator=generator)
+    if case.target == "index-out-of-bounds":
+        return torch.full(batch, 7, dtype=torch.long)
+    if case.target == "index-short":
+        return torch.zeros((batch[0] - 1,), dtype=torch.long)
+    if case.target == "probabilities-wrong-shape":
+        return torch.rand((case.input[0], classes - 1), dtype=dtype, generator=generator)
+    return torch.rand(case.input, dtype=dtype, generator=generator).softmax(dim=1 if len(case.input) > 1 else 0)
+
+
+def materialize(kwargs: Dict, dtype) -> Dict:
+    """Turn Rand(shape) keyword arguments into tensors (positive, seeded: the same for both libraries)."""
+    generator = torch.Generator().manual_seed(1234)
+    return {k: (torch.rand(v.shape, dtype=dtype, generator=generator) + 0.5 if isinstance(v, Rand) else v)
+            for k, v in kwargs.items()}
 
 
 def make_error_inputs(case: Case) -> List[torch.Tensor]:
@@ -250,34 +408,59 @@ def _conv_module(case: Case, lib: str, weight: torch.Tensor, bias) -> torch.nn.M
 
 
 def _new_conv_module(case: Case, lib: str, weight: torch.Tensor, bias) -> torch.nn.Module:
-    cls = manualconv.Conv2d if lib == "manual" else torch.nn.Conv2d
-    out_channels, in_per_group, kh, kw = weight.shape
+    modules = {("conv2d", "manual"): manualconv.Conv2d, ("conv2d", "native"): torch.nn.Conv2d,
+               ("conv1d", "manual"): manualconv.Conv1d, ("conv1d", "native"): torch.nn.Conv1d}
+    out_channels, in_per_group, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     groups = case.kwargs.get("groups", 1)
-    return cls(in_per_group * groups, out_channels, (kh, kw), padding_mode=case.padding_mode,
+    return modules[case.op, lib](in_per_group * groups, out_channels, kernel, padding_mode=case.padding_mode,
                bias=bias is not None, device="meta", **case.kwargs)
+
+
+def _subsampling_by_tensor_ops(x, beta, bias=None, kernel_size=2):
+    """The oracle for Subsampling2d (torch.nn has none): block sums by reshape + sum."""
+    n = kernel_size
+    batched = x if x.dim() == 4 else x.unsqueeze(0)
+    b, c, h, w = batched.shape
+    down = batched.reshape(b, c, h // n, n, w // n, n).sum(dim=(3, 5))
+    y = down * beta.reshape(1, -1, 1, 1) + (0 if bias is None else bias.reshape(1, -1, 1, 1))
+    return y if x.dim() == 4 else y.squeeze(0)
 
 
 def call(case: Case, lib: str, *tensors):
     """Run the case through manualconv (lib='manual') or torch.nn (lib='native')."""
     functional = MF if lib == "manual" else F
-    if case.op == "conv2d":
+    kwargs = materialize(case.kwargs, tensors[0].dtype if tensors[0].is_floating_point() else torch.float32)
+    if case.op in ("conv2d", "conv1d", "conv_transpose2d", "linear"):
         x, weight, bias = (list(tensors) + [None])[:3]
         if case.padding_mode != "zeros":
             module = _conv_module(case, lib, weight, bias)
             params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
             return torch.func.functional_call(module, params, (x,))
-        return functional.conv2d(x, weight, bias, **case.kwargs)
-    return getattr(functional, case.op)(tensors[0], **case.kwargs)
+        return getattr(functional, case.op)(x, weight, bias, **kwargs)
+    if case.op == "subsampling2d":
+        x, beta, bias = (list(tensors) + [None])[:3]
+        if lib == "manual":
+            return MF.subsampling2d(x, beta, bias, **kwargs)
+        return _subsampling_by_tensor_ops(x, beta, bias, **kwargs)
+    return getattr(functional, case.op)(*tensors, **kwargs)
 
 
 def reduction_length(case: Case) -> int:
     """The longest sum any output or gradient entry of the case is made of (for error bounds)."""
-    if case.op == "conv2d":
-        out_channels, in_per_group, kh, kw = case.weight
-        groups = case.kwargs.get("groups", 1)
-        batch = case.input[0] if len(case.input) == 4 else 1
-        spatial = math.prod(case.input[-2:])  # ≥ the number of output positions
-        return max(in_per_group * kh * kw + 1, out_channels // groups * kh * kw, batch * spatial)
+    batched = len(case.input) == (3 if case.op == "conv1d" else 4)
+    batch = case.input[0] if batched else 1
+    spatial = math.prod(case.input[-2:]) if case.op != "conv1d" else case.input[-1]
+    if case.op in ("conv2d", "conv1d", "conv_transpose2d"):
+        out_channels, in_per_group = case.weight[:2]
+        taps = math.prod(case.weight[2:])
+        stride, dilation = case.kwargs.get("stride", 1), case.kwargs.get("dilation", 1)
+        growth = math.prod(stride) if isinstance(stride, tuple) else stride ** 2
+        growth *= (max(dilation) if isinstance(dilation, tuple) else dilation) ** 2 * taps
+        return max(in_per_group * taps + 1, out_channels * taps, batch * spatial * growth)
+    if case.op == "linear":
+        return max(case.weight[1] + 1, math.prod(case.input[:-1]), case.weight[0])
+    if case.op in ("adaptive_max_pool2d", "adaptive_avg_pool2d", "subsampling2d"):
+        return batch * spatial + 1
     kernel = case.kwargs["kernel_size"]
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     return kh * kw + 1

@@ -19,3 +19,11 @@ def backend(request):
         assert ops.AVAILABLE, f"the C++ extension is not built: {ops.LOAD_ERROR}"
     with manualconv.use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def cpp():
+    """The C++ backend only (for whole-model tests the reference backend would take minutes on)."""
+    assert ops.AVAILABLE, f"the C++ extension is not built: {ops.LOAD_ERROR}"
+    with manualconv.use_backend("cpp"):
+        yield

@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import torch
 
-from cases import Case, call, reduction_length
+from cases import MAX_OPS, Case, call, reduction_length
 
 EPS32 = torch.finfo(torch.float32).eps / 2  # unit roundoff 2⁻²⁴
 
@@ -26,14 +26,16 @@ def output_of(result):
 
 def run_with_grads(case: Case, lib: str, tensors: List[torch.Tensor], grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Forward and backward of the case; returns output, indices (max pool) and every gradient."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
     result = call(case, lib, *leaves)
     out = output_of(result)
-    grads = torch.autograd.grad(out, leaves, grad_output)
+    differentiable = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(out, differentiable, grad_output)
     named = {"output": out.detach()}
     if isinstance(result, tuple):
         named["indices"] = result[1]
-    named.update({f"grad_{name}": g for name, g in zip(("input", "weight", "bias"), grads)})
+    names = ("input", "target") if case.op == "cross_entropy" else ("input", "weight", "bias")
+    named.update({f"grad_{name}": g for name, g in zip(names, grads)})
     return named
 
 
@@ -42,7 +44,7 @@ def exact_and_bound(case: Case, tensors32: List[torch.Tensor], grad_output32: to
     wide = [t.double() for t in tensors32]
     exact = run_with_grads(case, "native", wide, grad_output32.double())
     n = reduction_length(case)
-    if case.op == "max_pool2d":
+    if case.op in MAX_OPS:
         # the max is exact; gradients are sums of routed deltas: bound them with |δ| routed alike
         magnitude = run_with_grads(case, "native", wide, grad_output32.double().abs())
         magnitude["output"] = exact["output"].abs()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import manualconv
-from cases import ERRORS, SAMPLES, call, make_error_inputs, make_inputs
+from cases import ERRORS, LINEAR_OPS, SAMPLES, call, make_error_inputs, make_inputs
 from oracle import assert_within, exact_and_bound, output_of, run_with_grads
 
 # Finite differences need a differentiable point: ties and NaNs (max pool) are not one, so those
@@ -21,23 +21,34 @@ def _function(case):
 
 @pytest.mark.parametrize("case", SMOOTH, ids=str)
 def test_gradcheck(case, backend):
-    tensors = [t.requires_grad_(True) for t in make_inputs(case, torch.float64)]
+    tensors = [t.requires_grad_(t.is_floating_point()) for t in make_inputs(case, torch.float64)]
     assert torch.autograd.gradcheck(_function(case), tensors), case
 
 
 @pytest.mark.parametrize("case", SMOOTH, ids=str)
 def test_gradgradcheck(case, backend):
-    tensors = [t.requires_grad_(True) for t in make_inputs(case, torch.float64)]
+    tensors = [t.requires_grad_(t.is_floating_point()) for t in make_inputs(case, torch.float64)]
     assert torch.autograd.gradgradcheck(_function(case), tensors), case
 
 
 def _float32_run(case, lib):
     tensors = make_inputs(case, torch.float32, seed=1)
-    grad_output = torch.randn_like(output_of(call(case, "native", *tensors)), memory_format=torch.contiguous_format)
+    output = output_of(call(case, "native", *tensors))
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2))
     return tensors, grad_output, run_with_grads(case, lib, tensors, grad_output)
 
 
-@pytest.mark.parametrize("case", SAMPLES, ids=str)
+# Ops that are linear in each argument get the rigorous bound of oracle.py. The others
+# (activations, the loss) are elementwise maps and short reductions whose float32 results torch
+# itself only promises to a few ulps: they are compared with torch.testing's float32 defaults.
+NONLINEAR = [case for case in SAMPLES if case.op not in LINEAR_OPS]
+
+
+def _assert_close(case, what, actual, expected):
+    torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{case}: {what}: {m}")
+
+
+@pytest.mark.parametrize("case", [c for c in SAMPLES if c.op in LINEAR_OPS], ids=str)
 def test_float32_matches_native(case, backend):
     tensors, grad_output, ours = _float32_run(case, "manual")
     native = run_with_grads(case, "native", tensors, grad_output)
@@ -52,7 +63,16 @@ def test_float32_matches_native(case, backend):
             assert_within(case, f"native {what} (checks the bound)", native[what], exact_value, bound[what])
 
 
-@pytest.mark.parametrize("case", SAMPLES, ids=str)
+@pytest.mark.parametrize("case", NONLINEAR, ids=str)
+def test_float32_matches_native_nonlinear(case, backend):
+    tensors, grad_output, ours = _float32_run(case, "manual")
+    native = run_with_grads(case, "native", tensors, grad_output)
+    assert ours.keys() == native.keys(), case
+    for what, value in native.items():
+        _assert_close(case, what, ours[what], value)
+
+
+@pytest.mark.parametrize("case", [c for c in SAMPLES if c.op in LINEAR_OPS], ids=str)
 def test_backends_agree(case):
     with manualconv.use_backend("reference"):
         tensors, grad_output, reference = _float32_run(case, "manual")
