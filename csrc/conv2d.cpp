@@ -1,0 +1,365 @@
+// conv2d: forward, input gradient and weight gradient, as named GEMM steps
+// (the Caffe base_conv_layer.cpp formulation).
+//
+// Notation, per sample n and group g:
+//   x   input  (C, H, W)              W   weight (O, C/G, kH, kW), group g: rows g·O/G…
+//   y   output (O, H_out, W_out)      δy  ∂J/∂y,  δx  ∂J/∂x
+//   im2col(x): the (C/G·kH·kW) × (H_out·W_out) matrix whose column (i, j) is the
+//              receptive field of output pixel (i, j), zero where it reads padding.
+//
+//   forward        y[g]    = W[g] · im2col(x[g]) + b[g]
+//   input grad     δx[g]   = col2im(W[g]ᵀ · δy[g])
+//   weight grad    ∂J/∂W[g] = Σ_n δy[g] · im2col(x[g])ᵀ
+//
+// Parallelism: samples are spread over threads with at::parallel_for, each thread
+// owning a column buffer and calling single-threaded GEMMs (BLAS runs one thread
+// inside a parallel region). With fewer samples than threads the batch is walked
+// sequentially so that each GEMM can use all threads instead.
+
+#include "manualconv.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace manualconv {
+namespace {
+
+// Every size a conv2d kernel needs, validated once by check_conv2d.
+struct Conv2dGeometry {
+  int64_t N, C, H, W;       // input (N, C, H, W)
+  int64_t O, kH, kW;        // weight (O, C/groups, kH, kW)
+  int64_t sH, sW, pH, pW, dH, dW, groups;
+  int64_t H_out, W_out;
+  // valid_i[a] / valid_j[b]: the output rows i / columns j whose kernel row a / column b reads
+  // inside the image (input row i·sH − pH + a·dH, column j·sW − pW + b·dW); the others read
+  // the zero padding. Precomputed once: im2col and col2im need them for every (sample, c, a, b).
+  std::vector<Range> valid_i, valid_j;
+
+  int64_t C_g() const { return C / groups; }             // input channels per group
+  int64_t O_g() const { return O / groups; }             // output channels per group
+  int64_t K() const { return C_g() * kH * kW; }          // rows of im2col(x[g])
+  int64_t L() const { return H_out * W_out; }            // columns of im2col(x[g])
+  // A 1×1 kernel with stride 1 and no padding reads each pixel once, in order:
+  // im2col(x[g]) is x[g] itself, viewed as a (C/G) × (H·W) matrix.
+  bool is_pointwise() const {
+    return kH == 1 && kW == 1 && sH == 1 && sW == 1 && pH == 0 && pW == 0;
+  }
+  std::vector<int64_t> output_size() const { return {N, O, H_out, W_out}; }
+};
+
+// The one shape check for conv2d, shared by the forward and both backward kernels.
+// input_name / weight_name say where the shapes came from (a tensor or a size list).
+Conv2dGeometry check_conv2d(const char* op, at::IntArrayRef input_size,
+                            const char* input_name, at::IntArrayRef weight_size,
+                            const char* weight_name, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+  const auto in = as_size4(input_size, op, input_name, "(N, C, H, W)");
+  const auto wt = as_size4(weight_size, op, weight_name,
+                           "(out_channels, in_channels/groups, kH, kW)");
+  const HW s = as_hw(stride, op, "stride");
+  const HW p = as_hw(padding, op, "padding");
+  const HW d = as_hw(dilation, op, "dilation");
+
+  Conv2dGeometry g{};
+  g.N = in[0], g.C = in[1], g.H = in[2], g.W = in[3];
+  g.O = wt[0], g.kH = wt[2], g.kW = wt[3];
+  g.sH = s.h, g.sW = s.w, g.pH = p.h, g.pW = p.w, g.dH = d.h, g.dW = d.w;
+  g.groups = groups;
+
+  TORCH_CHECK(g.C > 0 && g.H > 0 && g.W > 0, op, ": ", input_name,
+              " must have non-zero channels, height and width, got ", input_size);
+  TORCH_CHECK(g.O > 0 && wt[1] > 0 && g.kH > 0 && g.kW > 0, op, ": ", weight_name,
+              " must have non-zero sizes, got ", weight_size);
+  TORCH_CHECK(s.h > 0 && s.w > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(d.h > 0 && d.w > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK(p.h >= 0 && p.w >= 0, op, ": padding must be non-negative, got ", padding);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(g.C % groups == 0, op, ": in_channels (", g.C,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(g.O % groups == 0, op, ": out_channels (", g.O,
+              ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK(wt[1] == g.C / groups, op, ": ", weight_name, " must have in_channels/groups = ",
+              g.C, "/", groups, " = ", g.C / groups, " channels in dim 1, got ", weight_size);
+
+  // H_out = ⌊(H + 2p − d(k−1) − 1) / s⌋ + 1
+  const int64_t span_h = g.H + 2 * g.pH - g.dH * (g.kH - 1) - 1;
+  const int64_t span_w = g.W + 2 * g.pW - g.dW * (g.kW - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, op, ": the padded input (",
+              g.H + 2 * g.pH, " x ", g.W + 2 * g.pW,
+              ") is smaller than the dilated kernel (", g.dH * (g.kH - 1) + 1, " x ",
+              g.dW * (g.kW - 1) + 1, "); output size would be < 1");
+  g.H_out = span_h / g.sH + 1;
+  g.W_out = span_w / g.sW + 1;
+  for (int64_t a = 0; a < g.kH; ++a) {
+    g.valid_i.push_back(valid_output_range(a * g.dH - g.pH, g.sH, g.H, g.H_out));
+  }
+  for (int64_t b = 0; b < g.kW; ++b) {
+    g.valid_j.push_back(valid_output_range(b * g.dW - g.pW, g.sW, g.W, g.W_out));
+  }
+  return g;
+}
+
+// In rows ir of a row-major image of width W, zero the columns outside jr (the few columns
+// of the padding; a column-wise loop, as each is only one or two elements wide).
+template <typename scalar_t>
+void zero_columns(scalar_t* image, int64_t W, Range ir, Range jr) {
+  for (int64_t j = 0; j < jr.lo; ++j) {
+    for (int64_t i = ir.lo; i < ir.hi; ++i) image[i * W + j] = scalar_t(0);
+  }
+  for (int64_t j = jr.hi; j < W; ++j) {
+    for (int64_t i = ir.lo; i < ir.hi; ++i) image[i * W + j] = scalar_t(0);
+  }
+}
+
+// im2col: cols[(c·kH + a)·kW + b, i·W_out + j] = x_pad[c, i·sH + a·dH, j·sW + b·dW]
+// x points at the C/G channels of one group of one sample; cols is K × L.
+// Row (c, a, b) of cols is an H_out × W_out image: the output rows i and columns j whose
+// input lies in the padding are zero-filled, the rest is copied (runs of contiguous
+// elements when sW = 1). Every element of cols is written exactly once.
+template <typename scalar_t>
+void im2col(const scalar_t* x, const Conv2dGeometry& g, scalar_t* cols) {
+  const int64_t H = g.H, W = g.W, H_out = g.H_out, W_out = g.W_out, sW = g.sW;
+  for (int64_t c = 0; c < g.C_g(); ++c) {
+    const scalar_t* x_c = x + c * H * W;
+    for (int64_t a = 0; a < g.kH; ++a) {
+      const int64_t h_off = a * g.dH - g.pH;  // input row = i·sH + h_off
+      const Range ir = g.valid_i[a];
+      for (int64_t b = 0; b < g.kW; ++b) {
+        const int64_t w_off = b * g.dW - g.pW;  // input column = j·sW + w_off
+        const Range jr = g.valid_j[b];
+        scalar_t* out = cols + ((c * g.kH + a) * g.kW + b) * g.L();
+        std::fill(out, out + ir.lo * W_out, scalar_t(0));  // rows in the top padding
+        if (g.sH == 1 && sW == 1 && W_out == W) {
+          // Stride 1, "same" width: output pixel i·W + j reads input pixel i·W + j + shift, so
+          // all valid rows are one contiguous copy of the shifted image; the columns that
+          // wrapped around to the neighbouring row read the padding and are zeroed after.
+          const int64_t shift = h_off * W + w_off;
+          if (ir.hi > ir.lo && jr.hi > jr.lo) {
+            const int64_t first = ir.lo * W + jr.lo, last = (ir.hi - 1) * W + jr.hi;
+            std::copy(x_c + first + shift, x_c + last + shift, out + first);
+          }
+          zero_columns(out, W, ir, jr);
+        } else {
+          for (int64_t i = ir.lo; i < ir.hi; ++i) {
+            scalar_t* out_row = out + i * W_out;
+            const scalar_t* in_row = x_c + (i * g.sH + h_off) * W;
+            for (int64_t j = 0; j < jr.lo; ++j) out_row[j] = scalar_t(0);     // left padding
+            strided_copy(in_row + jr.lo * sW + w_off, sW, jr.hi - jr.lo, out_row + jr.lo);
+            for (int64_t j = jr.hi; j < W_out; ++j) out_row[j] = scalar_t(0);  // right padding
+          }
+        }
+        std::fill(out + ir.hi * W_out, out + H_out * W_out, scalar_t(0));  // bottom padding
+      }
+    }
+  }
+}
+
+// col2im, the adjoint of im2col: x[c, h, w] += every cols entry that im2col read from
+// x_pad[c, h, w] (entries that read the padding are dropped).
+// Together with cols = Wᵀ · δy this is the "full" correlation of the stride-dilated δy
+// with the 180°-rotated kernel. x must be zero-initialised; single-threaded scatter-add,
+// so the summation order (and the result) is deterministic. cols is scratch: in the
+// stride-1 "same" case its padding entries are zeroed so that whole blocks can be added.
+template <typename scalar_t>
+void col2im(scalar_t* cols, const Conv2dGeometry& g, scalar_t* x) {
+  const int64_t H = g.H, W = g.W, W_out = g.W_out, sW = g.sW;
+  for (int64_t c = 0; c < g.C_g(); ++c) {
+    scalar_t* x_c = x + c * H * W;
+    for (int64_t a = 0; a < g.kH; ++a) {
+      const int64_t h_off = a * g.dH - g.pH;  // input row = i·sH + h_off
+      const Range ir = g.valid_i[a];
+      for (int64_t b = 0; b < g.kW; ++b) {
+        const int64_t w_off = b * g.dW - g.pW;  // input column = j·sW + w_off
+        const Range jr = g.valid_j[b];
+        scalar_t* in = cols + ((c * g.kH + a) * g.kW + b) * g.L();
+        if (ir.hi <= ir.lo || jr.hi <= jr.lo) continue;  // reads only padding
+        if (g.sH == 1 && sW == 1 && W_out == W) {
+          // Stride 1, "same" width (see im2col): drop the padding columns, then add the
+          // valid rows as one contiguous block shifted by h_off·W + w_off.
+          zero_columns(in, W, ir, jr);
+          const int64_t first = ir.lo * W + jr.lo, last = (ir.hi - 1) * W + jr.hi;
+          const int64_t shift = h_off * W + w_off;
+          for (int64_t l = first; l < last; ++l) x_c[l + shift] += in[l];
+          continue;
+        }
+        for (int64_t i = ir.lo; i < ir.hi; ++i) {
+          const scalar_t* in_row = in + i * W_out;
+          scalar_t* x_row = x_c + (i * g.sH + h_off) * W;
+          strided_add(in_row + jr.lo, jr.hi - jr.lo, x_row + jr.lo * sW + w_off, sW);
+        }
+      }
+    }
+  }
+}
+
+// Calls body(n_begin, n_end) over the batch: split across threads when there are at
+// least as many samples as threads, otherwise one sequential call (so the GEMMs inside
+// get the threads). Each call of body is one thread's contiguous share of samples.
+template <typename F>
+void for_each_sample(int64_t N, const F& body) {
+  if (N >= at::get_num_threads()) {
+    at::parallel_for(0, N, /*grain_size=*/1, body);
+  } else if (N > 0) {
+    body(0, N);
+  }
+}
+
+// Element offset of channel block g (of `channels_per_group` channels) of sample n.
+inline int64_t plane_offset(int64_t n, int64_t channels, int64_t g, int64_t channels_per_group,
+                            int64_t plane) {
+  return (n * channels + g * channels_per_group) * plane;
+}
+
+}  // namespace
+
+// y = W · im2col(x) + b   (per sample and group)
+at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
+  at::AutoDispatchBelowADInplaceOrView guard;
+  constexpr const char* op = "manualconv::conv2d_forward";
+  check_tensor_4d(input, op, "input", "(N, C, H, W)");
+  check_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
+  check_same_dtype(input, "input", weight, "weight", op);
+  const Conv2dGeometry g = check_conv2d(op, input.sizes(), "input", weight.sizes(), "weight",
+                                        stride, padding, dilation, groups);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ",
+                bias->device());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.O, op,
+                ": bias must be 1-D of size out_channels = ", g.O, ", got ", bias->sizes());
+    check_same_dtype(input, "input", *bias, "bias", op);
+  }
+
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
+  const at::Tensor b =
+      has_bias ? bias->contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
+  at::Tensor y = at::empty(g.output_size(), x.options());
+  // y[n] as a stack of per-group (O/G) × L matrices, each contiguous.
+  const at::Tensor y_groups = y.view({g.N, g.groups, g.O_g(), g.L()});
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
+      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, x.options());
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const int64_t x_off = plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+          if (g.is_pointwise()) {
+            cols = x.view({g.N * g.C, g.H * g.W}).narrow(0, x_off / (g.H * g.W), g.C_g());
+          } else {
+            im2col(x_data + x_off, g, cols.mutable_data_ptr<scalar_t>());
+          }
+          at::Tensor y_ng = y_groups[n][grp];
+          if (has_bias) {
+            at::addmm_out(y_ng, b[grp].expand({g.O_g(), g.L()}), w[grp], cols);
+          } else {
+            at::mm_out(y_ng, w[grp], cols);
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// δx = col2im(Wᵀ · δy)   (the "full" correlation of the stride-dilated δy with the
+// 180°-rotated kernel, per sample and group)
+at::Tensor conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
+                             at::IntArrayRef input_size, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups) {
+  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
+  at::AutoDispatchBelowADInplaceOrView guard;
+  constexpr const char* op = "manualconv::conv2d_grad_input";
+  check_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
+  check_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
+  check_same_dtype(grad_output, "grad_output", weight, "weight", op);
+  const Conv2dGeometry g = check_conv2d(op, input_size, "input_size", weight.sizes(), "weight",
+                                        stride, padding, dilation, groups);
+  check_sizes(grad_output, "grad_output", g.output_size(), op);
+
+  const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
+  const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
+  at::Tensor dx = at::empty(input_size, dy.options());
+  const at::Tensor dx_groups = dx.view({g.N, g.groups, g.C_g(), g.H * g.W});
+
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input", [&] {
+    scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+    for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
+      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, dy.options());
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const at::Tensor w_t = w[grp].t();  // K × O/G
+          if (g.is_pointwise()) {
+            at::Tensor dx_ng = dx_groups[n][grp];
+            at::mm_out(dx_ng, w_t, dy[n][grp]);
+          } else {
+            // col2im accumulates: zero this group's δx here, while it is about to be used.
+            scalar_t* dx_ng = dx_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+            std::fill(dx_ng, dx_ng + g.C_g() * g.H * g.W, scalar_t(0));
+            at::mm_out(cols, w_t, dy[n][grp]);
+            col2im(cols.mutable_data_ptr<scalar_t>(), g, dx_ng);
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+// ∂J/∂W = Σ_n δy · im2col(x)ᵀ   (per group; one accumulator per thread, summed at the end)
+// BLAS is much faster at the transposed product for the short-and-wide δy of early layers
+// (a long reduction into a small output), so each thread accumulates
+//   ∂J/∂Wᵀ += im2col(x) · δyᵀ      (K × O/G per group)
+// and the sum is transposed back to (O, C/G, kH, kW) once at the end.
+at::Tensor conv2d_grad_weight(const at::Tensor& input, const at::Tensor& grad_output,
+                              at::IntArrayRef weight_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
+  at::AutoDispatchBelowADInplaceOrView guard;
+  constexpr const char* op = "manualconv::conv2d_grad_weight";
+  check_tensor_4d(input, op, "input", "(N, C, H, W)");
+  check_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
+  check_same_dtype(input, "input", grad_output, "grad_output", op);
+  const Conv2dGeometry g = check_conv2d(op, input.sizes(), "input", weight_size, "weight_size",
+                                        stride, padding, dilation, groups);
+  check_sizes(grad_output, "grad_output", g.output_size(), op);
+
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
+  const int64_t n_threads = g.N >= at::get_num_threads() ? at::get_num_threads() : 1;
+  at::Tensor dw_t_per_thread = at::zeros({n_threads, g.groups, g.K(), g.O_g()}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
+      // This thread's accumulator (the clamp only matters if called nested in a parallel region).
+      at::Tensor dw_t = dw_t_per_thread[std::min<int64_t>(at::get_thread_num(), n_threads - 1)];
+      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, x.options());
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const int64_t x_off = plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+          if (g.is_pointwise()) {
+            cols = x.view({g.N * g.C, g.H * g.W}).narrow(0, x_off / (g.H * g.W), g.C_g());
+          } else {
+            im2col(x_data + x_off, g, cols.mutable_data_ptr<scalar_t>());
+          }
+          dw_t[grp].addmm_(cols, dy[n][grp].t());
+        }
+      }
+    });
+  });
+  const at::Tensor dw_t = n_threads > 1 ? dw_t_per_thread.sum(0) : dw_t_per_thread[0];
+  return dw_t.transpose(1, 2).contiguous().view(weight_size);
+}
+
+}  // namespace manualconv

@@ -1,0 +1,205 @@
+// max_pool2d: forward (values and argmax indices) and backward.
+//
+//   forward   y[i, j] = max_{(h, w) ∈ window(i, j)} x[h, w],   idx[i, j] = h·W + w of that max
+//   backward  δx[h, w] = Σ_{(i, j) : idx[i, j] = h·W + w} δy[i, j]
+//
+// window(i, j) = {(i·sH − pH + a·dH, j·sW − pW + b·dW) : 0 ≤ a < kH, 0 ≤ b < kW}, restricted to
+// the image (padding never wins). Ties keep the first maximum in row-major window order; a NaN
+// beats every number and the last NaN in the window wins (torch's CPU semantics).
+// Each (n, c) plane is independent: planes are spread over threads, each plane is one thread.
+
+#include "manualconv.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace manualconv {
+namespace {
+
+// The one shape check of max_pool2d_forward; the backward only needs check_max_pool2d_backward
+// because the indices already encode the windows.
+Pool2dGeometry check_max_pool2d(const char* op, const at::Tensor& input,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  check_tensor_4d(input, op, "input", "(N, C, H, W)");
+  return pool2d_geometry(op, input.sizes(), kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+// Backward: grad_output and indices must be (N, C, H_out, W_out) of the same shape, and
+// input_size must be (N, C, H, W) with the same N and C.
+std::array<int64_t, 4> check_max_pool2d_backward(const char* op, const at::Tensor& grad_output,
+                                                 const at::Tensor& indices,
+                                                 at::IntArrayRef input_size) {
+  check_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
+  TORCH_CHECK(indices.defined() && indices.device().is_cpu(), op,
+              ": indices must be a CPU tensor");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.sizes() == grad_output.sizes(), op,
+              ": indices must have the same size as grad_output ", grad_output.sizes(), ", got ",
+              indices.sizes());
+  const auto in = as_size4(input_size, op, "input_size", "(N, C, H, W)");
+  TORCH_CHECK(in[0] == grad_output.size(0) && in[1] == grad_output.size(1), op,
+              ": input_size ", input_size, " must have the batch and channel sizes of grad_output ",
+              grad_output.sizes());
+  TORCH_CHECK(in[2] > 0 && in[3] > 0, op, ": input_size must have non-zero height and width, got ",
+              input_size);
+  return in;
+}
+
+// Running maximum over one window offset for a run of outputs: output j (lo ≤ j < hi) reads
+// position p = start + j·stride; it takes the value if it is larger than the best so far or NaN.
+// (__restrict: the three arrays never overlap, which lets the compiler vectorise the loop.)
+template <typename scalar_t, typename index_t, typename stride_t>
+inline void update_running_max(const scalar_t* __restrict x, index_t start, stride_t stride,
+                               Range jr, scalar_t* __restrict best,
+                               index_t* __restrict best_pos) {
+  for (int64_t j = jr.lo; j < jr.hi; ++j) {
+    const index_t p = start + index_t(j * stride);
+    const scalar_t v = x[p];
+    const bool take = v > best[j] || std::isnan(v);
+    best[j] = take ? v : best[j];
+    best_pos[j] = take ? p : best_pos[j];
+  }
+}
+
+// One plane: y[i, j] = max over window(i, j) of x, idx[i, j] = argmax as h·W + w.
+// Computed one output row at a time: the row is initialised to (−∞, first position inside the
+// window), then every window offset (a, b) updates the whole row; for each output the offsets
+// arrive in row-major order, so the result is exactly the sequential scan's. Positions are
+// tracked as index_t (int32 when the plane is small enough: all-32-bit loops vectorise) in the
+// scratch row best_pos and widened to int64 at the end of each row.
+template <typename scalar_t, typename index_t>
+void max_pool2d_forward_plane(const scalar_t* x, const Pool2dGeometry& g, scalar_t* y,
+                              int64_t* idx, index_t* best_pos) {
+  const int64_t H = g.H, W = g.W, W_out = g.W_out;
+  // First window start ≥ 0 along a dimension (the start steps over the padding in dilation steps).
+  auto first_inside = [](int64_t start, int64_t dil) {
+    return start >= 0 ? start : start + (-start + dil - 1) / dil * dil;
+  };
+  for (int64_t i = 0; i < g.H_out; ++i) {
+    scalar_t* y_row = y + i * W_out;
+    const int64_t h_start = i * g.sH - g.pH;
+    const int64_t h_first = first_inside(h_start, g.dH);
+    for (int64_t j = 0; j < W_out; ++j) {
+      y_row[j] = -std::numeric_limits<scalar_t>::infinity();
+      best_pos[j] = index_t(h_first * W + first_inside(j * g.sW - g.pW, g.dW));
+    }
+    for (int64_t a = 0; a < g.kH; ++a) {
+      const int64_t h = h_start + a * g.dH;
+      if (h < 0 || h >= H) continue;
+      for (int64_t b = 0; b < g.kW; ++b) {
+        const int64_t w_off = b * g.dW - g.pW;  // input column = j·sW + w_off
+        const Range jr = g.valid_j[b];
+        // position read by output j = 0 (h·W + w_off; may be < 0, but then j = 0 is not in jr)
+        const index_t start = index_t(h * W + w_off);
+        dispatch_stride(g.sW, [&](auto sW) {
+          update_running_max(x, start, sW, jr, y_row, best_pos);
+        });
+      }
+    }
+    std::copy(best_pos, best_pos + W_out, idx + i * W_out);
+  }
+}
+
+// One plane: δx = 0, then δx[idx[k]] += δy[k] for every output k (in output order).
+// Returns false if an index is outside [0, H·W) (it is skipped, never written).
+template <typename scalar_t>
+bool max_pool2d_backward_plane(const scalar_t* dy, const int64_t* idx, int64_t out_numel,
+                               int64_t in_numel, scalar_t* dx) {
+  std::fill(dx, dx + in_numel, scalar_t(0));
+  bool ok = true;
+  for (int64_t k = 0; k < out_numel; ++k) {
+    const int64_t pos = idx[k];
+    if (pos < 0 || pos >= in_numel) {
+      ok = false;
+      continue;
+    }
+    dx[pos] += dy[k];
+  }
+  return ok;
+}
+
+}  // namespace
+
+// y = max over each window of x;  indices = argmax (flattened h·W + w in its plane)
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
+                                                      at::IntArrayRef kernel_size,
+                                                      at::IntArrayRef stride,
+                                                      at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, bool ceil_mode) {
+  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
+  at::AutoDispatchBelowADInplaceOrView guard;
+  constexpr const char* op = "manualconv::max_pool2d_forward";
+  const Pool2dGeometry g =
+      check_max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(g.output_size(), x.options());
+  at::Tensor indices = at::empty(g.output_size(), x.options().dtype(at::kLong));
+  const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_max_pool2d_forward", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+    int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, g.planes(), /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+      auto run = [&](auto* best_pos) {
+        for (int64_t p = begin; p < end; ++p) {
+          max_pool2d_forward_plane(x_data + p * in_plane, g, y_data + p * out_plane,
+                                   idx_data + p * out_plane, best_pos);
+        }
+      };
+      if (in_plane <= std::numeric_limits<int32_t>::max()) {
+        std::vector<int32_t> best_pos(g.W_out);
+        run(best_pos.data());
+      } else {
+        std::vector<int64_t> best_pos(g.W_out);
+        run(best_pos.data());
+      }
+    });
+  });
+  return {y, indices};
+}
+
+// δx[idx] += δy   (scatter of each output gradient to the position of its maximum)
+at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+                               at::IntArrayRef input_size) {
+  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
+  at::AutoDispatchBelowADInplaceOrView guard;
+  constexpr const char* op = "manualconv::max_pool2d_backward";
+  check_max_pool2d_backward(op, grad_output, indices, input_size);
+
+  const at::Tensor dy = grad_output.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  at::Tensor dx = at::empty(input_size, dy.options());  // zeroed plane by plane below
+  const int64_t planes = input_size[0] * input_size[1];
+  const int64_t in_plane = input_size[2] * input_size[3];
+  const int64_t out_plane = dy.size(2) * dy.size(3);
+  std::atomic<bool> all_in_range{true};
+
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_max_pool2d_backward", [&] {
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    const int64_t* idx_data = idx.const_data_ptr<int64_t>();
+    scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        if (!max_pool2d_backward_plane(dy_data + p * out_plane, idx_data + p * out_plane,
+                                       out_plane, in_plane, dx_data + p * in_plane)) {
+          all_in_range = false;
+        }
+      }
+    });
+  });
+  TORCH_CHECK(all_in_range, op, ": indices must lie in [0, H*W) = [0, ", in_plane,
+              ") of input_size ", input_size, " (found an out-of-range index)");
+  return dx;
+}
+
+}  // namespace manualconv
