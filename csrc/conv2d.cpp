@@ -199,10 +199,15 @@ void col2im(scalar_t* cols, const Conv2dGeometry& g, scalar_t* x) {
 // Calls body(n_begin, n_end) over the batch: split across threads when there are at
 // least as many samples as threads, otherwise one sequential call (so the GEMMs inside
 // get the threads). Each call of body is one thread's contiguous share of samples.
+// The dispatch-key guard of the calling thread is thread-local, so each worker sets its own:
+// the GEMMs on slices of tensors that require grad must not go through autograd.
 template <typename F>
 void for_each_sample(int64_t N, const F& body) {
   if (N >= at::get_num_threads()) {
-    at::parallel_for(0, N, /*grain_size=*/1, body);
+    at::parallel_for(0, N, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      body(begin, end);
+    });
   } else if (N > 0) {
     body(0, N);
   }

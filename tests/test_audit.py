@@ -44,6 +44,27 @@ def forward_backward_double_backward(conv, max_pool, avg_pool, padding_mode="zer
     return x.grad
 
 
+def layer_family_double_backward():
+    """Every other manualconv op in one graph, differentiated twice."""
+    MF = manualconv.functional
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    w_t = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    w_1 = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    w_fc = torch.randn(5, 2 * 3 * 3 + 3 * 2, dtype=torch.float64, requires_grad=True)
+    y = MF.conv_transpose2d(x, w_t, stride=2, padding=1, output_padding=1)          # (2, 3, 16, 16)
+    y = MF.subsampling2d(MF.tanh(y), beta, None, 2)                                # (2, 3, 8, 8)
+    a = MF.adaptive_max_pool2d(MF.relu(y), (3, 3))                                 # (2, 3, 3, 3)
+    b = MF.adaptive_avg_pool2d(MF.sigmoid(y), (1, 2)).flatten(2)                   # (2, 3, 2)
+    c = MF.conv1d(a.flatten(2), w_1, padding=1)                                    # (2, 2, 9)
+    logits = MF.linear(torch.cat([c.flatten(1), b.flatten(1)], dim=1), w_fc)
+    loss = MF.cross_entropy(logits, torch.tensor([1, 4]), label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, (x, w_t, w_1, beta, w_fc), create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    return x.grad
+
+
 def test_audit_detects_native_ops():
     """The audit can fail: the native layers are caught by it."""
     with RecordAtenOps() as recorder:
@@ -68,6 +89,12 @@ def test_no_native_conv_or_pool_in_compute_path(backend):
                 "manualconv::avg_pool2d_forward", "manualconv::avg_pool2d_backward"} <= recorder.names
 
 
+def test_no_native_ops_in_the_layer_family(backend):
+    with RecordAtenOps() as recorder:
+        assert layer_family_double_backward() is not None
+    assert not forbidden(recorder.names), forbidden(recorder.names)
+
+
 @pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
 def test_no_native_conv_with_padding_modes(padding_mode, backend):
     conv = manualconv.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode).double()
@@ -85,6 +112,7 @@ def test_no_native_ops_inside_the_cpp_kernels():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             forward_backward_double_backward(
                 manualconv.functional.conv2d, manualconv.functional.max_pool2d, manualconv.functional.avg_pool2d)
+            layer_family_double_backward()
     names = {event.name for event in profile.events()}
     assert "manualconv::conv2d_forward" in names, sorted(names)
     assert not forbidden(names), forbidden(names)

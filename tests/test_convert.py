@@ -8,16 +8,17 @@ import torchvision
 
 import manualconv
 
-# (model name, constructor kwargs, input size): small inputs, 10 classes, to stay fast on 2 cores
+# (model name, constructor kwargs, input size): small inputs and 10 classes, to stay fast on 2
+# cores; 4 samples of 64×64 leave batch norm 16+ values per channel even at the last (2×2) maps
 TORCHVISION = [
-    ("resnet18", {}, (2, 3, 32, 32)),
-    ("vgg11_bn", {}, (2, 3, 32, 32)),
-    ("mobilenet_v2", {}, (2, 3, 32, 32)),
-    ("squeezenet1_1", {}, (2, 3, 64, 64)),
-    ("efficientnet_b0", {}, (2, 3, 32, 32)),
-    ("shufflenet_v2_x0_5", {}, (2, 3, 32, 32)),
-    ("googlenet", dict(aux_logits=False, init_weights=True), (2, 3, 32, 32)),
-    ("alexnet", {}, (2, 3, 64, 64)),
+    ("resnet18", {}, (4, 3, 64, 64)),
+    ("vgg11_bn", {}, (4, 3, 64, 64)),
+    ("mobilenet_v2", {}, (4, 3, 64, 64)),
+    ("squeezenet1_1", {}, (4, 3, 64, 64)),
+    ("efficientnet_b0", {}, (4, 3, 64, 64)),
+    ("shufflenet_v2_x0_5", {}, (4, 3, 64, 64)),
+    ("googlenet", dict(aux_logits=False, init_weights=True), (4, 3, 64, 64)),
+    ("alexnet", {}, (4, 3, 64, 64)),
 ]
 
 
@@ -41,27 +42,32 @@ def test_converted_torchvision_model_matches(name, kwargs, size, cpp):
     for train in (True, False):
         out_native, grads_native = _outputs_and_grads(native, x, train)
         out, grads = _outputs_and_grads(converted, x, train)
-        # float64 through a whole network: rounding of ~1e-16 per operation stays below 1e-10 of
-        # each tensor's largest entry in eval mode. In train mode batch norm divides by the spread
-        # of 2 samples at 1×1 maps, which amplifies rounding ~1e7-fold (gradients reach 1e7):
-        # 1e-6 there. A real difference in a layer is of order 1.
-        rtol = 1e-6 if train else 1e-10
-        for what, a, b in [("output", out, out_native)] + [
-                (f"grad of {p}", g, h) for (p, _), g, h in zip(converted.named_parameters(), grads, grads_native)]:
-            assert (a - b).abs().max().item() <= rtol * b.abs().max().item() + 1e-12, f"{name} train={train}: {what} differs"
+        # float64 through a whole network: rounding of ~1e-16 per operation, amplified by the
+        # depth and by batch norm's division by small spreads, stays below 1e-9 of the largest
+        # gradient entry. The scale is the model's largest gradient, since some gradients are
+        # exactly zero (a conv bias before batch norm) and then both sides are rounding noise.
+        # A real difference in a layer is of the order of the values themselves.
+        rtol = 1e-9
+        assert (out - out_native).abs().max() <= rtol * out_native.abs().max(), f"{name} train={train}: output differs"
+        scale = max(h.abs().max().item() for h in grads_native)
+        for (pname, _), g, h in zip(converted.named_parameters(), grads, grads_native):
+            assert (g - h).abs().max().item() <= rtol * scale, f"{name} train={train}: grad of {pname} differs"
 
 
 def test_converted_resnet_float32(cpp):
-    """float32: relative to each tensor's largest entry, outputs and gradients agree to 1e-4
-    (float32 rounding of ~1e-7 per operation, compounded over ~20 layers and batch norm)."""
+    """float32: outputs agree to 1e-4 of their largest entry, gradients to 1e-4 of the largest
+    gradient entry (float32 rounding of ~1e-7 per operation, compounded over ~20 layers and
+    batch norm; the scale is global because some gradients are rounding noise around zero)."""
     torch.manual_seed(0)
     native = torchvision.models.resnet18(num_classes=10)
     converted = manualconv.convert(native)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(4, 3, 64, 64)
     out_native, grads_native = _outputs_and_grads(native, x, True)
     out, grads = _outputs_and_grads(converted, x, True)
-    for a, b in [(out, out_native)] + list(zip(grads, grads_native)):
-        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+    assert (out - out_native).abs().max() <= 1e-4 * out_native.abs().max()
+    scale = max(h.abs().max().item() for h in grads_native)
+    for (name, _), g, h in zip(converted.named_parameters(), grads, grads_native):
+        assert (g - h).abs().max().item() <= 1e-4 * scale, f"grad of {name} differs"
 
 
 def test_convert_keeps_parameters_buffers_mode_and_state_dict():
@@ -112,7 +118,7 @@ def test_lenet5_backward_graph_is_hand_derived(backend):
         names.add(type(node).__name__)
         stack.extend(next_node for next_node, _ in node.next_functions)
     manual = {n for n in names if n.endswith("FunctionBackward")}
-    views = {n for n in names if n.startswith(("View", "Reshape", "UnsafeView", "Flatten"))}
+    views = {n for n in names if n.startswith(("View", "Reshape", "UnsafeView", "Flatten", "Permute"))}
     assert {"Conv2dFunctionBackward", "Subsampling2dFunctionBackward", "TanhFunctionBackward",
             "LinearFunctionBackward", "CrossEntropyFunctionBackward"} <= manual, names
     assert names - manual - views == {"AccumulateGrad"}, names - manual - views
