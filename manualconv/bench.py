@@ -1,9 +1,10 @@
 """Benchmark: manualconv against torch.nn, forward + backward, in one process.
 
-    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool] [--markdown FILE]
+    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other] [--markdown FILE]
 
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
-32², 16², 8², a stride-2 conv, 1×1 convs, 2×2 and 3×3 pools), native and manualconv steps are
+32², 16², 8², a stride-2 conv, 1×1 convs, 2×2 and 3×3 pools, then the rest of the layer family:
+adaptive pools, a transposed conv, a 1-D conv, a linear layer), native and manualconv steps are
 run alternately, so both see the same machine state; the median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
 GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops.
@@ -29,49 +30,59 @@ from .backend import get_backend, use_backend
 @dataclass
 class Layer:
     name: str
-    kind: str  # 'conv' | 'pool'
-    input: tuple  # (C, H, W), the batch is added
+    kind: str  # 'conv' (GFLOP/s reported) | 'pool' | 'other'
+    op: str  # the function's name in both torch.nn.functional and manualconv.functional
+    input: tuple  # sizes without the batch
     kwargs: dict
     weight: Optional[tuple] = None
-    op: str = "conv2d"
 
     def flops(self, batch: int) -> float:
+        """forward + grad-input + grad-weight: 3 × 2 multiply-adds per (output, tap, input channel)."""
         if self.kind != "conv":
             return 0.0
-        out_channels, in_per_group, kh, kw = self.weight
-        stride, padding = self.kwargs.get("stride", 1), self.kwargs.get("padding", 0)
-        h_out = (self.input[1] + 2 * padding - kh) // stride + 1
-        w_out = (self.input[2] + 2 * padding - kw) // stride + 1
-        return 3 * 2.0 * batch * out_channels * in_per_group * kh * kw * h_out * w_out
+        x = torch.empty(batch, *self.input, device="meta")
+        y = getattr(F, self.op)(x, torch.empty(self.weight, device="meta"), **self.kwargs)
+        per_output = self.weight[1] * math.prod(self.weight[2:])
+        if self.op == "conv_transpose2d":  # each input entry meets (C_out/g)·k² weights
+            return 3 * 2.0 * x.numel() * per_output
+        return 3 * 2.0 * y.numel() * per_output
 
 
 SUITE: List[Layer] = [
-    Layer("conv3x3 3->16 @32 (stem)", "conv", (3, 32, 32), dict(padding=1), (16, 3, 3, 3)),
-    Layer("conv3x3 16->16 @32", "conv", (16, 32, 32), dict(padding=1), (16, 16, 3, 3)),
-    Layer("conv3x3 32->32 @16", "conv", (32, 16, 16), dict(padding=1), (32, 32, 3, 3)),
-    Layer("conv3x3 64->64 @8", "conv", (64, 8, 8), dict(padding=1), (64, 64, 3, 3)),
-    Layer("conv3x3 64->128 @16 (VGG)", "conv", (64, 16, 16), dict(padding=1), (128, 64, 3, 3)),
-    Layer("conv3x3 128->256 @8 (VGG)", "conv", (128, 8, 8), dict(padding=1), (256, 128, 3, 3)),
-    Layer("conv3x3 16->32 stride2 @32", "conv", (16, 32, 32), dict(stride=2, padding=1), (32, 16, 3, 3)),
-    Layer("conv1x1 16->32 stride2 @32", "conv", (16, 32, 32), dict(stride=2), (32, 16, 1, 1)),
-    Layer("conv1x1 64->128 @8", "conv", (64, 8, 8), {}, (128, 64, 1, 1)),
-    Layer("maxpool 2x2 64@32", "pool", (64, 32, 32), dict(kernel_size=2), op="max_pool2d"),
-    Layer("maxpool 3x3 s2 p1 64@32", "pool", (64, 32, 32), dict(kernel_size=3, stride=2, padding=1), op="max_pool2d"),
-    Layer("maxpool 2x2 128@16", "pool", (128, 16, 16), dict(kernel_size=2), op="max_pool2d"),
-    Layer("avgpool 2x2 64@32", "pool", (64, 32, 32), dict(kernel_size=2), op="avg_pool2d"),
-    Layer("avgpool 3x3 s1 p1 64@16", "pool", (64, 16, 16), dict(kernel_size=3, stride=1, padding=1), op="avg_pool2d"),
+    Layer("conv3x3 3->16 @32 (stem)", "conv", "conv2d", (3, 32, 32), dict(padding=1), (16, 3, 3, 3)),
+    Layer("conv3x3 16->16 @32", "conv", "conv2d", (16, 32, 32), dict(padding=1), (16, 16, 3, 3)),
+    Layer("conv3x3 32->32 @16", "conv", "conv2d", (32, 16, 16), dict(padding=1), (32, 32, 3, 3)),
+    Layer("conv3x3 64->64 @8", "conv", "conv2d", (64, 8, 8), dict(padding=1), (64, 64, 3, 3)),
+    Layer("conv3x3 64->128 @16 (VGG)", "conv", "conv2d", (64, 16, 16), dict(padding=1), (128, 64, 3, 3)),
+    Layer("conv3x3 128->256 @8 (VGG)", "conv", "conv2d", (128, 8, 8), dict(padding=1), (256, 128, 3, 3)),
+    Layer("conv3x3 16->32 stride2 @32", "conv", "conv2d", (16, 32, 32), dict(stride=2, padding=1), (32, 16, 3, 3)),
+    Layer("conv1x1 16->32 stride2 @32", "conv", "conv2d", (16, 32, 32), dict(stride=2), (32, 16, 1, 1)),
+    Layer("conv1x1 64->128 @8", "conv", "conv2d", (64, 8, 8), {}, (128, 64, 1, 1)),
+    Layer("maxpool 2x2 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=2)),
+    Layer("maxpool 3x3 s2 p1 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=3, stride=2, padding=1)),
+    Layer("maxpool 2x2 128@16", "pool", "max_pool2d", (128, 16, 16), dict(kernel_size=2)),
+    Layer("avgpool 2x2 64@32", "pool", "avg_pool2d", (64, 32, 32), dict(kernel_size=2)),
+    Layer("avgpool 3x3 s1 p1 64@16", "pool", "avg_pool2d", (64, 16, 16), dict(kernel_size=3, stride=1, padding=1)),
+    # the layer family
+    Layer("adaptive avgpool 256@8 -> 1", "pool", "adaptive_avg_pool2d", (256, 8, 8), dict(output_size=1)),
+    Layer("adaptive maxpool 64@32 -> 7", "pool", "adaptive_max_pool2d", (64, 32, 32), dict(output_size=7)),
+    Layer("conv_transpose 32->16 s2 @16", "other", "conv_transpose2d", (32, 16, 16), dict(stride=2, padding=1, output_padding=1), (32, 16, 3, 3)),
+    Layer("conv1d k3 64->64 L256", "other", "conv1d", (64, 256), dict(padding=1), (64, 64, 3)),
+    Layer("linear 512->256", "other", "linear", (512,), {}, (256, 512)),
 ]
 
 
 def _step(functional, layer: Layer, x: torch.Tensor, weight, grad_output) -> Callable[[], None]:
     """One forward + backward of the layer through ``functional`` (torch's or manualconv's)."""
+    op = getattr(functional, layer.op)
+
     def step():
         x.grad = None
         if weight is not None:
             weight.grad = None
-            y = functional.conv2d(x, weight, None, **layer.kwargs)
+            y = op(x, weight, None, **layer.kwargs)
         else:
-            y = getattr(functional, layer.op)(x, **layer.kwargs)
+            y = op(x, **layer.kwargs)
         y.backward(grad_output)
     return step
 
@@ -87,7 +98,8 @@ def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
     x = torch.randn(batch, *layer.input, requires_grad=True)
     weight = None if layer.weight is None else torch.randn(layer.weight, requires_grad=True)
     with torch.no_grad():
-        y = F.conv2d(x, weight, **layer.kwargs) if weight is not None else getattr(F, layer.op)(x, **layer.kwargs)
+        op = getattr(F, layer.op)
+        y = op(x, weight, None, **layer.kwargs) if weight is not None else op(x, **layer.kwargs)
     grad_output = torch.randn_like(y)
     native, manual = _step(F, layer, x, weight, grad_output), _step(MF, layer, x, weight, grad_output)
     for step in (native, manual):  # warm-up: allocator, thread pool, caches
@@ -120,7 +132,7 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -
         gf = (f"{result['native_gflops']:9.1f} {result['manual_gflops']:9.1f}" if layer.kind == "conv" else f"{'':9s} {'':9s}")
         print(f"{layer.name:32s} {result['native_ms']:10.2f} {result['manual_ms']:10.2f} {result['ratio']:7.2f} {gf}")
         sys.stdout.flush()
-    summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in ("conv", "pool")}
+    summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in ("conv", "pool", "other")}
     for kind, value in summary.items():
         if not math.isnan(value):
             print(f"geomean ratio (native/manual), {kind}: {value:.2f}")
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manualconv.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", choices=["conv", "pool"])
+    parser.add_argument("--only", choices=["conv", "pool", "other"])
     parser.add_argument("--backend", choices=["cpp", "reference"], default=None)
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)
