@@ -64,6 +64,21 @@ def _check_tensor(op: str, name: str, tensor: torch.Tensor, input: torch.Tensor)
         )
 
 
+def _check_conv_tensors(op: str, input, weight, bias, spatial_dims: int) -> None:
+    """Input of rank spatial_dims + 1 (unbatched) or + 2, and weight/bias of its dtype and device."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: input must be a Tensor, but got {type(input).__name__}")
+    if input.dim() not in (spatial_dims + 1, spatial_dims + 2):
+        raise RuntimeError(
+            f"Expected {spatial_dims + 1}D (unbatched) or {spatial_dims + 2}D (batched) input to {op}, "
+            f"but got input of size: {list(input.shape)}"
+        )
+    _check_tensor(op, "input", input, input)
+    _check_tensor(op, "weight", weight, input)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, input)
+
+
 def _batched(op: str, input: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     """(C, H, W) input becomes a batch of one; returns (4-D input, was_unbatched)."""
     if not isinstance(input, torch.Tensor):
@@ -97,17 +112,7 @@ def conv2d(
 ) -> torch.Tensor:
     """2-D cross-correlation y = x ⋆ W + b with the hand-derived backward (see Conv2dFunction)."""
     op = "conv2d"
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, but got {type(input).__name__}")
-    if input.dim() not in (3, 4):
-        raise RuntimeError(
-            "Expected 3D (unbatched) or 4D (batched) input to conv2d, "
-            f"but got input of size: {list(input.shape)}"
-        )
-    _check_tensor(op, "input", input, input)
-    _check_tensor(op, "weight", weight, input)
-    if bias is not None:
-        _check_tensor(op, "bias", bias, input)
+    _check_conv_tensors(op, input, weight, bias, 2)
     x, unbatched = _batched(op, input)
     stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
     if isinstance(padding, str):
@@ -193,16 +198,7 @@ def conv1d(
     """1-D cross-correlation y[n,o,i] = Σ_{c,a} W[o,c,a]·x[n,c,i·s+a·d] + b[o]: a conv2d whose
     height is 1, so it shares conv2d's kernels and hand-derived backward."""
     op = "conv1d"
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, but got {type(input).__name__}")
-    if input.dim() not in (2, 3):
-        raise RuntimeError(
-            f"Expected 2D (unbatched) or 3D (batched) input to conv1d, but got input of size: {list(input.shape)}"
-        )
-    _check_tensor(op, "input", input, input)
-    _check_tensor(op, "weight", weight, input)
-    if bias is not None:
-        _check_tensor(op, "bias", bias, input)
+    _check_conv_tensors(op, input, weight, bias, 1)
     (s,), (d,) = _single(stride, "stride", op), _single(dilation, "dilation", op)
     x = input if input.dim() == 3 else input.unsqueeze(0)
     if isinstance(padding, str):
@@ -243,16 +239,7 @@ def conv_transpose2d(
     the stride-dilated x with the rotated kernel), so it reuses that kernel and autograd Function;
     its backward is conv2d's forward (for x) and weight correlation (for W)."""
     op = "conv_transpose2d"
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{op}: input must be a Tensor, but got {type(input).__name__}")
-    if input.dim() not in (3, 4):
-        raise RuntimeError(
-            f"Expected 3D (unbatched) or 4D (batched) input to {op}, but got input of size: {list(input.shape)}"
-        )
-    _check_tensor(op, "input", input, input)
-    _check_tensor(op, "weight", weight, input)
-    if bias is not None:
-        _check_tensor(op, "bias", bias, input)
+    _check_conv_tensors(op, input, weight, bias, 2)
     x, unbatched = _batched(op, input)
     stride, padding = pair(stride, "stride", op), pair(padding, "padding", op)
     output_padding, dilation = pair(output_padding, "output_padding", op), pair(dilation, "dilation", op)

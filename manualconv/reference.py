@@ -120,32 +120,42 @@ def conv2d_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
 
 
 def _pool_taps(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int):
-    """For each kernel tap a: positions a·d + i·s − p (i < out) in input coordinates, and which are inside."""
+    """For each kernel tap a: positions a·d + i·s − p (i < out) in input coordinates, clamped
+    into the input, and which of them are really inside it (the rest read padding)."""
     i = torch.arange(out)
     for a in range(kernel):
         pos = a * dilation + i * stride - pad
-        yield a, pos, (pos >= 0) & (pos < size)
+        yield pos.clamp(0, size - 1), (pos >= 0) & (pos < size)
 
 
-def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-    # y[i,j] = max over the window of x; argmax recorded as a flat index h·W + w into the plane.
-    # Ties keep the first maximum in row-major order; a NaN wins over numbers (torch's rule).
-    n, c, h_out, w_out = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
-    h, w = input.shape[2:]
+def _window_max(input, out_size, row_taps, col_taps):
+    """y = max of each window over its taps (lists of (positions, inside) per dim); the argmax as
+    a flat index h·W + w. Ties keep the first maximum in row-major order; a NaN wins over
+    numbers (torch's rule: take v when v > best or v is NaN)."""
+    n, c, h, w = input.shape
     x = input.reshape(n, c, h * w)
-    best = input.new_full((n, c, h_out, w_out), float("-inf"))
-    best_index = torch.zeros((n, c, h_out, w_out), dtype=torch.long, device=input.device)
-    seen = torch.zeros((h_out, w_out), dtype=torch.bool, device=input.device)
-    for _, rows, row_ok in _pool_taps(h, h_out, kernel_size[0], stride[0], padding[0], dilation[0]):
-        for _, cols, col_ok in _pool_taps(w, w_out, kernel_size[1], stride[1], padding[1], dilation[1]):
+    best = input.new_full((n, c) + tuple(out_size), float("-inf"))
+    best_index = torch.zeros((n, c) + tuple(out_size), dtype=torch.long, device=input.device)
+    seen = torch.zeros(tuple(out_size), dtype=torch.bool, device=input.device)
+    for rows, row_ok in row_taps:
+        for cols, col_ok in col_taps:
             inside = (row_ok[:, None] & col_ok[None, :]).to(input.device)
-            index = (rows.clamp(0, h - 1)[:, None] * w + cols.clamp(0, w - 1)[None, :]).to(input.device)
+            index = (rows[:, None] * w + cols[None, :]).to(input.device)
             value = x[:, :, index]
             take = inside & (~seen | (value > best) | value.isnan())
             best = torch.where(take, value, best)
             best_index = torch.where(take, index, best_index)
             seen = seen | inside
     return best, best_index
+
+
+def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+    # y[i,j] = max over the window of x; argmax recorded as a flat index h·W + w into the plane
+    n, c, h_out, w_out = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    h, w = input.shape[2:]
+    rows = list(_pool_taps(h, h_out, kernel_size[0], stride[0], padding[0], dilation[0]))
+    cols = list(_pool_taps(w, w_out, kernel_size[1], stride[1], padding[1], dilation[1]))
+    return _window_max(input, (h_out, w_out), rows, cols)
 
 
 def max_pool2d_backward(grad_output, indices, input_size):
@@ -234,20 +244,7 @@ def adaptive_max_pool2d_forward(input, output_size):
     # y[i,j] = max over window [⌊iH/H_out⌋, ⌈(i+1)H/H_out⌉) × (same for columns); argmax as in max_pool2d
     n, c, h_out, w_out = check_adaptive_pool2d("adaptive_max_pool2d", input.shape, output_size)
     h, w = input.shape[2:]
-    x = input.reshape(n, c, h * w)
-    best = input.new_full((n, c, h_out, w_out), float("-inf"))
-    best_index = torch.zeros((n, c, h_out, w_out), dtype=torch.long, device=input.device)
-    seen = torch.zeros((h_out, w_out), dtype=torch.bool, device=input.device)
-    for rows, row_ok in _adaptive_taps(h, h_out):
-        for cols, col_ok in _adaptive_taps(w, w_out):
-            inside = (row_ok[:, None] & col_ok[None, :]).to(input.device)
-            index = (rows[:, None] * w + cols[None, :]).to(input.device)
-            value = x[:, :, index]
-            take = inside & (~seen | (value > best) | value.isnan())
-            best = torch.where(take, value, best)
-            best_index = torch.where(take, index, best_index)
-            seen = seen | inside
-    return best, best_index
+    return _window_max(input, (h_out, w_out), list(_adaptive_taps(h, h_out)), list(_adaptive_taps(w, w_out)))
 
 
 def adaptive_avg_pool2d_forward(input, output_size):
