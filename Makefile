@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.ready-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: test train bench build
+.PHONY: test train bench build data
 
 $(READY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ build: $(READY)
 test: build
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-train: build
+# CIFAR-10: this workplace's offline copy is unpacked into ./data when it is there; elsewhere
+# train.py downloads the data set into ./data itself.
+CIFAR_ARCHIVE ?= ../shared/data/cifar10/cifar10-jpeg.tar.gz
+data:
+	@if [ -f $(CIFAR_ARCHIVE) ] && [ ! -d data/train ]; then mkdir -p data && tar -xzf $(CIFAR_ARCHIVE) -C data; fi
+
+train: build data
 	$(PY) train.py $(TRAIN_ARGS)
 
 bench: build

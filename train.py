@@ -1,0 +1,818 @@
+"""Train a CIFAR-10 classifier whose conv and pooling layers are manualconv's (or torch.nn's).
+
+    python train.py                                   # default: airbench-style net, CPU recipe
+    python train.py --backend native                  # the identical model built from torch.nn
+    python train.py --model resnet20 --epochs 30      # He et al.'s CIFAR ResNet-20 (option A)
+    python train.py --preset gpu --device cuda        # airbench94 widths 64/256/256, aims at >= 94%
+    torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (gloo on CPU, nccl)
+
+Models (--model): airbench (default), resnet20, lenet5 (manualconv.models.LeNet5) and tiny (a
+small batch-norm-free net for smoke tests and the data-parallel equivalence test). Every model is
+built from a layer namespace holding Conv2d/MaxPool2d/AvgPool2d from manualconv (--backend manual)
+or torch.nn (--backend native): both construct the same parameters from the same seed.
+
+airbench (after Keller Jordan's airbench94): a 2x2 conv whose frozen filters whiten the training
+images' 2x2 patches (its bias trains for --whiten-bias-epochs), GELU, three blocks of conv3x3 ->
+maxpool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU, maxpool 3, a bias-free linear
+layer and logits scaled by 1/9. Label smoothing 0.2, Nesterov SGD (momentum 0.85) with a
+triangular schedule, 64x the learning rate for the batch-norm shifts, lookahead weight averaging,
+random 2-pixel translations and alternating flips; test-time augmentation by flips and 1-pixel
+shifts. --preset cpu (the default without CUDA): widths 32/64/128, batch 512, 10 epochs, about
+7-8 minutes natively on 2 idle cores. --preset gpu: airbench94's 64/256/256, batch 1024, 15 epochs.
+
+Data (--data-dir, default ./data): a folder holding torchvision's cifar-10-batches-py/, that
+folder itself, or an ImageFolder tree train/<class>/*, test/<class>/* (such as the offline JPEG
+archive); downloaded by torchvision when the folder is missing or empty. Decoded images are
+cached as uint8 tensors in DIR/.manualconv_cache.pt when DIR is writable. Augmentation runs
+batched on the device, from a generator seeded by (--seed, epoch).
+
+Several processes: --batch-size is the global batch; each step every rank takes its contiguous
+share of the same global batch (and of its augmentation), gradients are averaged, so a model
+without batch norm trains as in one process. Batch-norm statistics are per rank; evaluation and
+checkpoints use rank 0's. Only rank 0 logs and writes.
+
+Outputs (--out, default runs/<timestamp>): checkpoint.pt (each epoch; --resume PATH|auto),
+metrics.csv, metrics.json and curves.png. On CPU a run is bitwise reproducible for a given seed.
+On a machine shared with other work, --threads 1 avoids OpenMP threads waiting on a busy core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import os
+import pickle
+import random
+import sys
+import time
+import types
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------- data
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+BATCH_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+CACHE_NAME = ".manualconv_cache.pt"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+EXPECTED = ("Point --data-dir at an existing copy of CIFAR-10, in one of these layouts:\n"
+            "  DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}  (torchvision's download), or that folder\n"
+            "  DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg       (ImageFolder layout)\n"
+            "for example the offline JPEG archive:\n"
+            "  mkdir -p DIR && tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C DIR\n"
+            "  python train.py --data-dir DIR")
+
+
+class DataError(Exception):
+    """The data directory is missing, empty, of an unknown layout or corrupt."""
+
+
+def detect_layout(root):
+    """('batches', folder) | ('folder', root) | None."""
+    for folder in (os.path.join(root, "cifar-10-batches-py"), root):
+        if any(os.path.exists(os.path.join(folder, name)) for name in BATCH_FILES):
+            return "batches", folder
+    if os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "test")):
+        return "folder", root
+    return None
+
+
+def load_batches(folder):
+    """The pickled python-version batches: dicts with 'data' (N x 3072 uint8) and 'labels'."""
+    missing = [name for name in BATCH_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)} (expected data_batch_1..5 and test_batch)")
+    parts = {}
+    for name in BATCH_FILES:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            entry = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.items()}
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+            if labels.shape != (len(data),) or labels.min() < 0 or labels.max() > 9:
+                raise ValueError(f"{labels.size} labels in 0..9 expected for {len(data)} images")
+        except Exception as error:  # unpickling, missing keys, wrong sizes: all mean a corrupt file
+            raise DataError(f"corrupt CIFAR-10 batch file {path}: {type(error).__name__}: {error}") from None
+        parts[name] = (torch.from_numpy(data.copy()), torch.from_numpy(labels))
+    train = [parts[name] for name in BATCH_FILES[:-1]]
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return dict(train_x=torch.cat([x for x, _ in train]), train_y=torch.cat([y for _, y in train]),
+                test_x=parts["test_batch"][0], test_y=parts["test_batch"][1], classes=classes)
+
+
+def list_folder(root):
+    """{split: [(path, label)]} and the class names of an ImageFolder-layout tree."""
+    splits, classes = {}, None
+    for split in ("train", "test"):
+        base = os.path.join(root, split)
+        names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) \
+            if os.path.isdir(base) else []
+        if not names:
+            raise DataError(f"{base}: expected class folders ({split}/<class>/*.jpg), found none")
+        if classes is not None and names != classes:
+            raise DataError(f"{root}: train/ and test/ hold different class folders: {classes} vs {names}")
+        classes = names
+        items = [(path, label) for label, name in enumerate(names)
+                 for path in sorted(glob.glob(os.path.join(base, name, "*"))) if path.lower().endswith(IMAGE_EXTS)]
+        if not items:
+            raise DataError(f"{base}: no images (*.jpg, *.png) in its class folders")
+        splits[split] = items
+    return splits, classes
+
+
+def decode_all(items, workers):
+    try:  # torchvision's decoder is ~5x faster than PIL's (deprecated in favour of TorchCodec)
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        def read(path):
+            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except ImportError:
+        from PIL import Image
+
+        def read(path):
+            with Image.open(path) as image:
+                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+    def decode(chunk):
+        out = torch.empty(len(chunk), 3, 32, 32, dtype=torch.uint8)
+        for i, (path, _) in enumerate(chunk):
+            try:
+                image = read(path)
+            except Exception as error:
+                raise DataError(f"cannot decode image {path}: {error}") from None
+            if image.shape != (3, 32, 32):
+                raise DataError(f"{path}: expected a 32x32 image, got {tuple(image.shape[1:])}")
+            out[i] = image
+        return out
+
+    chunks = [items[i:i + 1000] for i in range(0, len(items), 1000)]
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+        images = torch.cat(list(pool.map(decode, chunks)))
+    return images, torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+def load_folder(root, workers, log):
+    splits, classes = list_folder(root)
+    # the cache key: every file's name, size and modification time
+    digest = hashlib.sha1()
+    for path, label in splits["train"] + splits["test"]:
+        st = os.stat(path)
+        digest.update(f"{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    key, cache = digest.hexdigest(), os.path.join(root, CACHE_NAME)
+    if os.path.isfile(cache):
+        try:
+            data = torch.load(cache, weights_only=True)
+            if data.get("key") == key:
+                log(f"data: {cache} (decoded cache)")
+                return data
+        except Exception:  # a stale or broken cache is simply rebuilt
+            pass
+    start = time.time()
+    train_x, train_y = decode_all(splits["train"], workers)
+    test_x, test_y = decode_all(splits["test"], workers)
+    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes, key=key)
+    log(f"data: decoded {len(train_x) + len(test_x)} images from {root} in {time.time() - start:.1f}s")
+    try:
+        torch.save(data, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    except OSError as error:
+        log(f"data: not caching the decoded images ({error.strerror}: {cache})")
+    return data
+
+
+def load_cifar10(root, workers=4, download=True, log=print):
+    """The whole data set as uint8 tensors N x 3 x 32 x 32 and int64 labels."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"--data-dir {root} is a file, not a directory.\n{EXPECTED}")
+    layout = detect_layout(root) if os.path.isdir(root) else None
+    if layout is None:
+        present = os.path.isdir(root) and os.listdir(root)
+        if present:
+            archives = glob.glob(os.path.join(root, "*.tar.gz"))
+            hint = f"\n(found {archives[0]}: extract it first, see below)" if archives else ""
+            raise DataError(f"{root} holds no CIFAR-10 data in a known layout{hint}\n{EXPECTED}")
+        state = "is empty" if os.path.isdir(root) else "does not exist"
+        if not download:
+            raise DataError(f"data directory {root} {state} (and --no-download was given).\n{EXPECTED}")
+        log(f"data: {root} {state}; downloading CIFAR-10 with torchvision")
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as error:
+            raise DataError(f"data directory {root} {state} and downloading CIFAR-10 failed "
+                            f"({type(error).__name__}: {error}).\n{EXPECTED}") from None
+        layout = detect_layout(root)
+    kind, folder = layout
+    if kind == "batches":
+        log(f"data: {folder} (pickled batches)")
+        data = load_batches(folder)
+    else:
+        data = load_folder(folder, workers, log)
+    if len(data["classes"]) < 2:
+        raise DataError(f"{root}: need at least 2 classes, found {data['classes']}")
+    return data
+
+
+def normalize(x_uint8):
+    zero = torch.zeros(len(x_uint8), dtype=torch.long, device=x_uint8.device)
+    return augment(x_uint8, zero, zero, zero.bool(), 0, "reflect")
+
+
+def augment(x_uint8, dy, dx, flip, pad, pad_mode):
+    """Batched random crop (offsets dy, dx in 0..2*pad of the padded image), horizontal flip and
+    normalisation; 'zeros' pads with black pixels."""
+    x = x_uint8.float()
+    if pad > 0:
+        n, c, h, w = x.shape
+        x = F.pad(x, (pad,) * 4, mode="reflect" if pad_mode == "reflect" else "constant")
+        ar = lambda k: torch.arange(k, device=x.device)
+        x = x[ar(n)[:, None, None, None], ar(c)[None, :, None, None],
+              (dy[:, None] + ar(h))[:, None, :, None], (dx[:, None] + ar(w))[:, None, None, :]]
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    return (x - mean) / (torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1) * 255)
+
+
+def epoch_plan(n, epoch, seed, pad):
+    """The order and augmentation of one epoch, from a generator seeded by (seed, epoch): the same
+    on every rank and after a resume. Flips alternate (airbench): an image flipped in one epoch is
+    not in the next, and each image's first choice is random."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
+    base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 7)).bool()
+    return order, dy, dx, base ^ bool(epoch % 2)
+
+
+# --------------------------------------------------------------------------------- models
+
+def layer_namespace(backend):
+    """The layers a model is built from: torch.nn's or manualconv's drop-in subclasses."""
+    if backend == "native":
+        return types.SimpleNamespace(Conv2d=nn.Conv2d, MaxPool2d=nn.MaxPool2d, AvgPool2d=nn.AvgPool2d)
+    import manualconv
+    return types.SimpleNamespace(Conv2d=manualconv.Conv2d, MaxPool2d=manualconv.MaxPool2d,
+                                 AvgPool2d=manualconv.AvgPool2d)
+
+
+class Mul(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def airbench_bn(channels, momentum):
+    # airbench: eps 1e-12, running-stat momentum 1 - 0.6, the scale frozen at 1, only the shift trained
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=1 - momentum)
+    bn.weight.requires_grad = False
+    return bn
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, L, cin, cout, bn_momentum):
+        super().__init__()
+        self.conv1, self.pool = L.Conv2d(cin, cout, 3, padding=1, bias=False), L.MaxPool2d(2)
+        self.norm1, self.conv2 = airbench_bn(cout, bn_momentum), L.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2, self.activ = airbench_bn(cout, bn_momentum), nn.GELU()
+        for conv in (self.conv1, self.conv2):  # identity-initialise the first in_channels filters
+            nn.init.dirac_(conv.weight.data[:conv.in_channels])
+
+    def forward(self, x):
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+def airbench(L, widths=(32, 64, 128), num_classes=10, bn_momentum=0.6):
+    whiten = L.Conv2d(3, 24, 2, padding=0, bias=True)  # 2 x 3*2*2: +/- the patch eigenvectors
+    whiten.weight.requires_grad = False
+    return nn.Sequential(whiten, nn.GELU(), ConvGroup(L, 24, widths[0], bn_momentum),
+                         ConvGroup(L, widths[0], widths[1], bn_momentum),
+                         ConvGroup(L, widths[1], widths[2], bn_momentum),
+                         L.MaxPool2d(3), nn.Flatten(), nn.Linear(widths[2], num_classes, bias=False), Mul(1 / 9))
+
+
+@torch.no_grad()
+def init_whitening(conv, images, eps=5e-4):
+    """airbench: the first conv's filters are the eigenvectors of the covariance of the training
+    images' 2x2 patches, scaled by 1/sqrt(eigenvalue), and their negatives."""
+    k = conv.kernel_size[0]
+    cov = torch.zeros(3 * k * k, 3 * k * k, dtype=torch.float64)
+    for chunk in images.split(500):
+        patches = normalize(chunk).unfold(2, k, 1).unfold(3, k, 1)  # N C H' W' k k
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
+        cov += patches.T @ patches
+    values, vectors = torch.linalg.eigh(cov / (len(images) * (32 - k + 1) ** 2))
+    filters = (vectors.T / torch.sqrt(values.clamp(min=0) + eps)[:, None]).flip(0).reshape(-1, 3, k, k)
+    conv.weight.copy_(torch.cat([filters, -filters]).float())
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016) CIFAR block with option-A shortcuts: identity, or stride-2 subsampling with
+    the new channels zero-padded (parameter-free, as in the paper's ResNet-20)."""
+
+    def __init__(self, L, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = L.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = L.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.stride != 1 or self.extra:
+            x = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return F.relu(out + x)
+
+
+def resnet20(L, width=16, num_classes=10):
+    layers, cin = [L.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()], width
+    for stage, cout in enumerate((width, 2 * width, 4 * width)):
+        for block in range(3):
+            layers.append(BasicBlock(L, cin, cout, 2 if stage > 0 and block == 0 else 1))
+            cin = cout
+    model = nn.Sequential(*layers, L.AvgPool2d(8), nn.Flatten(), nn.Linear(cin, num_classes))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def tiny(L, width=8, num_classes=10):
+    """Batch-norm free (so a data-parallel run equals a single-process one): conv-maxpool-conv-avgpool."""
+    return nn.Sequential(L.Conv2d(3, width, 3, padding=1), nn.ReLU(), L.MaxPool2d(2),
+                         L.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), L.AvgPool2d(2),
+                         L.AvgPool2d(8), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+def lenet5(backend, num_classes=10):
+    try:
+        from manualconv.models import LeNet5
+    except ImportError as error:
+        raise SystemExit(f"train.py: error: --model lenet5 needs manualconv.models.LeNet5 ({error})")
+    model = LeNet5(in_channels=3, num_classes=num_classes)
+    if backend == "native":
+        import manualconv
+        if not hasattr(manualconv, "revert"):
+            raise SystemExit("train.py: error: --backend native lenet5 needs manualconv.revert, which is missing")
+        model = manualconv.revert(model, inplace=True)  # Subsampling2d/ScaledTanh have no torch.nn twin
+    return model
+
+
+def build_model(args, data, seed):
+    torch.manual_seed(seed)
+    L, n = layer_namespace(args.backend), len(data["classes"])
+    if args.model == "airbench":
+        model = airbench(L, args.width, n)
+        init_whitening(model[0], data["train_x"][:5000])
+    elif args.model == "resnet20":
+        model = resnet20(L, args.width[0], n)
+    elif args.model == "tiny":
+        model = tiny(L, args.width[0], n)
+    else:
+        model = lenet5(args.backend, n)
+    return model
+
+
+# Per-model defaults for the options left unset. airbench: lr 11.5 per 1024 examples of summed
+# loss with momentum 0.85 (airbench94), i.e. 1.5 * batch/1024 for the mean loss; weight decay
+# 0.0153/11.5 coupled to lr; batch-norm shifts get 64x the lr (and 1/64 the decay).
+COMMON = dict(tta=1, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0, crop_pad=4, bias_scale=1.0,
+              lookahead=False, schedule=(0.1, 0.15, 0.0))  # schedule: start, warm-up fraction, end
+DEFAULTS = {
+    "airbench": dict(COMMON, epochs=10, batch_size=512, width="32,64,128", tta=2, momentum=0.85, label_smoothing=0.2,
+                     weight_decay=0.0153 / 11.5, crop_pad=2, bias_scale=64.0, lookahead=True, schedule=(0.2, 0.23, 0.07)),
+    "resnet20": dict(COMMON, epochs=30, batch_size=128, lr=0.1, width="16"),
+    "lenet5": dict(COMMON, epochs=20, batch_size=128, lr=0.05, width=None),
+    "tiny": dict(COMMON, epochs=2, batch_size=64, lr=0.05, width="8"),
+}
+# airbench94's widths and batch (94.0% in 9.9 epochs there, on the original PNG-exact data); 15
+# epochs leave a margin for the JPEG copy and flip/shift TTA only, at a few seconds an epoch on a GPU
+GPU_PRESET = dict(epochs=15, batch_size=1024, width="64,256,256")
+
+# ------------------------------------------------------------------------------- training
+
+
+def lr_factor(step, total, schedule):
+    """Triangular: linear from start to 1 over the first `warm` fraction of steps, then to end."""
+    start, warm, end = schedule
+    warm_steps = int(total * warm)
+    if step < warm_steps:
+        return start + (1 - start) * step / warm_steps
+    return 1 + (end - 1) * (step - warm_steps) / max(1, total - warm_steps)
+
+
+def make_optimizer(model, args):
+    groups = {"params": [], "bn_bias": [], "whiten_bias": []}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if args.model == "airbench" and module_name == "0":
+                groups["whiten_bias"].append(p)
+            elif isinstance(module, nn.BatchNorm2d) and name == "bias":
+                groups["bn_bias"].append(p)
+            else:
+                groups["params"].append(p)
+    scale = {"params": 1.0, "bn_bias": args.bias_scale, "whiten_bias": 1.0}
+    params = [dict(params=ps, name=k, base_lr=args.lr * scale[k], lr=args.lr * scale[k],
+                   weight_decay=args.weight_decay / scale[k]) for k, ps in groups.items() if ps]
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+
+
+class Lookahead:
+    """airbench's lookahead: every 5 steps and after the last one, the weights are replaced by
+    their running average, whose decay rises as 0.95^5 (step/total)^3."""
+
+    def __init__(self, model):
+        self.model, self.ema = model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, decay):
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].lerp_(v, 1 - decay)
+                v.copy_(self.ema[k])
+
+
+@torch.no_grad()
+def evaluate(model, x_uint8, y, tta=0, fmt=torch.contiguous_format, world=1, rank=0, batch=1000):
+    """(loss sum, correct, count) over this rank's share of the test set. Test-time augmentation
+    (airbench's levels): 1 averages the logits of each image and its mirror; 2 also those of the
+    image shifted by one pixel up-left and down-right (reflect padding), weighted 1/2, 1/4, 1/4."""
+    model.eval()
+    mirror = lambda x: (model(x) + model(x.flip(3))) / 2 if tta else model(x)  # noqa: E731
+    loss, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+    share = torch.arange(len(y)).tensor_split(world)[rank]
+    for idx in share.split(batch):
+        x, t = normalize(x_uint8[idx]).contiguous(memory_format=fmt), y[idx]
+        logits = mirror(x)
+        if tta >= 2:
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = (mirror(padded[:, :, :32, :32].contiguous(memory_format=fmt)) +
+                       mirror(padded[:, :, 2:, 2:].contiguous(memory_format=fmt))) / 2
+            logits = (logits + shifted) / 2
+        loss += F.cross_entropy(logits.float(), t, reduction="sum").double().cpu()
+        correct += (logits.argmax(1) == t).sum().cpu()
+    return loss, correct, len(share)
+
+
+def reduce_sum(*values, world=1):
+    if world > 1:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        values = t.tolist()
+    return [float(v) for v in values]
+
+
+def sync_buffers(model, world):
+    """BatchNorm statistics are per rank; evaluation and checkpoints use rank 0's."""
+    if world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def save_checkpoint(path, state):
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_outputs(out, history, summary, plot=True):
+    """metrics.csv and metrics.json (after every epoch) and curves.png (at the end)."""
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]) if history else ["epoch"])
+        writer.writeheader()
+        writer.writerows(history)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(dict(summary, epochs=history), f, indent=1)
+    if plot and history:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+        epochs = [h["epoch"] for h in history]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        smoothing = summary["args"]["label_smoothing"]
+        for ax, key, label in ((ax1, "loss", "loss"), (ax2, "acc", "accuracy (%)")):
+            train_label = f"train (label smoothing {smoothing:g})" if key == "loss" and smoothing else "train"
+            ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label=train_label)
+            ax.plot(epochs, [h[f"test_{key}"] for h in history], "o-", label="test")
+            ax.set(xlabel="epoch", ylabel=label)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{summary['args']['model']} ({summary['args']['backend']})")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "curves.png"), dpi=100)
+        plt.close(fig)
+
+
+def train(args, data, device, rank, world, log):
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    model = build_model(args, data, args.seed).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    init_sha = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    optimizer = make_optimizer(model, args)
+    lookahead = Lookahead(model) if args.lookahead else None
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  forward_sync_buffers=False)  # BN statistics stay per rank
+    if args.compile:
+        net = torch.compile(net)
+    n, B = len(train_x), args.batch_size
+    # every batch of B (the last may be smaller) except a last one too small to give each rank an image
+    steps_per_epoch = n // B + (0 < n % B and n % B >= world)
+    total = steps_per_epoch * args.epochs
+    history, start_epoch, step, first_loss, train_time, images = [], 0, 0, None, 0.0, 0
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
+        for key in ("model", "width", "batch_size"):
+            if ckpt["args"][key] != getattr(args, key):
+                raise SystemExit(f"train.py: error: {args.resume} was trained with --{key.replace('_', '-')} "
+                                 f"{ckpt['args'][key]}, not {getattr(args, key)}")
+        if ckpt["args"]["epochs"] != args.epochs:
+            log(f"note: {args.resume} was started with --epochs {ckpt['args']['epochs']}; the learning-rate "
+                f"schedule now spans {args.epochs}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if lookahead:
+            lookahead.ema = ckpt["lookahead"]
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        first_loss, init_sha = ckpt["first_batch_loss"], ckpt["init_sha256"]
+        train_time, images = ckpt["train_time"], ckpt["train_images"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        log(f"resumed from {args.resume} after epoch {start_epoch}")
+    log(f"model: {args.model} ({args.backend}{', ' + args.conv_backend if args.backend == 'manual' else ''}), "
+        f"{sum(p.numel() for p in model.parameters())} parameters; {n} training images, {len(test_x)} test; "
+        f"batch {B} ({world} rank{'s' if world > 1 else ''}), lr {args.lr:g}, {args.epochs} epochs on {device}")
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing, reduction="sum")
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    bar_on = rank == 0 and not args.quiet and sys.stderr.isatty()
+    from tqdm import tqdm
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        order, dy, dx, flip = epoch_plan(n, epoch, args.seed, args.crop_pad)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
+        seen, start = 0, time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not bar_on, leave=False)
+        for batch in order.split(B)[:steps_per_epoch]:
+            for group in optimizer.param_groups:
+                frozen = group["name"] == "whiten_bias" and epoch >= args.whiten_bias_epochs
+                group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(step, total, args.schedule)
+            mine = batch.tensor_split(world)[rank]  # this rank's share of the global batch
+            idx = mine.to(device)
+            x = augment(train_x[idx], dy[mine].to(device), dx[mine].to(device), flip[mine].to(device),
+                        args.crop_pad, args.pad_mode)
+            logits = net(x.contiguous(memory_format=fmt))
+            loss = criterion(logits, train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            # the global batch's summed loss / B; DDP averages over ranks, hence * world
+            (loss * (world / B)).backward()
+            optimizer.step()
+            step += 1
+            if lookahead and (step % 5 == 0 or step == total):
+                lookahead.update(0.95 ** 5 * (step / total) ** 3)
+            if first_loss is None:
+                first_loss = loss.item() / len(mine)
+            loss_sum += loss.detach()
+            correct += (logits.argmax(1) == train_y[idx]).sum()
+            seen += len(mine)
+            bar.update()
+            if bar_on and (bar.n % 5 == 0 or bar.n == steps_per_epoch):
+                bar.set_postfix_str(f"loss {loss_sum.item() / seen:.3f} acc {100 * correct.item() / seen:.1f}% "
+                                    f"{seen * world / (time.time() - start):.0f} img/s")
+        bar.close()
+        epoch_train = time.time() - start
+        train_time += epoch_train
+        loss_g, correct_g, seen_g = reduce_sum(loss_sum.item(), correct.item(), seen, world=world)
+        images += int(seen_g)
+        sync_buffers(model, world)
+        t_loss, t_correct, t_n = reduce_sum(*evaluate(model, test_x, test_y, 0, fmt, world=world, rank=rank), world=world)
+        history.append(dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=loss_g / seen_g,
+                            train_acc=100 * correct_g / seen_g, test_loss=t_loss / t_n, test_acc=100 * t_correct / t_n,
+                            epoch_time_s=time.time() - start, train_images_per_s=seen_g / epoch_train))
+        h = history[-1]
+        log(f"epoch {h['epoch']:3d}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:6.2f}%  "
+            f"test loss {h['test_loss']:.4f} acc {h['test_acc']:6.2f}%  {h['epoch_time_s']:.1f}s "
+            f"{h['train_images_per_s']:.0f} img/s")
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), dict(
+                model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
+                lookahead=lookahead.ema if lookahead else None, history=history, args=vars(args),
+                first_batch_loss=first_loss, init_sha256=init_sha, train_time=train_time, train_images=images,
+                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                         cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)))
+            write_outputs(args.out, history, dict(args=vars(args), completed_epochs=len(history)), plot=False)
+    done = len(history) == args.epochs
+    summary = dict(args=vars(args), world_size=world, device=str(device), init_sha256=init_sha,
+                   first_batch_loss=first_loss, completed_epochs=len(history), train_time_s=train_time,
+                   train_images_per_s=images / train_time if train_time else None)
+    summary["test_acc"], summary["test_loss"] = history[-1]["test_acc"], history[-1]["test_loss"]  # the last model's
+    if args.tta:  # the final accuracy with test-time augmentation too
+        final = reduce_sum(*evaluate(model, test_x, test_y, args.tta, fmt, world=world, rank=rank), world=world)
+        summary["test_acc_tta"] = 100 * final[1] / final[2]
+    if not done:
+        log(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with "
+            f"--resume {os.path.join(args.out, 'checkpoint.pt')}")
+    return model, summary, history
+
+
+# ---------------------------------------------------------------------------- distributed
+
+def init_distributed(device_arg):
+    """(rank, world size, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise SystemExit("train.py: error: --device cuda, but CUDA is not available")
+    if want_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    return dist.get_rank(), world, device
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" message
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="airbench", choices=list(DEFAULTS))
+    p.add_argument("--backend", default="manual", choices=["manual", "native"],
+                   help="conv/pool layers from manualconv (default) or torch.nn")
+    p.add_argument("--conv-backend", choices=["cpp", "reference"], help="manualconv kernels (default: cpp)")
+    p.add_argument("--preset", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="airbench defaults: cpu (widths 32,64,128, 10 epochs, batch 512) or gpu (64,256,256, "
+                        "15 epochs, batch 1024); auto: gpu on CUDA")
+    p.add_argument("--width", help="channel widths: 'a,b,c' for airbench, the first stage's for resnet20/tiny")
+    p.add_argument("--epochs", type=positive(int), help="default: airbench 10 (cpu) or 15 (gpu), resnet20 30, "
+                   "lenet5 20, tiny 2")
+    p.add_argument("--batch-size", type=positive(int), help="global batch, split evenly across ranks (default: "
+                   "airbench 512 (cpu) or 1024 (gpu), resnet20 and lenet5 128, tiny 64)")
+    p.add_argument("--lr", type=positive(float), help="peak learning rate for the batch-mean loss (default: "
+                   "airbench 1.5*batch/1024, resnet20 0.1, lenet5 and tiny 0.05)")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--crop-pad", type=int, help="random-crop padding (airbench 2, others 4)")
+    p.add_argument("--pad-mode", default="reflect", choices=["reflect", "zeros"])
+    p.add_argument("--whiten-bias-epochs", type=int, default=3, help="airbench: epochs the whitening bias trains")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="final test-time augmentation: 0 none, 1 flip, "
+                   "2 flip and 1-pixel shifts (default: 2 for airbench, 1 otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default="./data", help="cifar-10-batches-py (or its parent) or train/, test/ "
+                   "ImageFolder trees; downloaded when missing or empty")
+    p.add_argument("--no-download", dest="download", action="store_false", help="fail instead of downloading")
+    p.add_argument("--workers", type=positive(int), default=min(4, os.cpu_count() or 1), help="decoding threads")
+    p.add_argument("--limit", type=positive(int), help="train on N (seeded random) training images")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", help="output folder (default runs/<timestamp>)")
+    p.add_argument("--resume", help="checkpoint.pt to continue from, or 'auto' (OUT/checkpoint.pt, else "
+                                    "the newest runs/*/checkpoint.pt; fresh start if none)")
+    p.add_argument("--stop-after", type=positive(int), help="stop after this epoch (the schedule still spans --epochs)")
+    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep NCHW tensors (channels-last makes torch.nn's CPU convs ~1.6x faster)")
+    p.add_argument("--threads", type=positive(int), help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    defaults = dict(DEFAULTS[args.model])
+    if args.preset != "auto" and args.model != "airbench":
+        p.error(f"--preset applies to --model airbench, not {args.model}")
+    gpu = args.preset == "gpu" or (args.preset == "auto" and args.device != "cpu" and torch.cuda.is_available())
+    if args.model == "airbench" and gpu:
+        defaults.update(GPU_PRESET)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.model == "airbench" and args.lr is None:
+        args.lr = 11.5 * args.batch_size / (1024 * (1 + 1 / (1 - 0.85)))
+    if args.model == "lenet5" and args.width is not None:
+        p.error("--width does not apply to lenet5")
+    if args.width is not None:
+        try:
+            args.width = [int(w) for w in str(args.width).split(",")]
+            if min(args.width) <= 0 or len(args.width) != (3 if args.model == "airbench" else 1):
+                raise ValueError
+        except ValueError:
+            p.error(f"--width {args.width!r}: expected {'three' if args.model == 'airbench' else 'one'} "
+                    "positive integer(s), comma-separated")
+    if args.crop_pad < 0 or args.crop_pad > 16:
+        p.error(f"--crop-pad must be in 0..16, got {args.crop_pad}")
+    if not 0 <= args.label_smoothing < 1:
+        p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.momentum < 0 or args.weight_decay < 0:
+        p.error("--momentum and --weight-decay must be non-negative")
+    if args.backend == "native" and args.conv_backend:
+        p.error("--conv-backend selects manualconv's kernels; it needs --backend manual")
+    if args.resume == "auto":
+        pattern = os.path.join(args.out, "checkpoint.pt") if args.out else os.path.join("runs", "*", "checkpoint.pt")
+        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        args.resume = found[-1] if found else None
+    elif args.resume and not os.path.isfile(args.resume):
+        p.error(f"--resume {args.resume}: no such checkpoint file")
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+            os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    args.schedule = list(args.schedule)
+    return args
+
+
+def main(argv=None):
+    """Returns (model, summary, history); exits with a message on bad arguments or data."""
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.backend == "manual":
+        import manualconv
+        if args.conv_backend is None:  # the C++ kernels are CPU-only; the reference ones run anywhere
+            args.conv_backend = "cpp" if device.type == "cpu" and manualconv.ops.AVAILABLE else "reference"
+        try:
+            manualconv.set_backend(args.conv_backend)
+        except RuntimeError as error:
+            raise SystemExit(f"train.py: error: {error}")
+        if device.type == "cuda" and args.conv_backend == "cpp":
+            raise SystemExit("train.py: error: manualconv's cpp kernels are CPU-only; use --conv-backend reference")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    wall = time.time()
+    try:
+        # rank 0 decodes (and caches) first; the other ranks then read its cache
+        with contextlib.ExitStack() as stack:
+            if world > 1 and rank != 0:
+                dist.barrier()
+            else:
+                stack.callback(lambda: world > 1 and dist.barrier())
+            data = load_cifar10(args.data_dir, args.workers, args.download, log)
+    except DataError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    if args.limit:
+        if args.limit > len(data["train_x"]):
+            raise SystemExit(f"train.py: error: --limit {args.limit} exceeds the {len(data['train_x'])} training images")
+        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))[:args.limit]
+        data = dict(data, train_x=data["train_x"][keep], train_y=data["train_y"][keep])
+    if min(args.batch_size, len(data["train_x"])) < world:
+        raise SystemExit(f"train.py: error: {world} ranks need a batch and a training set of at least {world} images")
+    model, summary, history = train(args, data, device, rank, world, log)
+    summary["wall_time_s"] = time.time() - wall
+    if rank == 0:
+        write_outputs(args.out, history, summary)
+        tta = f" (with TTA level {args.tta}: {summary['test_acc_tta']:.2f}%)" if args.tta else ""
+        log(f"final test accuracy: {summary['test_acc']:.2f}%{tta}; wall time {summary['wall_time_s']:.1f}s, "
+            f"training {summary['train_time_s']:.1f}s at {summary['train_images_per_s'] or 0:.0f} images/s; "
+            f"outputs in {args.out}")
+    if world > 1:
+        dist.destroy_process_group()
+    return model, summary, history
+
+
+if __name__ == "__main__":
+    main()
