@@ -13,6 +13,7 @@ csrc/ or 'reference' in reference.py, chosen by set_backend / use_backend).
 from . import functional, models, reference
 from .backend import get_backend, set_backend, use_backend
 from .convert import convert, revert
+from .deltas import record_deltas
 from .modules import (
     AdaptiveAvgPool2d,
     AdaptiveMaxPool2d,
@@ -32,7 +33,7 @@ from .modules import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "functional", "models", "reference", "set_backend", "get_backend", "use_backend", "convert", "revert",
+    "functional", "models", "reference", "set_backend", "get_backend", "use_backend", "convert", "revert", "record_deltas",
     "Conv2d", "MaxPool2d", "AvgPool2d", "Conv1d", "ConvTranspose2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
     "Linear", "ReLU", "Sigmoid", "Tanh", "ScaledTanh", "CrossEntropyLoss", "Subsampling2d",
 ]
