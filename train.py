@@ -522,6 +522,34 @@ def write_outputs(out, history, summary, plot=True):
         plt.close(fig)
 
 
+def write_grad_norms(out, record, steps_per_epoch):
+    """grads.csv (step, layer, kind, norm) and grads.png: per-layer ‖δ‖ and ‖∂J/∂W‖ over training,
+    on a log scale — the picture that shows vanishing or exploding gradients."""
+    rows = record.as_rows()
+    with open(os.path.join(out, "grads.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "name", "kind", "norm"])
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (title, table) in zip(axes, (("delta ‖∂J/∂y‖ per layer", record.deltas),
+                                          ("weight gradient ‖∂J/∂W‖ per layer", record.param_grads))):
+        names = [n for n in table if not n.endswith(".bias")]
+        for i, name in enumerate(names):
+            epochs = [step / steps_per_epoch for step in range(len(table[name]))]
+            ax.plot(epochs, table[name], color=plt.cm.viridis(i / max(1, len(names) - 1)), label=name, lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+    for ax in axes:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "grads.png"), dpi=100)
+    plt.close(fig)
+
+
 def train(args, data, device, rank, world, log):
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
@@ -571,6 +599,9 @@ def train(args, data, device, rank, world, log):
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     bar_on = rank == 0 and not args.quiet and sys.stderr.isatty()
     from tqdm import tqdm
+    import manualconv
+    recording = contextlib.ExitStack()
+    record = recording.enter_context(manualconv.record_deltas(model)) if args.plot_grads and rank == 0 else None
     for epoch in range(start_epoch, last_epoch):
         model.train()
         order, dy, dx, flip = epoch_plan(n, epoch, args.seed, args.crop_pad)
@@ -625,6 +656,9 @@ def train(args, data, device, rank, world, log):
                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)))
             write_outputs(args.out, history, dict(args=vars(args), completed_epochs=len(history)), plot=False)
+    recording.close()
+    if record is not None:
+        write_grad_norms(args.out, record, steps_per_epoch)
     done = len(history) == args.epochs
     summary = dict(args=vars(args), world_size=world, device=str(device), init_sha256=init_sha,
                    first_batch_loss=first_loss, completed_epochs=len(history), train_time_s=train_time,
@@ -711,6 +745,9 @@ def parse_args(argv=None):
                    help="keep NCHW tensors (channels-last makes torch.nn's CPU convs ~1.6x faster)")
     p.add_argument("--threads", type=positive(int), help="torch CPU threads per process (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plot-grads", action="store_true",
+                   help="record each manualconv layer's delta and parameter-gradient norms every step "
+                        "(manualconv.record_deltas) and write grads.png and grads.csv")
     args = p.parse_args(argv)
 
     defaults = dict(DEFAULTS[args.model])
@@ -742,6 +779,8 @@ def parse_args(argv=None):
         p.error("--momentum and --weight-decay must be non-negative")
     if args.backend == "native" and args.conv_backend:
         p.error("--conv-backend selects manualconv's kernels; it needs --backend manual")
+    if args.backend == "native" and args.plot_grads:
+        p.error("--plot-grads records manualconv layers; it needs --backend manual")
     if args.resume == "auto":
         pattern = os.path.join(args.out, "checkpoint.pt") if args.out else os.path.join("runs", "*", "checkpoint.pt")
         found = sorted(glob.glob(pattern), key=os.path.getmtime)

@@ -401,6 +401,7 @@ def test_corrupt_data_dirs_give_clear_errors(tmp_path, capsys):
     (["--model", "airbench", "--width", "8,8"], "three positive integer"),
     (["--lr", "abc"], "--lr: invalid"),
     (["--backend", "native", "--conv-backend", "cpp"], "needs --backend manual"),
+    (["--backend", "native", "--plot-grads"], "needs --backend manual"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -412,3 +413,20 @@ def test_bad_arguments(argv, message, capsys):
 def test_bad_argument_exit_code_from_cli():
     proc = run_cli("--batch-size", "0")
     assert proc.returncode == 2 and "--batch-size: must be positive" in proc.stderr
+
+
+def test_plot_grads_records_every_step(folder_data, tmp_path):
+    """--plot-grads: grads.csv holds one delta norm per manualconv layer per step, equal in count
+    to the steps taken, and grads.png is written."""
+    root, _ = folder_data
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--data-dir", root, "--epochs", "2", "--out", out, "--plot-grads"])
+    with open(os.path.join(out, "grads.csv")) as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(out, "metrics.json")) as f:
+        history = json.load(f)["epochs"]
+    steps = {int(r["step"]) for r in rows}
+    deltas = {r["name"] for r in rows if r["kind"] == "delta"}
+    assert deltas and all(float(r["norm"]) > 0 for r in rows if r["kind"] == "delta")
+    assert len(history) == 2 and len(steps) >= 2 and max(steps) == len(steps) - 1
+    assert os.path.getsize(os.path.join(out, "grads.png")) > 0
