@@ -849,6 +849,7 @@ def main(argv=None):
             f"training {summary['train_time_s']:.1f}s at {summary['train_images_per_s'] or 0:.0f} images/s; "
             f"outputs in {args.out}")
     if world > 1:
+        dist.barrier()  # rank 0 may still be writing outputs: no rank tears gloo down before all are done
         dist.destroy_process_group()
     return model, summary, history
 
