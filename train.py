@@ -59,6 +59,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from manualconv.models import airbench, resnet20, tiny  # noqa: F401 (train.tiny, ...)
+
 # ----------------------------------------------------------------------------------- data
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -269,45 +271,6 @@ def layer_namespace(backend):
                                  AvgPool2d=manualconv.AvgPool2d)
 
 
-class Mul(nn.Module):
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, x):
-        return x * self.scale
-
-
-def airbench_bn(channels, momentum):
-    # airbench: eps 1e-12, running-stat momentum 1 - 0.6, the scale frozen at 1, only the shift trained
-    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=1 - momentum)
-    bn.weight.requires_grad = False
-    return bn
-
-
-class ConvGroup(nn.Module):
-    def __init__(self, L, cin, cout, bn_momentum):
-        super().__init__()
-        self.conv1, self.pool = L.Conv2d(cin, cout, 3, padding=1, bias=False), L.MaxPool2d(2)
-        self.norm1, self.conv2 = airbench_bn(cout, bn_momentum), L.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.norm2, self.activ = airbench_bn(cout, bn_momentum), nn.GELU()
-        for conv in (self.conv1, self.conv2):  # identity-initialise the first in_channels filters
-            nn.init.dirac_(conv.weight.data[:conv.in_channels])
-
-    def forward(self, x):
-        x = self.activ(self.norm1(self.pool(self.conv1(x))))
-        return self.activ(self.norm2(self.conv2(x)))
-
-
-def airbench(L, widths=(32, 64, 128), num_classes=10, bn_momentum=0.6):
-    whiten = L.Conv2d(3, 24, 2, padding=0, bias=True)  # 2 x 3*2*2: +/- the patch eigenvectors
-    whiten.weight.requires_grad = False
-    return nn.Sequential(whiten, nn.GELU(), ConvGroup(L, 24, widths[0], bn_momentum),
-                         ConvGroup(L, widths[0], widths[1], bn_momentum),
-                         ConvGroup(L, widths[1], widths[2], bn_momentum),
-                         L.MaxPool2d(3), nn.Flatten(), nn.Linear(widths[2], num_classes, bias=False), Mul(1 / 9))
-
-
 @torch.no_grad()
 def init_whitening(conv, images, eps=5e-4):
     """airbench: the first conv's filters are the eigenvectors of the covariance of the training
@@ -322,42 +285,6 @@ def init_whitening(conv, images, eps=5e-4):
     filters = (vectors.T / torch.sqrt(values.clamp(min=0) + eps)[:, None]).flip(0).reshape(-1, 3, k, k)
     conv.weight.copy_(torch.cat([filters, -filters]).float())
 
-
-class BasicBlock(nn.Module):
-    """He et al. (2016) CIFAR block with option-A shortcuts: identity, or stride-2 subsampling with
-    the new channels zero-padded (parameter-free, as in the paper's ResNet-20)."""
-
-    def __init__(self, L, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = L.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = L.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        if self.stride != 1 or self.extra:
-            x = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return F.relu(out + x)
-
-
-def resnet20(L, width=16, num_classes=10):
-    layers, cin = [L.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()], width
-    for stage, cout in enumerate((width, 2 * width, 4 * width)):
-        for block in range(3):
-            layers.append(BasicBlock(L, cin, cout, 2 if stage > 0 and block == 0 else 1))
-            cin = cout
-    model = nn.Sequential(*layers, L.AvgPool2d(8), nn.Flatten(), nn.Linear(cin, num_classes))
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return model
-
-
-def tiny(L, width=8, num_classes=10):
-    """Batch-norm free (so a data-parallel run equals a single-process one): conv-maxpool-conv-avgpool."""
-    return nn.Sequential(L.Conv2d(3, width, 3, padding=1), nn.ReLU(), L.MaxPool2d(2),
-                         L.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), L.AvgPool2d(2),
-                         L.AvgPool2d(8), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
 
 def lenet5(backend, num_classes=10):

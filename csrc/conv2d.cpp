@@ -16,7 +16,8 @@
 // inside a parallel region). With fewer samples than threads the batch is walked
 // sequentially so that each GEMM can use all threads instead.
 
-#include "manualconv.h"
+#include "blas.h"
+#include "conv2d.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,33 +26,8 @@
 #include <vector>
 
 namespace manualconv {
-namespace {
 
-// Every size a conv2d kernel needs, validated once by check_conv2d.
-struct Conv2dGeometry {
-  int64_t N, C, H, W;       // input (N, C, H, W)
-  int64_t O, kH, kW;        // weight (O, C/groups, kH, kW)
-  int64_t sH, sW, pH, pW, dH, dW, groups;
-  int64_t H_out, W_out;
-  // valid_i[a] / valid_j[b]: the output rows i / columns j whose kernel row a / column b reads
-  // inside the image (input row i·sH − pH + a·dH, column j·sW − pW + b·dW); the others read
-  // the zero padding. Precomputed once: im2col and col2im need them for every (sample, c, a, b).
-  std::vector<Range> valid_i, valid_j;
-
-  int64_t C_g() const { return C / groups; }             // input channels per group
-  int64_t O_g() const { return O / groups; }             // output channels per group
-  int64_t K() const { return C_g() * kH * kW; }          // rows of im2col(x[g])
-  int64_t L() const { return H_out * W_out; }            // columns of im2col(x[g])
-  // A 1×1 kernel with stride 1 and no padding reads each pixel once, in order:
-  // im2col(x[g]) is x[g] itself, viewed as a (C/G) × (H·W) matrix.
-  bool is_pointwise() const {
-    return kH == 1 && kW == 1 && sH == 1 && sW == 1 && pH == 0 && pW == 0;
-  }
-  std::vector<int64_t> output_size() const { return {N, O, H_out, W_out}; }
-};
-
-// The one shape check for conv2d, shared by the forward and both backward kernels.
-// input_name / weight_name say where the shapes came from (a tensor or a size list).
+// See conv2d.h.
 Conv2dGeometry check_conv2d(const char* op, at::IntArrayRef input_size,
                             const char* input_name, at::IntArrayRef weight_size,
                             const char* weight_name, at::IntArrayRef stride,
@@ -102,6 +78,8 @@ Conv2dGeometry check_conv2d(const char* op, at::IntArrayRef input_size,
   }
   return g;
 }
+
+namespace {
 
 // In rows ir of a row-major image of width W, zero the columns outside jr (the few columns
 // of the padding; a column-wise loop, as each is only one or two elements wide).
@@ -241,33 +219,38 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
                 ": bias must be 1-D of size out_channels = ", g.O, ", got ", bias->sizes());
     check_same_dtype(input, "input", *bias, "bias", op);
   }
+  if (is_channels_last(input)) {
+    return conv2d_forward_channels_last(input, weight, has_bias ? *bias : at::Tensor(), g);
+  }
 
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
   const at::Tensor b =
       has_bias ? bias->contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
   at::Tensor y = at::empty(g.output_size(), x.options());
-  // y[n] as a stack of per-group (O/G) × L matrices, each contiguous.
-  const at::Tensor y_groups = y.view({g.N, g.groups, g.O_g(), g.L()});
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+    const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
-      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, x.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, x.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const int64_t x_off = plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
-          if (g.is_pointwise()) {
-            cols = x.view({g.N * g.C, g.H * g.W}).narrow(0, x_off / (g.H * g.W), g.C_g());
-          } else {
-            im2col(x_data + x_off, g, cols.mutable_data_ptr<scalar_t>());
+          const scalar_t* x_ng = x_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+          const scalar_t* cols = x_ng;  // pointwise: im2col(x) is x
+          if (!g.is_pointwise()) {
+            im2col(x_ng, g, buffer.mutable_data_ptr<scalar_t>());
+            cols = buffer.const_data_ptr<scalar_t>();
           }
-          at::Tensor y_ng = y_groups[n][grp];
-          if (has_bias) {
-            at::addmm_out(y_ng, b[grp].expand({g.O_g(), g.L()}), w[grp], cols);
-          } else {
-            at::mm_out(y_ng, w[grp], cols);
+          scalar_t* y_ng = y_data + plane_offset(n, g.O, grp, Og, L);
+          if (b_data != nullptr) {  // y = b, then y += W · cols
+            for (int64_t o = 0; o < Og; ++o) std::fill_n(y_ng + o * L, L, b_data[grp * Og + o]);
           }
+          gemm(false, false, Og, L, K, scalar_t(1), w_data + grp * Og * K, K, cols, L,
+               scalar_t(b_data != nullptr ? 1 : 0), y_ng, L);
         }
       }
     });
@@ -290,28 +273,32 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& we
   const Conv2dGeometry g = check_conv2d(op, input_size, "input_size", weight.sizes(), "weight",
                                         stride, padding, dilation, groups);
   check_sizes(grad_output, "grad_output", g.output_size(), op);
+  if (is_channels_last(grad_output)) return conv2d_grad_input_channels_last(grad_output, weight, g);
 
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
   at::Tensor dx = at::empty(input_size, dy.options());
-  const at::Tensor dx_groups = dx.view({g.N, g.groups, g.C_g(), g.H * g.W});
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input", [&] {
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
     scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+    const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
-      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, dy.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, dy.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const at::Tensor w_t = w[grp].t();  // K × O/G
-          if (g.is_pointwise()) {
-            at::Tensor dx_ng = dx_groups[n][grp];
-            at::mm_out(dx_ng, w_t, dy[n][grp]);
+          const scalar_t* w_g = w_data + grp * Og * K;  // W[g]: O/G × K, used transposed
+          const scalar_t* dy_ng = dy_data + plane_offset(n, g.O, grp, Og, L);
+          scalar_t* dx_ng = dx_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+          if (g.is_pointwise()) {  // δx = Wᵀ · δy, written in place
+            gemm(true, false, K, L, Og, scalar_t(1), w_g, K, dy_ng, L, scalar_t(0), dx_ng, L);
           } else {
             // col2im accumulates: zero this group's δx here, while it is about to be used.
-            scalar_t* dx_ng = dx_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
             std::fill(dx_ng, dx_ng + g.C_g() * g.H * g.W, scalar_t(0));
-            at::mm_out(cols, w_t, dy[n][grp]);
-            col2im(cols.mutable_data_ptr<scalar_t>(), g, dx_ng);
+            scalar_t* cols = buffer.mutable_data_ptr<scalar_t>();
+            gemm(true, false, K, L, Og, scalar_t(1), w_g, K, dy_ng, L, scalar_t(0), cols, L);
+            col2im(cols, g, dx_ng);
           }
         }
       }
@@ -338,6 +325,10 @@ at::Tensor conv2d_grad_weight(const at::Tensor& input, const at::Tensor& grad_ou
   const Conv2dGeometry g = check_conv2d(op, input.sizes(), "input", weight_size, "weight_size",
                                         stride, padding, dilation, groups);
   check_sizes(grad_output, "grad_output", g.output_size(), op);
+  if (is_channels_last(input)) {
+    return conv2d_grad_weight_channels_last(
+        input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+  }
 
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
@@ -346,19 +337,23 @@ at::Tensor conv2d_grad_weight(const at::Tensor& input, const at::Tensor& grad_ou
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
       // This thread's accumulator (the clamp only matters if called nested in a parallel region).
-      at::Tensor dw_t = dw_t_per_thread[std::min<int64_t>(at::get_thread_num(), n_threads - 1)];
-      at::Tensor cols = g.is_pointwise() ? at::Tensor() : at::empty({g.K(), g.L()}, x.options());
+      scalar_t* dw_t = dw_t_per_thread.mutable_data_ptr<scalar_t>() +
+                       std::min<int64_t>(at::get_thread_num(), n_threads - 1) * g.groups * K * Og;
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, x.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const int64_t x_off = plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
-          if (g.is_pointwise()) {
-            cols = x.view({g.N * g.C, g.H * g.W}).narrow(0, x_off / (g.H * g.W), g.C_g());
-          } else {
-            im2col(x_data + x_off, g, cols.mutable_data_ptr<scalar_t>());
+          const scalar_t* cols = x_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
+          if (!g.is_pointwise()) {
+            im2col(cols, g, buffer.mutable_data_ptr<scalar_t>());
+            cols = buffer.const_data_ptr<scalar_t>();
           }
-          dw_t[grp].addmm_(cols, dy[n][grp].t());
+          // ∂J/∂W[g]ᵀ += im2col(x) · δyᵀ   (K × O/G)
+          gemm(false, true, K, Og, L, scalar_t(1), cols, L, dy_data + plane_offset(n, g.O, grp, Og, L),
+               L, scalar_t(1), dw_t + grp * K * Og, Og);
         }
       }
     });

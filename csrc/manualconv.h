@@ -73,6 +73,13 @@ inline void check_sizes(const at::Tensor& t, const char* name, at::IntArrayRef e
               " (the output size computed from the other arguments), got ", t.sizes());
 }
 
+// Whether a 4-D tensor is laid out channels-last (NHWC) rather than NCHW: the channels-last
+// kernels (conv, max pool) run, and return channels-last tensors, for such inputs, as
+// torch.nn's do.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Valid output positions j of a sliding read at column j·stride + offset of a row of
 // `width` elements: those with 0 <= j·stride + offset < width, as the half-open range
 // [lo, hi) clipped to [0, out_width). Used by im2col/col2im and the pooling loops to

@@ -126,6 +126,78 @@ bool max_pool2d_backward_plane(const scalar_t* dy, const int64_t* idx, int64_t o
   return ok;
 }
 
+// Channels-last: one output pixel of one sample, all channels at once. y_px and best_pos hold C
+// entries; every window position (h, w) updates them with the C contiguous values x[h, w, :],
+// in row-major window order, so each channel gets exactly the plane scan's result.
+template <typename scalar_t, typename index_t>
+void max_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeometry& g,
+                                            int64_t i, int64_t j, scalar_t* __restrict y_px,
+                                            int64_t* idx_px, index_t* __restrict best_pos) {
+  const int64_t C = g.C;
+  bool first = true;
+  for (int64_t a = 0; a < g.kH; ++a) {
+    const int64_t h = i * g.sH - g.pH + a * g.dH;
+    if (h < 0 || h >= g.H) continue;
+    for (int64_t b = 0; b < g.kW; ++b) {
+      const int64_t w = j * g.sW - g.pW + b * g.dW;
+      if (w < 0 || w >= g.W) continue;
+      const index_t p = index_t(h * g.W + w);
+      const scalar_t* __restrict x_px = x + (h * g.W + w) * C;
+      if (first) {  // the first position inside the window: (−∞, p) updated by it is (x, p)
+        for (int64_t c = 0; c < C; ++c) y_px[c] = x_px[c], best_pos[c] = p;
+        first = false;
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t v = x_px[c];
+        const bool take = v > y_px[c] || std::isnan(v);
+        y_px[c] = take ? v : y_px[c];
+        best_pos[c] = take ? p : best_pos[c];
+      }
+    }
+  }
+  std::copy(best_pos, best_pos + C, idx_px);
+}
+
+// Channels-last forward: samples' output rows (n, i) are spread over threads.
+template <typename scalar_t>
+void max_pool2d_forward_channels_last(const scalar_t* x, const Pool2dGeometry& g, scalar_t* y,
+                                      int64_t* idx) {
+  const int64_t in_sample = g.H * g.W * g.C, out_row = g.W_out * g.C;
+  at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> best_pos(g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.H_out, i = r % g.H_out;
+      for (int64_t j = 0; j < g.W_out; ++j) {
+        const int64_t out = r * out_row + j * g.C;
+        max_pool2d_forward_pixel_channels_last(x + n * in_sample, g, i, j, y + out, idx + out,
+                                               best_pos.data());
+      }
+    }
+  });
+}
+
+// Channels-last backward, per sample: δx[idx[k, c], c] += δy[k, c] for every output pixel k.
+// Returns false if an index is outside [0, H·W) (it is skipped, never written).
+template <typename scalar_t>
+bool max_pool2d_backward_sample_channels_last(const scalar_t* dy, const int64_t* idx,
+                                              int64_t out_pixels, int64_t in_pixels, int64_t C,
+                                              scalar_t* dx) {
+  std::fill(dx, dx + in_pixels * C, scalar_t(0));
+  bool ok = true;
+  for (int64_t k = 0; k < out_pixels; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t pos = idx[k * C + c];
+      if (pos < 0 || pos >= in_pixels) {
+        ok = false;
+        continue;
+      }
+      dx[pos * C + c] += dy[k * C + c];
+    }
+  }
+  return ok;
+}
+
 }  // namespace
 
 // y = max over each window of x;  indices = argmax (flattened h·W + w in its plane)
@@ -140,6 +212,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
   const Pool2dGeometry g =
       check_max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode);
 
+  if (is_channels_last(input) && g.H * g.W <= std::numeric_limits<int32_t>::max()) {
+    const auto layout = input.options().memory_format(at::MemoryFormat::ChannelsLast);
+    at::Tensor y = at::empty(g.output_size(), layout);
+    at::Tensor indices = at::empty(g.output_size(), layout.dtype(at::kLong));
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_max_pool2d_forward_cl", [&] {
+      max_pool2d_forward_channels_last(input.const_data_ptr<scalar_t>(), g,
+                                       y.mutable_data_ptr<scalar_t>(),
+                                       indices.mutable_data_ptr<int64_t>());
+    });
+    return {y, indices};
+  }
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(g.output_size(), x.options());
   at::Tensor indices = at::empty(g.output_size(), x.options().dtype(at::kLong));
@@ -176,14 +259,37 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   constexpr const char* op = "manualconv::max_pool2d_backward";
   check_max_pool2d_backward(op, grad_output, indices, input_size);
 
+  const int64_t planes = input_size[0] * input_size[1];
+  const int64_t in_plane = input_size[2] * input_size[3];
+  const int64_t out_plane = grad_output.size(2) * grad_output.size(3);
+  std::atomic<bool> all_in_range{true};
+
+  if (is_channels_last(grad_output) && is_channels_last(indices)) {
+    at::Tensor dx =
+        at::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    const int64_t C = input_size[1];
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_max_pool2d_backward_cl", [&] {
+      const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
+      const int64_t* idx_data = indices.const_data_ptr<int64_t>();
+      scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, input_size[0], /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          if (!max_pool2d_backward_sample_channels_last(
+                  dy_data + n * out_plane * C, idx_data + n * out_plane * C, out_plane, in_plane,
+                  C, dx_data + n * in_plane * C)) {
+            all_in_range = false;
+          }
+        }
+      });
+    });
+    TORCH_CHECK(all_in_range, op, ": indices must lie in [0, H*W) = [0, ", in_plane,
+                ") of input_size ", input_size, " (found an out-of-range index)");
+    return dx;
+  }
+
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor idx = indices.contiguous();
   at::Tensor dx = at::empty(input_size, dy.options());  // zeroed plane by plane below
-  const int64_t planes = input_size[0] * input_size[1];
-  const int64_t in_plane = input_size[2] * input_size[3];
-  const int64_t out_plane = dy.size(2) * dy.size(3);
-  std::atomic<bool> all_in_range{true};
-
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_max_pool2d_backward", [&] {
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const int64_t* idx_data = idx.const_data_ptr<int64_t>();

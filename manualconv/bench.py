@@ -1,19 +1,29 @@
 """Benchmark: manualconv against torch.nn, forward + backward, in one process.
 
-    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other] [--markdown FILE]
+    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other|model] [--markdown FILE]
 
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
 32², 16², 8², a stride-2 conv, 1×1 convs, 2×2 and 3×3 pools, then the rest of the layer family:
 adaptive pools, a transposed conv, a 1-D conv, a linear layer), native and manualconv steps are
 run alternately, so both see the same machine state; the median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
-GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops.
+GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops, and
+their share of this machine's SGEMM rate (a square float32 matmul, measured first, all threads).
+
+Then whole training steps (zero_grad, forward, cross-entropy, backward, SGD-with-momentum step)
+of ResNet-20 (batch 128) and train.py's default airbench net (batch 512), channels-last as
+train.py runs them: torch.nn against the same model passed through ``manualconv.convert``.
+Peak memory is the high-water mark, above the step's start, of the bytes the CPU allocator
+handed out during one step (recorded by torch.profiler), so native and manualconv are measured
+the same way; ratio = manualconv / native there (below 1: manualconv uses less).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -24,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from . import functional as MF
+from . import models
 from .backend import get_backend, use_backend
+from .convert import convert
 
 
 @dataclass
@@ -114,46 +126,162 @@ def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
                 native_gflops=layer.flops(batch) / t_native / 1e9, manual_gflops=layer.flops(batch) / t_manual / 1e9)
 
 
+def sgemm_gflops(size: int = 1024, repeat: int = 10) -> float:
+    """This machine's float32 matmul rate (size³ square, all threads), the roof for im2col + GEMM."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    best = min(_time(lambda: torch.mm(a, b, out=out)) for _ in range(repeat))
+    return 2.0 * size ** 3 / best / 1e9
+
+
+@dataclass
+class ModelCase:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    batch: int
+
+
+MODELS: List[ModelCase] = [
+    ModelCase("ResNet-20", lambda: models.resnet20(), 128),
+    ModelCase("airbench 32/64/128 (train.py default)", lambda: models.airbench(), 512),
+]
+
+
+def _train_step(model: torch.nn.Module, optimizer, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def peak_bytes(step: Callable[[], None]) -> int:
+    """High-water mark of CPU allocator bytes during one call of step, above its start. The step
+    runs twice under the profiler and the second is measured, so that every block it frees was
+    allocated under the profiler (whose size is therefore known)."""
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        torch.empty(_MARKER_BYTES, dtype=torch.uint8)  # allocated and freed: marks the second step
+        step()
+    events = [e.nbytes() for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+              if e.name() == "[memory]"]
+    events = events[len(events) - events[::-1].index(-_MARKER_BYTES):]  # after the marker's free
+    live = peak = 0
+    for nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+_MARKER_BYTES = 1234567
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side logs its start and stop to stderr; keep the table readable."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def measure_model(case: ModelCase, repeat: int) -> Dict[str, float]:
+    torch.manual_seed(0)
+    native = case.build().to(memory_format=torch.channels_last)
+    manual = convert(native)  # a deep copy: same weights, manualconv layers
+    x = torch.randn(case.batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (case.batch,))
+    steps = {}
+    for key, model in (("native", native), ("manual", manual)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        steps[key] = _train_step(model, optimizer, x, target)
+    for step in steps.values():  # warm-up, and the optimizer's momentum buffers exist from here on
+        step()
+        step()
+    times = {key: [] for key in steps}
+    for _ in range(repeat):
+        for key, step in steps.items():
+            times[key].append(_time(step))
+    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
+    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
+    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
+                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+
+
 def geomean(values: List[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -> Dict[str, float]:
-    rows = []
+    rows, model_rows = [], []
+    peak = sgemm_gflops()
     header = f"manualconv {get_backend()} vs torch {torch.__version__}, float32, batch {batch}, " \
-             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward"
+             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward; " \
+             f"SGEMM {peak:.0f} GFLOP/s"
     print(header)
-    print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} {'man GF/s':>9s}")
+    if only != "model":
+        print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} "
+              f"{'man GF/s':>9s} {'nat %':>6s} {'man %':>6s}")
     for layer in SUITE:
         if only and layer.kind != only:
             continue
         result = measure(layer, batch, repeat)
         rows.append((layer, result))
-        gf = (f"{result['native_gflops']:9.1f} {result['manual_gflops']:9.1f}" if layer.kind == "conv" else f"{'':9s} {'':9s}")
+        gf = (f"{result['native_gflops']:9.1f} {result['manual_gflops']:9.1f} "
+              f"{100 * result['native_gflops'] / peak:6.0f} {100 * result['manual_gflops'] / peak:6.0f}"
+              if layer.kind == "conv" else "")
         print(f"{layer.name:32s} {result['native_ms']:10.2f} {result['manual_ms']:10.2f} {result['ratio']:7.2f} {gf}")
         sys.stdout.flush()
     summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in ("conv", "pool", "other")}
     for kind, value in summary.items():
         if not math.isnan(value):
             print(f"geomean ratio (native/manual), {kind}: {value:.2f}")
+    if only in (None, "model"):
+        print(f"\ntraining step (channels-last){'':10s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} "
+              f"{'nat MiB':>8s} {'man MiB':>8s} {'mem ratio':>9s}")
+        for case in MODELS:
+            r = measure_model(case, repeat)
+            model_rows.append((case, r))
+            print(f"{case.name + f' b{case.batch}':40s} {r['native_ms']:10.1f} {r['manual_ms']:10.1f} {r['ratio']:7.2f} "
+                  f"{r['native_mb']:8.1f} {r['manual_mb']:8.1f} {r['memory_ratio']:9.2f}")
+            sys.stdout.flush()
+            summary[case.name] = r["ratio"]
     if markdown:
         with open(markdown, "w") as f:
-            f.write(header + "\n\n| layer | native ms | manualconv ms | ratio | native GFLOP/s | manualconv GFLOP/s |\n")
-            f.write("|---|---:|---:|---:|---:|---:|\n")
-            for layer, r in rows:
-                gf = (f"{r['native_gflops']:.1f} | {r['manual_gflops']:.1f}" if layer.kind == "conv" else " | ")
-                f.write(f"| {layer.name} | {r['native_ms']:.2f} | {r['manual_ms']:.2f} | {r['ratio']:.2f} | {gf} |\n")
-            for kind, value in summary.items():
-                if not math.isnan(value):
-                    f.write(f"\ngeomean ratio, {kind}: **{value:.2f}**\n")
+            f.write(header + "\n\n")
+            if rows:
+                f.write("| layer | native ms | manualconv ms | ratio | native GFLOP/s | manualconv GFLOP/s "
+                        "| native % SGEMM | manualconv % SGEMM |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+                for layer, r in rows:
+                    gf = (f"{r['native_gflops']:.1f} | {r['manual_gflops']:.1f} | "
+                          f"{100 * r['native_gflops'] / peak:.0f} | {100 * r['manual_gflops'] / peak:.0f}"
+                          if layer.kind == "conv" else " | | | ")
+                    f.write(f"| {layer.name} | {r['native_ms']:.2f} | {r['manual_ms']:.2f} | {r['ratio']:.2f} | {gf} |\n")
+                f.write("\n" + ", ".join(f"geomean ratio {kind}: **{value:.2f}**"
+                                         for kind, value in summary.items() if kind in ("conv", "pool", "other")
+                                         and not math.isnan(value)) + "\n")
+            if model_rows:
+                f.write("\n| training step (channels-last) | native ms | manualconv ms | ratio | native peak MiB "
+                        "| manualconv peak MiB | memory ratio |\n|---|---:|---:|---:|---:|---:|---:|\n")
+                for case, r in model_rows:
+                    f.write(f"| {case.name}, batch {case.batch} | {r['native_ms']:.1f} | {r['manual_ms']:.1f} | "
+                            f"{r['ratio']:.2f} | {r['native_mb']:.1f} | {r['manual_mb']:.1f} | {r['memory_ratio']:.2f} |\n")
     return summary
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manualconv.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="batch of the layer suite (models use their own)")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", choices=["conv", "pool", "other"])
+    parser.add_argument("--only", choices=["conv", "pool", "other", "model"])
     parser.add_argument("--backend", choices=["cpp", "reference"], default=None)
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)

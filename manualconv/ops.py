@@ -23,8 +23,15 @@ except ImportError as error:  # not built: the package falls back to the referen
 AVAILABLE = LOAD_ERROR is None
 
 
-def _empty(like: torch.Tensor, size) -> torch.Tensor:
-    return like.new_empty(size)
+def _empty(like: torch.Tensor, size, channels_last: bool = False) -> torch.Tensor:
+    out = like.new_empty(size)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """The kernels' layout rule (csrc/manualconv.h): a 4-D tensor that is channels-last (NHWC) and
+    not also NCHW-contiguous runs the channels-last kernels, which return channels-last tensors."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 if AVAILABLE:
@@ -33,30 +40,31 @@ if AVAILABLE:
     def _(input, weight, bias, stride, padding, dilation, groups):
         size = check_conv2d(input.shape, weight.shape, None if bias is None else bias.shape,
                             stride, padding, dilation, groups)
-        return _empty(input, size)
+        return _empty(input, size, is_channels_last(input))
 
     @torch.library.register_fake("manualconv::conv2d_grad_input")
     def _(grad_output, weight, input_size, stride, padding, dilation, groups):
         out_size = check_conv2d(input_size, weight.shape, None, stride, padding, dilation, groups)
         check_grad_output("conv2d_grad_input", grad_output.shape, out_size)
-        return _empty(grad_output, input_size)
+        return _empty(grad_output, input_size, is_channels_last(grad_output))
 
     @torch.library.register_fake("manualconv::conv2d_grad_weight")
     def _(input, grad_output, weight_size, stride, padding, dilation, groups):
         out_size = check_conv2d(input.shape, weight_size, None, stride, padding, dilation, groups)
         check_grad_output("conv2d_grad_weight", grad_output.shape, out_size)
-        return _empty(input, weight_size)
+        return _empty(input, weight_size, is_channels_last(input))
 
     @torch.library.register_fake("manualconv::max_pool2d_forward")
     def _(input, kernel_size, stride, padding, dilation, ceil_mode):
         size = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
-        return _empty(input, size), input.new_empty(size, dtype=torch.int64)
+        layout = is_channels_last(input)
+        return _empty(input, size, layout), _empty(input.new_empty((), dtype=torch.int64), size, layout)
 
     @torch.library.register_fake("manualconv::max_pool2d_backward")
     def _(grad_output, indices, input_size):
         if tuple(indices.shape) != tuple(grad_output.shape):
             raise RuntimeError("max_pool2d_backward: indices must have grad_output's size")
-        return _empty(grad_output, input_size)
+        return _empty(grad_output, input_size, is_channels_last(grad_output) and is_channels_last(indices))
 
     @torch.library.register_fake("manualconv::avg_pool2d_forward")
     def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):

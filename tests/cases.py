@@ -87,6 +87,13 @@ def conv2d_cases() -> List[Case]:
         c("1x1-stride1", (2, 4, 4, 4), (3, 4, 1, 1), bias=False),
         c("1x1-stride2", (1, 4, 5, 5), (3, 4, 1, 1), stride=2),
         Case("channels-last", "conv2d", (2, 3, 5, 5), dict(padding=1), weight=(4, 3, 3, 3), layout="channels_last"),
+        # the channels-last kernels (csrc/conv2d_channels_last.cpp): im2col with partial and whole
+        # kernel rows, the 1×1 path without im2col, and blocks of several samples per GEMM
+        Case("channels-last-strided-dilated-groups", "conv2d", (3, 4, 9, 8), dict(stride=(2, 1), padding=(2, 1), dilation=(2, 1), groups=2), weight=(6, 2, 3, 2), layout="channels_last"),
+        Case("channels-last-k2-no-bias", "conv2d", (2, 2, 5, 6), {}, weight=(3, 2, 2, 2), bias=False, layout="channels_last"),
+        Case("channels-last-1x1", "conv2d", (2, 4, 4, 5), {}, weight=(3, 4, 1, 1), layout="channels_last"),
+        Case("channels-last-1x1-groups2", "conv2d", (2, 4, 3, 3), dict(groups=2), weight=(6, 2, 1, 1), bias=False, layout="channels_last"),
+        Case("channels-last-sample-blocks", "conv2d", (9, 3, 3, 3), dict(padding=1), weight=(4, 3, 3, 3), layout="channels_last"),
         Case("non-contiguous", "conv2d", (2, 3, 6, 5), dict(stride=2, padding=1), weight=(4, 3, 3, 3), layout="strided"),
         Case("padding-mode-reflect", "conv2d", (1, 2, 5, 5), dict(padding=1), weight=(3, 2, 3, 3), padding_mode="reflect"),
         Case("padding-mode-replicate", "conv2d", (2, 2, 5, 4), dict(padding=(2, 1), stride=2), weight=(3, 2, 3, 3), padding_mode="replicate"),
@@ -142,6 +149,10 @@ def max_pool2d_cases() -> List[Case]:
         Case("ties-relu-dilated-ceil", "max_pool2d", (2, 2, 9, 9), dict(kernel_size=2, stride=2, dilation=2, ceil_mode=True, return_indices=True), fill="relu"),
         Case("nan", "max_pool2d", (2, 2, 6, 6), dict(kernel_size=3, stride=2, padding=1, return_indices=True), fill="nan"),
         Case("channels-last", "max_pool2d", (2, 3, 6, 6), dict(kernel_size=2, return_indices=True), layout="channels_last"),
+        # the channels-last kernels (csrc/max_pool2d.cpp)
+        Case("channels-last-padding-dilation-ceil", "max_pool2d", (2, 3, 9, 9), dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True, return_indices=True), layout="channels_last"),
+        Case("channels-last-ties-relu", "max_pool2d", (2, 3, 8, 8), dict(kernel_size=3, stride=1, return_indices=True), fill="relu", layout="channels_last"),
+        Case("channels-last-nan", "max_pool2d", (2, 2, 6, 6), dict(kernel_size=3, stride=2, padding=1, return_indices=True), fill="nan", layout="channels_last"),
         Case("non-contiguous", "max_pool2d", (2, 3, 7, 6), dict(kernel_size=3, stride=2, return_indices=True), layout="strided"),
     ]
     e = lambda name, input, error, **kw: Case(name, "max_pool2d", input, kw, error=error)  # noqa: E731

@@ -35,6 +35,8 @@ def _float32_run(case, lib):
     tensors = make_inputs(case, torch.float32, seed=1)
     output = output_of(call(case, "native", *tensors))
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(2))
+    if case.layout == "channels_last" and output.dim() == 4:  # as a channels-last network's δ arrives
+        grad_output = grad_output.contiguous(memory_format=torch.channels_last)
     return tensors, grad_output, run_with_grads(case, lib, tensors, grad_output)
 
 
@@ -103,6 +105,61 @@ def test_output_memory_format_and_dtype(backend):
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     y = manualconv.functional.conv2d(x, w, padding=1)
     assert y.dtype == torch.float64 and y.shape == (2, 4, 6, 6)
+
+
+CHANNELS_LAST = [c for c in SAMPLES if c.layout == "channels_last" and c.op in ("conv2d", "max_pool2d")]
+
+
+def _layout_of(t: torch.Tensor) -> str:
+    return "nchw" if t.is_contiguous() else "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST, ids=str)
+def test_channels_last_layout_matches_native(case, cpp):
+    """Channels-last conv and max pool keep the layout, as torch.nn's do: output, indices and δx
+    come back channels-last (a network stays in one layout, with no copies between layers)."""
+    tensors, grad_output, ours = _float32_run(case, "manual")
+    native = run_with_grads(case, "native", tensors, grad_output)
+    for what in ("output", "indices", "grad_input"):
+        if what in native:
+            assert _layout_of(ours[what]) == _layout_of(native[what]) == "channels_last", \
+                f"{case}: {what} is {_layout_of(ours[what])}, torch's is {_layout_of(native[what])}"
+
+
+BLAS_FALLBACK_SCRIPT = """
+import torch, torch.nn.functional as F, manualconv.functional as MF
+from torch.profiler import profile, ProfilerActivity
+torch.manual_seed(0)
+worst, addmm = 0.0, 0
+for layout in (torch.contiguous_format, torch.channels_last):
+    x = torch.randn(5, 4, 7, 6, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    results = []
+    for f in (F.conv2d, MF.conv2d):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = f(x, w, None, 1, 1, 1, 2)
+            grads = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        results.append((y,) + grads)
+        if f is MF.conv2d:
+            addmm += sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_")
+    worst = max(worst, max((a - b).abs().max().item() for a, b in zip(*results)))
+print(worst, addmm)
+"""
+
+
+def test_conv_blas_fallback_matches_native(cpp):
+    """The conv kernels call the BLAS directly where torch exports it, else at::addmm_
+    (csrc/blas.cpp). MANUALCONV_BLAS=aten forces the fallback: it must run (the profiler sees
+    its addmm_ calls) and agree with torch.nn to float64 rounding."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MANUALCONV_BLAS="aten")
+    out = subprocess.run([sys.executable, "-c", BLAS_FALLBACK_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout.split()
+    worst, addmm = float(out[-2]), int(out[-1])
+    assert addmm > 0, "MANUALCONV_BLAS=aten did not route the conv GEMMs through at::addmm_"
+    assert worst < 1e-12, f"fallback GEMM path differs from torch.nn by {worst}"
 
 
 KERNEL_ERRORS = [

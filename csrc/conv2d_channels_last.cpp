@@ -1,0 +1,265 @@
+// conv2d on channels-last (NHWC) tensors: the same three formulas as conv2d.cpp, transposed.
+//
+// In NHWC a sample is the (H·W) × C matrix whose rows are pixels, and consecutive samples
+// stack into one taller matrix of the same kind, so a block of B samples is one GEMM:
+//   im2col(x[g])   (B·L) × K, row (n, i, j) the receptive field of output pixel (i, j) of
+//                  sample n, columns ordered (a, b, c) like a channels-last weight's
+//                  (K = kH·kW·C/G, L = H_out·W_out; zero where it reads the padding)
+//   forward        Y[g]      = im2col(x[g]) · W[g]ᵀ + b[g]              (B·L) × O/G
+//   input grad     δx[g]     = col2im(δY[g] · W[g])                      (B·L) × K, scattered
+//   weight grad    ∂J/∂W[g]  = Σ_blocks δY[g]ᵀ · im2col(x[g])           (O/G) × K
+// Y and δY are the channels-last output and its gradient themselves (row stride O, group g
+// in columns g·O/G…), so no output is copied; W[g] is rows g·O/G… of the channels-last weight,
+// i.e. the (O, kH, kW, C/G) array viewed as an O × K matrix. A 1×1 stride-1 unpadded conv
+// needs no im2col at all: im2col(x[g]) is x itself (columns g·C/G…, row stride C).
+//
+// Parallelism: blocks of samples are spread over threads, each thread owning one column
+// buffer (and, for the weight gradient, one accumulator) and calling single-threaded GEMMs.
+// A block holds enough samples to give the GEMM at least kTargetRows rows (small feature maps
+// batch up), but there are at least as many blocks as threads.
+
+#include "blas.h"
+#include "conv2d.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace manualconv {
+namespace {
+
+constexpr int64_t kTargetRows = 256;              // GEMM rows per block, at least
+constexpr int64_t kMaxColumnBytes = 8 << 20;     // a block's column buffer, at most (unless one sample needs more)
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Blocks {
+  int64_t size;   // samples per block (the last may have fewer)
+  int64_t count;  // number of blocks
+};
+
+Blocks sample_blocks(const Conv2dGeometry& g, int64_t element_size) {
+  int64_t size = ceil_div(kTargetRows, g.L());
+  size = std::min(size, std::max<int64_t>(1, kMaxColumnBytes / (g.L() * g.K() * element_size)));
+  size = std::max<int64_t>(1, std::min(size, ceil_div(g.N, at::get_num_threads())));
+  return {size, g.N == 0 ? 0 : ceil_div(g.N, size)};
+}
+
+// Calls body(n_begin, n_end, buffer) for every block of samples, blocks spread over threads;
+// buffer is the calling thread's column buffer (undefined for a pointwise conv, which needs
+// none). The dispatch-key guard is thread-local, so each worker sets its own.
+template <typename F>
+void for_each_block(const Conv2dGeometry& g, const at::TensorOptions& options, const F& body) {
+  const Blocks blocks = sample_blocks(g, options.dtype().itemsize());
+  at::parallel_for(0, blocks.count, /*grain_size=*/1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor buffer =
+        g.is_pointwise() ? at::Tensor() : at::empty({blocks.size * g.L(), g.K()}, options);
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t n_begin = block * blocks.size;
+      body(n_begin, std::min(g.N, n_begin + blocks.size), buffer);
+    }
+  });
+}
+
+// Whether kernel row a of output pixel (i, ·) reads input row h inside the image, and the
+// input row it reads.
+inline bool input_row(const Conv2dGeometry& g, int64_t i, int64_t a, int64_t& h) {
+  h = i * g.sH - g.pH + a * g.dH;
+  return 0 <= h && h < g.H;
+}
+
+// im2col, channels-last, for one sample x (H, W, C) and group grp:
+//   cols[i·W_out + j, (a·kW + b)·C/G + c] = x_pad[i·sH − pH + a·dH, j·sW − pW + b·dW, grp·C/G + c]
+// Every element of cols (L × K) is written once. With one group and dilation 1 the kW taps of
+// a kernel row are kW adjacent pixels, i.e. kW·C contiguous elements of x: one copy.
+template <typename scalar_t>
+void im2col_channels_last(const scalar_t* x, const Conv2dGeometry& g, int64_t grp,
+                          scalar_t* cols) {
+  const int64_t C = g.C, Cg = g.C_g(), K = g.K();
+  const bool whole_rows = g.groups == 1 && g.dW == 1;
+  x += grp * Cg;
+  for (int64_t i = 0; i < g.H_out; ++i) {
+    for (int64_t j = 0; j < g.W_out; ++j) {
+      scalar_t* row = cols + (i * g.W_out + j) * K;
+      const int64_t w0 = j * g.sW - g.pW;  // input column of tap b = 0
+      const bool all_columns = 0 <= w0 && w0 + (g.kW - 1) * g.dW < g.W;
+      for (int64_t a = 0; a < g.kH; ++a) {
+        scalar_t* out = row + a * g.kW * Cg;
+        int64_t h;
+        if (!input_row(g, i, a, h)) {
+          std::fill_n(out, g.kW * Cg, scalar_t(0));
+          continue;
+        }
+        const scalar_t* x_row = x + h * g.W * C;
+        if (whole_rows && all_columns) {
+          std::copy_n(x_row + w0 * C, g.kW * C, out);
+          continue;
+        }
+        for (int64_t b = 0; b < g.kW; ++b) {
+          const int64_t w = w0 + b * g.dW;
+          if (0 <= w && w < g.W) {
+            std::copy_n(x_row + w * C, Cg, out + b * Cg);
+          } else {
+            std::fill_n(out + b * Cg, Cg, scalar_t(0));
+          }
+        }
+      }
+    }
+  }
+}
+
+// col2im, channels-last, the adjoint of im2col_channels_last: x[h, w, grp·C/G + c] += every
+// cols entry that im2col read from there (entries that read the padding are dropped).
+// Single-threaded per sample, so the summation order is fixed.
+template <typename scalar_t>
+void col2im_channels_last(const scalar_t* cols, const Conv2dGeometry& g, int64_t grp,
+                          scalar_t* x) {
+  const int64_t C = g.C, Cg = g.C_g(), K = g.K();
+  const bool whole_rows = g.groups == 1 && g.dW == 1;
+  x += grp * Cg;
+  for (int64_t i = 0; i < g.H_out; ++i) {
+    for (int64_t j = 0; j < g.W_out; ++j) {
+      const scalar_t* row = cols + (i * g.W_out + j) * K;
+      const int64_t w0 = j * g.sW - g.pW;
+      const bool all_columns = 0 <= w0 && w0 + (g.kW - 1) * g.dW < g.W;
+      for (int64_t a = 0; a < g.kH; ++a) {
+        const scalar_t* in = row + a * g.kW * Cg;
+        int64_t h;
+        if (!input_row(g, i, a, h)) continue;
+        scalar_t* x_row = x + h * g.W * C;
+        if (whole_rows && all_columns) {
+          scalar_t* out = x_row + w0 * C;
+          for (int64_t e = 0; e < g.kW * C; ++e) out[e] += in[e];
+          continue;
+        }
+        for (int64_t b = 0; b < g.kW; ++b) {
+          const int64_t w = w0 + b * g.dW;
+          if (0 <= w && w < g.W) {
+            scalar_t* out = x_row + w * C;
+            for (int64_t c = 0; c < Cg; ++c) out[c] += in[b * Cg + c];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Y[g] = im2col(x[g]) · W[g]ᵀ + b[g]   (per block of samples)
+at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& bias, const Conv2dGeometry& g) {
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward_channels_last", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
+    for_each_block(g, x.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
+      const int64_t rows = (n_end - n_begin) * L;
+      scalar_t* y_block = y_data + n_begin * L * O;
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const scalar_t* cols;
+        int64_t ld;
+        if (g.is_pointwise()) {
+          cols = x_data + n_begin * L * C + grp * Cg, ld = C;
+        } else {
+          scalar_t* buf = buffer.mutable_data_ptr<scalar_t>();
+          for (int64_t n = n_begin; n < n_end; ++n) {
+            im2col_channels_last(x_data + n * g.H * g.W * C, g, grp, buf + (n - n_begin) * L * K);
+          }
+          cols = buf, ld = K;
+        }
+        gemm(false, true, rows, Og, K, scalar_t(1), cols, ld, w_data + grp * Og * K, K,
+             scalar_t(0), y_block + grp * Og, O);
+      }
+      if (b_data != nullptr) {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t o = 0; o < O; ++o) y_block[r * O + o] += b_data[o];
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// δx[g] = col2im(δY[g] · W[g])   (the "full" correlation of the stride-dilated δy with the
+// 180°-rotated kernel, per block of samples)
+at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
+                                           const Conv2dGeometry& g) {
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+                            dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
+  const int64_t HWC = g.H * g.W * C;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input_channels_last", [&] {
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    const scalar_t* w_data = w.const_data_ptr<scalar_t>();
+    scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+    for_each_block(g, dy.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
+      const int64_t rows = (n_end - n_begin) * L;
+      const scalar_t* dy_block = dy_data + n_begin * L * O;
+      scalar_t* dx_block = dx_data + n_begin * HWC;
+      if (g.is_pointwise()) {  // δx[g] = δY[g] · W[g], written in place
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          gemm(false, false, rows, Cg, Og, scalar_t(1), dy_block + grp * Og, O,
+               w_data + grp * Og * K, K, scalar_t(0), dx_block + grp * Cg, C);
+        }
+        return;
+      }
+      std::fill(dx_block, dx_block + (n_end - n_begin) * HWC, scalar_t(0));  // col2im accumulates
+      scalar_t* cols = buffer.mutable_data_ptr<scalar_t>();
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        gemm(false, false, rows, K, Og, scalar_t(1), dy_block + grp * Og, O,
+             w_data + grp * Og * K, K, scalar_t(0), cols, K);
+        for (int64_t n = n_begin; n < n_end; ++n) {
+          col2im_channels_last(cols + (n - n_begin) * L * K, g, grp, dx_data + n * HWC);
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+// ∂J/∂W[g] = Σ_blocks δY[g]ᵀ · im2col(x[g])   (one accumulator per thread, summed at the end;
+// returned channels-last, the layout the accumulator already has)
+at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
+                                            const Conv2dGeometry& g) {
+  const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
+  const int64_t threads = at::get_num_threads();
+  at::Tensor dw_per_thread = at::zeros({threads, O, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_channels_last", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    for_each_block(g, x.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
+      // this thread's accumulator (the clamp only matters if called nested in a parallel region)
+      scalar_t* dw = dw_per_thread.mutable_data_ptr<scalar_t>() +
+                     std::min<int64_t>(at::get_thread_num(), threads - 1) * O * K;
+      const int64_t rows = (n_end - n_begin) * L;
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const scalar_t* cols;
+        int64_t ld;
+        if (g.is_pointwise()) {
+          cols = x_data + n_begin * L * C + grp * Cg, ld = C;
+        } else {
+          scalar_t* buf = buffer.mutable_data_ptr<scalar_t>();
+          for (int64_t n = n_begin; n < n_end; ++n) {
+            im2col_channels_last(x_data + n * g.H * g.W * C, g, grp, buf + (n - n_begin) * L * K);
+          }
+          cols = buf, ld = K;
+        }
+        gemm(true, false, Og, K, rows, scalar_t(1), dy_data + n_begin * L * O + grp * Og, O,
+             cols, ld, scalar_t(1), dw + grp * Og * K, K);
+      }
+    });
+  });
+  const at::Tensor dw = threads > 1 ? dw_per_thread.sum(0) : dw_per_thread[0];
+  return dw.view({O, g.kH, g.kW, Cg}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
+}
+
+}  // namespace manualconv
