@@ -146,15 +146,35 @@ void col2im_channels_last(const scalar_t* cols, const Conv2dGeometry& g, int64_t
   }
 }
 
+// im2col(x[g]) of the samples [n_begin, n_end), and its row stride ld: x itself for a
+// pointwise conv (group g's columns, row stride C), else built in buffer (row stride K).
+template <typename scalar_t>
+const scalar_t* block_columns(const scalar_t* x, const Conv2dGeometry& g, int64_t grp,
+                              int64_t n_begin, int64_t n_end, at::Tensor& buffer, int64_t& ld) {
+  if (g.is_pointwise()) {
+    ld = g.C;
+    return x + n_begin * g.L() * g.C + grp * g.C_g();
+  }
+  scalar_t* cols = buffer.mutable_data_ptr<scalar_t>();
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    im2col_channels_last(x + n * g.H * g.W * g.C, g, grp, cols + (n - n_begin) * g.L() * g.K());
+  }
+  ld = g.K();
+  return cols;
+}
+
 }  // namespace
 
 // Y[g] = im2col(x[g]) · W[g]ᵀ + b[g]   (per block of samples)
 at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const Conv2dGeometry& g) {
+  if (conv2d_direct_forward_applies(g, x.scalar_type())) {
+    return conv2d_forward_direct(x, weight, bias, g);
+  }
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
+  const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward_channels_last", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* w_data = w.const_data_ptr<scalar_t>();
@@ -164,17 +184,8 @@ at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& w
       const int64_t rows = (n_end - n_begin) * L;
       scalar_t* y_block = y_data + n_begin * L * O;
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const scalar_t* cols;
         int64_t ld;
-        if (g.is_pointwise()) {
-          cols = x_data + n_begin * L * C + grp * Cg, ld = C;
-        } else {
-          scalar_t* buf = buffer.mutable_data_ptr<scalar_t>();
-          for (int64_t n = n_begin; n < n_end; ++n) {
-            im2col_channels_last(x_data + n * g.H * g.W * C, g, grp, buf + (n - n_begin) * L * K);
-          }
-          cols = buf, ld = K;
-        }
+        const scalar_t* cols = block_columns(x_data, g, grp, n_begin, n_end, buffer, ld);
         gemm(false, true, rows, Og, K, scalar_t(1), cols, ld, w_data + grp * Og * K, K,
              scalar_t(0), y_block + grp * Og, O);
       }
@@ -192,6 +203,9 @@ at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& w
 // 180°-rotated kernel, per block of samples)
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
                                            const Conv2dGeometry& g) {
+  if (conv2d_direct_grad_input_applies(g, dy.scalar_type())) {
+    return conv2d_grad_input_direct(dy, weight, g);
+  }
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -230,7 +244,7 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 // returned channels-last, the layout the accumulator already has)
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g) {
-  const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
+  const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
   const int64_t threads = at::get_num_threads();
   at::Tensor dw_per_thread = at::zeros({threads, O, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_channels_last", [&] {
@@ -242,24 +256,15 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
                      std::min<int64_t>(at::get_thread_num(), threads - 1) * O * K;
       const int64_t rows = (n_end - n_begin) * L;
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const scalar_t* cols;
         int64_t ld;
-        if (g.is_pointwise()) {
-          cols = x_data + n_begin * L * C + grp * Cg, ld = C;
-        } else {
-          scalar_t* buf = buffer.mutable_data_ptr<scalar_t>();
-          for (int64_t n = n_begin; n < n_end; ++n) {
-            im2col_channels_last(x_data + n * g.H * g.W * C, g, grp, buf + (n - n_begin) * L * K);
-          }
-          cols = buf, ld = K;
-        }
+        const scalar_t* cols = block_columns(x_data, g, grp, n_begin, n_end, buffer, ld);
         gemm(true, false, Og, K, rows, scalar_t(1), dy_data + n_begin * L * O + grp * Og, O,
              cols, ld, scalar_t(1), dw + grp * Og * K, K);
       }
     });
   });
   const at::Tensor dw = threads > 1 ? dw_per_thread.sum(0) : dw_per_thread[0];
-  return dw.view({O, g.kH, g.kW, Cg}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
+  return dw.view({O, g.kH, g.kW, g.C_g()}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
 }
 
 }  // namespace manualconv

@@ -16,7 +16,8 @@ ops = torch.ops.manualconv
 OPCHECKED = {"conv2d-k3-pad1", "conv2d-dilation3-stride2", "conv2d-depthwise-multiplier", "conv2d-no-bias",
              "max_pool2d-ceil-mode-padding", "max_pool2d-dilation2", "avg_pool2d-padding-exclude",
              "avg_pool2d-divisor-override-ceil", "conv2d-channels-last-strided-dilated-groups",
-             "conv2d-channels-last-1x1", "max_pool2d-channels-last-padding-dilation-ceil"}
+             "conv2d-channels-last-1x1", "max_pool2d-channels-last-padding-dilation-ceil",
+             "conv2d-channels-last-direct-16"}
 
 
 def kernel_calls(case):
