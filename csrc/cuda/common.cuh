@@ -69,8 +69,8 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
               " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
-// Every size a conv2d kernel needs: the CUDA twin of conv2d.cpp's Conv2dGeometry (which lives
-// in that file's anonymous namespace), with the same validation and messages.
+// Every size a conv2d kernel needs: the CUDA twin of csrc/conv2d.h's Conv2dGeometry (without its
+// CPU-only im2col ranges), with the same validation and messages.
 struct Conv2dGeometry {
   int64_t N, C, H, W;  // input (N, C, H, W)
   int64_t O, kH, kW;   // weight (O, C/groups, kH, kW)
