@@ -47,14 +47,18 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g);
 
-// Direct channels-last float32 kernels for few channels (conv2d_direct.cpp), used by the
-// channels-last kernels where they apply: float32, one group, 8 or 16 output channels, a CPU
-// with AVX2 + FMA; the input gradient also needs stride 1 and 8 or 16 input channels.
+// Direct channels-last float32 kernels (conv2d_direct.cpp), used by the channels-last kernels
+// where they apply: float32, one group, a CPU with AVX2 + FMA, and for the forward a multiple
+// of 8 up to 64 output channels; for the input gradient stride 1 and a multiple of 8 up to 64
+// input channels; for the weight gradient 8 or 16 output channels.
 bool conv2d_direct_forward_applies(const Conv2dGeometry& g, at::ScalarType dtype);
 bool conv2d_direct_grad_input_applies(const Conv2dGeometry& g, at::ScalarType dtype);
 at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
                                     const Conv2dGeometry& g);
+bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType dtype);
+at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
+                                     const Conv2dGeometry& g);
 
 }  // namespace manualconv

@@ -244,6 +244,9 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 // returned channels-last, the layout the accumulator already has)
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g) {
+  if (conv2d_direct_grad_weight_applies(g, x.scalar_type())) {
+    return conv2d_grad_weight_direct(x, dy, g);
+  }
   const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
   const int64_t threads = at::get_num_threads();
   at::Tensor dw_per_thread = at::zeros({threads, O, K}, x.options());

@@ -1,7 +1,8 @@
-// Direct channels-last float32 convolution for layers with few output channels (AVX2 + FMA).
+// Direct channels-last float32 convolution for layers with up to 64 channels (AVX2 + FMA).
 //
-// With 8 or 16 output channels an im2col GEMM has only that many columns, which BLAS runs at about
-// half its speed. Here each output pixel is computed straight from the (zero-padded) input,
+// CIFAR-size layers (8 to 64 output channels, 8² to 32² maps) give an im2col GEMM few columns,
+// which BLAS runs well below its peak, and im2col itself costs a pass over memory. Here each
+// output pixel is computed straight from the (zero-padded) input,
 //   y[n, i, j, o] = b[o] + Σ_{a, b, c} x_pad[n, i·sH + a·dH, j·sW + b·dW, c] · W[o, c, a, b],
 // with 6 pixels × 16 output channels held in 12 AVX registers: for each tap (a, b, c) two
 // vectors of weights are loaded and each pixel's input value is broadcast against them.
@@ -10,12 +11,18 @@
 // "full" correlation of δy, padded by d·(k−1) − p, with the 180°-rotated kernel whose input and
 // output channels are swapped:
 //   δx[n, h, w, c] = Σ_{a, b, o} δy_pad[n, h + a·dH, w + b·dW, o] · W[o, c, kH−1−a, kW−1−b].
+//
+// The weight gradient (8 or 16 output channels) is the correlation of the input with δy,
+//   ∂J/∂W[o, c, a, b] = Σ_{n, i, j} δy[n, i, j, o] · x_pad[n, i·sH + a·dH, j·sW + b·dW, c],
+// with 16 output channels × 6 weight columns (a, b, c) held in 12 AVX registers while the
+// sum runs over a sample's pixels: per pixel two vectors of δy, six broadcast input values.
 
 #include "conv2d.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MANUALCONV_HAVE_AVX2_KERNEL 1
@@ -25,7 +32,10 @@
 namespace manualconv {
 namespace {
 
-constexpr int64_t kMaxDirectChannels = 16;  // above this the GEMM path measured faster
+// Above these channel counts the GEMM path measured faster (forward / input gradient: the
+// channels the tiles run over; weight gradient: the output channels).
+constexpr int64_t kMaxDirectChannels = 64;
+constexpr int64_t kMaxDirectGradWeightChannels = 16;
 
 // One direct convolution: `in` is one sample, already zero-padded, (Hp, Wp, C_in) with the
 // padding of the conv folded in; wt is (kH, kW, C_in, C_out); out is (H_out, W_out, C_out).
@@ -40,46 +50,48 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// The tiles below accumulate over every tap (a, b, c), then write the sum plus the bias. The
-// 6-pixel tiles keep their accumulators in named registers (12 or 6 of the 16 AVX registers,
-// plus the weights and one broadcast): written out by hand, as compilers keep an array of them
-// in memory.
+// A tile is 6 consecutive output pixels of one sample, in row-major order (so a tile may wrap
+// from one output row to the next: rows whose width 6 does not divide waste nothing), × 16 or
+// 8 output channels. px[k] points at the top-left input tap of the tile's pixel k; tap (a, b)
+// of every pixel is `off` further on. The tiles accumulate over every tap (a, b, c), then
+// write the sum plus the bias. The 6-pixel tiles keep their accumulators in named registers
+// (12 or 6 of the 16 AVX registers, plus the weights and one broadcast): written out by hand,
+// as compilers keep an array of them in memory.
 #define MANUALCONV_TAPS(...)                                                              \
   for (int64_t a = 0; a < s.kH; ++a) {                                                     \
-    const float* in_row = in + (i * s.sH + a * s.dH) * s.Wp * s.C_in;                     \
     for (int64_t b = 0; b < s.kW; ++b) {                                                   \
-      const float* x = in_row + (j0 * s.sW + b * s.dW) * s.C_in;                          \
+      const int64_t off = (a * s.dH * s.Wp + b * s.dW) * s.C_in;                          \
       const float* w = wt + (a * s.kW + b) * s.C_in * s.C_out + o0;                       \
-      for (int64_t c = 0; c < s.C_in; ++c, ++x, w += s.C_out) { __VA_ARGS__ }             \
+      for (int64_t c = off; c < off + s.C_in; ++c, w += s.C_out) { __VA_ARGS__ }          \
     }                                                                                      \
   }
 
-// 6 pixels (j0 … j0+5 of output row i) × 16 output channels (o0 …)
-__attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const float* in,
-                                                   const float* wt, const float* bias, int64_t i,
-                                                   int64_t j0, int64_t o0, float* out) {
+// 6 pixels × 16 output channels (o0 …)
+__attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const float* const* px,
+                                                   const float* wt, const float* bias,
+                                                   int64_t o0, float* y) {
   const __m256 b0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
   const __m256 b1 = bias ? _mm256_loadu_ps(bias + o0 + 8) : _mm256_setzero_ps();
   __m256 y00 = b0, y01 = b1, y10 = b0, y11 = b1, y20 = b0, y21 = b1;
   __m256 y30 = b0, y31 = b1, y40 = b0, y41 = b1, y50 = b0, y51 = b1;
-  const int64_t step = s.sW * s.C_in;  // from one pixel's input to the next's
+  const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
   MANUALCONV_TAPS({
     const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-    __m256 v = _mm256_broadcast_ss(x);
+    __m256 v = _mm256_broadcast_ss(p0 + c);
     y00 = _mm256_fmadd_ps(v, w0, y00), y01 = _mm256_fmadd_ps(v, w1, y01);
-    v = _mm256_broadcast_ss(x + step);
+    v = _mm256_broadcast_ss(p1 + c);
     y10 = _mm256_fmadd_ps(v, w0, y10), y11 = _mm256_fmadd_ps(v, w1, y11);
-    v = _mm256_broadcast_ss(x + 2 * step);
+    v = _mm256_broadcast_ss(p2 + c);
     y20 = _mm256_fmadd_ps(v, w0, y20), y21 = _mm256_fmadd_ps(v, w1, y21);
-    v = _mm256_broadcast_ss(x + 3 * step);
+    v = _mm256_broadcast_ss(p3 + c);
     y30 = _mm256_fmadd_ps(v, w0, y30), y31 = _mm256_fmadd_ps(v, w1, y31);
-    v = _mm256_broadcast_ss(x + 4 * step);
+    v = _mm256_broadcast_ss(p4 + c);
     y40 = _mm256_fmadd_ps(v, w0, y40), y41 = _mm256_fmadd_ps(v, w1, y41);
-    v = _mm256_broadcast_ss(x + 5 * step);
+    v = _mm256_broadcast_ss(p5 + c);
     y50 = _mm256_fmadd_ps(v, w0, y50), y51 = _mm256_fmadd_ps(v, w1, y51);
   })
-  float* y = out + (i * s.W_out + j0) * s.C_out + o0;
   const int64_t O = s.C_out;
+  y += o0;
   _mm256_storeu_ps(y, y00), _mm256_storeu_ps(y + 8, y01);
   _mm256_storeu_ps(y + O, y10), _mm256_storeu_ps(y + O + 8, y11);
   _mm256_storeu_ps(y + 2 * O, y20), _mm256_storeu_ps(y + 2 * O + 8, y21);
@@ -89,88 +101,171 @@ __attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const fl
 }
 
 // 6 pixels × 8 output channels (the last block when C_out is an odd multiple of 8)
-__attribute__((target("avx2,fma"))) void tile_6x8(const DirectConv& s, const float* in,
-                                                  const float* wt, const float* bias, int64_t i,
-                                                  int64_t j0, int64_t o0, float* out) {
+__attribute__((target("avx2,fma"))) void tile_6x8(const DirectConv& s, const float* const* px,
+                                                  const float* wt, const float* bias,
+                                                  int64_t o0, float* y) {
   const __m256 b0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
   __m256 y0 = b0, y1 = b0, y2 = b0, y3 = b0, y4 = b0, y5 = b0;
-  const int64_t step = s.sW * s.C_in;
+  const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
   MANUALCONV_TAPS({
     const __m256 w0 = _mm256_loadu_ps(w);
-    y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x), w0, y0);
-    y1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + step), w0, y1);
-    y2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 2 * step), w0, y2);
-    y3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 3 * step), w0, y3);
-    y4 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 4 * step), w0, y4);
-    y5 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 5 * step), w0, y5);
+    y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), w0, y0);
+    y1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + c), w0, y1);
+    y2 = _mm256_fmadd_ps(_mm256_broadcast_ss(p2 + c), w0, y2);
+    y3 = _mm256_fmadd_ps(_mm256_broadcast_ss(p3 + c), w0, y3);
+    y4 = _mm256_fmadd_ps(_mm256_broadcast_ss(p4 + c), w0, y4);
+    y5 = _mm256_fmadd_ps(_mm256_broadcast_ss(p5 + c), w0, y5);
   })
-  float* y = out + (i * s.W_out + j0) * s.C_out + o0;
   const int64_t O = s.C_out;
+  y += o0;
   _mm256_storeu_ps(y, y0), _mm256_storeu_ps(y + O, y1), _mm256_storeu_ps(y + 2 * O, y2);
   _mm256_storeu_ps(y + 3 * O, y3), _mm256_storeu_ps(y + 4 * O, y4), _mm256_storeu_ps(y + 5 * O, y5);
 }
 
-// 1 pixel × 8 output channels (rows narrower than 6 pixels)
-__attribute__((target("avx2,fma"))) void tile_1x8(const DirectConv& s, const float* in,
-                                                  const float* wt, const float* bias, int64_t i,
-                                                  int64_t j0, int64_t o0, float* out) {
+// 1 pixel × 8 output channels (a sample with fewer than 6 output pixels)
+__attribute__((target("avx2,fma"))) void tile_1x8(const DirectConv& s, const float* const* px,
+                                                  const float* wt, const float* bias,
+                                                  int64_t o0, float* y) {
   __m256 y0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
-  MANUALCONV_TAPS({ y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x), _mm256_loadu_ps(w), y0); })
-  _mm256_storeu_ps(out + (i * s.W_out + j0) * s.C_out + o0, y0);
+  const float* p0 = px[0];
+  MANUALCONV_TAPS({ y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), _mm256_loadu_ps(w), y0); })
+  _mm256_storeu_ps(y + o0, y0);
 }
 #undef MANUALCONV_TAPS
 
-// One output row in 6-pixel tiles; when 6 does not divide W_out the last tile is moved back to
-// end at the row's end, recomputing (bit for bit the same) a few pixels of the one before.
-__attribute__((target("avx2,fma"))) void direct_row(const DirectConv& s, const float* in,
-                                                    const float* wt, const float* bias, int64_t i,
-                                                    float* out) {
-  if (s.W_out < 6) {
-    for (int64_t j = 0; j < s.W_out; ++j) {
-      for (int64_t o0 = 0; o0 < s.C_out; o0 += 8) tile_1x8(s, in, wt, bias, i, j, o0, out);
-    }
-    return;
-  }
-  for (int64_t j = 0; j < s.W_out; j += 6) {
-    const int64_t j0 = std::min(j, s.W_out - 6);
-    int64_t o0 = 0;
-    for (; o0 + 16 <= s.C_out; o0 += 16) tile_6x16(s, in, wt, bias, i, j0, o0, out);
-    if (o0 < s.C_out) tile_6x8(s, in, wt, bias, i, j0, o0, out);
-  }
-}
-
-// One sample: every output row, in tiles of 6 pixels × 16 (or 8) output channels.
+// One sample: its H_out·W_out output pixels in tiles of 6 (× 16 or 8 output channels); when 6
+// does not divide the pixel count the last tile is moved back to end at the last pixel,
+// recomputing (bit for bit the same) a few pixels of the one before.
 __attribute__((target("avx2,fma"))) void direct_sample(const DirectConv& s, const float* in,
                                                        const float* wt, const float* bias,
                                                        float* out) {
+  const int64_t pixels = s.H_out * s.W_out;
+  const int64_t tile = pixels < 6 ? 1 : 6;
+  const float* px[6];
+  for (int64_t q = 0; q < pixels; q += tile) {
+    const int64_t q0 = std::min(q, pixels - tile);
+    for (int64_t k = 0; k < tile; ++k) {
+      const int64_t i = (q0 + k) / s.W_out, j = (q0 + k) % s.W_out;
+      px[k] = in + (i * s.sH * s.Wp + j * s.sW) * s.C_in;
+    }
+    float* y = out + q0 * s.C_out;
+    if (tile == 1) {
+      for (int64_t o0 = 0; o0 < s.C_out; o0 += 8) tile_1x8(s, px, wt, bias, o0, y);
+      continue;
+    }
+    int64_t o0 = 0;
+    for (; o0 + 16 <= s.C_out; o0 += 16) tile_6x16(s, px, wt, bias, o0, y);
+    if (o0 < s.C_out) tile_6x8(s, px, wt, bias, o0, y);
+  }
+}
+
+// Weight gradient, one sample: a tile is 16 (or 8) output channels o0… × 6 consecutive
+// columns k0… of the channels-last weight (column k = (a·kW + b)·C + c, at offset col[k] from
+// a pixel's top-left input tap), summed over every output pixel: per pixel two (or one)
+// vectors of δy and six broadcast input values, 12 (or 6) FMAs into register accumulators.
+// The sums are added to dw (O × K); the first `skip` columns are left out (a tile moved back
+// to end at column K overlaps the one before).
+template <int kVectors>
+__attribute__((target("avx2,fma"))) void grad_weight_tile(const DirectConv& s, const float* in,
+                                                          const float* dy, const int64_t* col,
+                                                          int64_t o0, int64_t skip, float* dw,
+                                                          int64_t K) {
+  static_assert(kVectors == 1 || kVectors == 2);
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+  __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const int64_t c0 = col[0], c1 = col[1], c2 = col[2], c3 = col[3], c4 = col[4], c5 = col[5];
+  const int64_t O = s.C_out, step = s.sW * s.C_in;
   for (int64_t i = 0; i < s.H_out; ++i) {
-    direct_row(s, in, wt, bias, i, out);
+    const float* x = in + i * s.sH * s.Wp * s.C_in;
+    const float* d = dy + i * s.W_out * O + o0;
+    for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
+      const __m256 d0 = _mm256_loadu_ps(d);
+      const __m256 d1 = kVectors == 2 ? _mm256_loadu_ps(d + 8) : d0;
+      __m256 v = _mm256_broadcast_ss(x + c0);
+      a00 = _mm256_fmadd_ps(v, d0, a00);
+      if (kVectors == 2) a01 = _mm256_fmadd_ps(v, d1, a01);
+      v = _mm256_broadcast_ss(x + c1);
+      a10 = _mm256_fmadd_ps(v, d0, a10);
+      if (kVectors == 2) a11 = _mm256_fmadd_ps(v, d1, a11);
+      v = _mm256_broadcast_ss(x + c2);
+      a20 = _mm256_fmadd_ps(v, d0, a20);
+      if (kVectors == 2) a21 = _mm256_fmadd_ps(v, d1, a21);
+      v = _mm256_broadcast_ss(x + c3);
+      a30 = _mm256_fmadd_ps(v, d0, a30);
+      if (kVectors == 2) a31 = _mm256_fmadd_ps(v, d1, a31);
+      v = _mm256_broadcast_ss(x + c4);
+      a40 = _mm256_fmadd_ps(v, d0, a40);
+      if (kVectors == 2) a41 = _mm256_fmadd_ps(v, d1, a41);
+      v = _mm256_broadcast_ss(x + c5);
+      a50 = _mm256_fmadd_ps(v, d0, a50);
+      if (kVectors == 2) a51 = _mm256_fmadd_ps(v, d1, a51);
+    }
+  }
+  alignas(32) float sums[6][16];
+  _mm256_store_ps(sums[0], a00), _mm256_store_ps(sums[0] + 8, a01);
+  _mm256_store_ps(sums[1], a10), _mm256_store_ps(sums[1] + 8, a11);
+  _mm256_store_ps(sums[2], a20), _mm256_store_ps(sums[2] + 8, a21);
+  _mm256_store_ps(sums[3], a30), _mm256_store_ps(sums[3] + 8, a31);
+  _mm256_store_ps(sums[4], a40), _mm256_store_ps(sums[4] + 8, a41);
+  _mm256_store_ps(sums[5], a50), _mm256_store_ps(sums[5] + 8, a51);
+  for (int64_t k = skip; k < 6; ++k) {
+    for (int64_t v = 0; v < 8 * kVectors; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  }
+}
+
+// One sample's contribution to dw (O × K, K = kH·kW·C), in tiles of 16 (or 8) output channels
+// × 6 weight columns.
+__attribute__((target("avx2,fma"))) void grad_weight_sample(const DirectConv& s, const float* in,
+                                                            const float* dy, const int64_t* col,
+                                                            float* dw) {
+  const int64_t K = s.kH * s.kW * s.C_in;
+  for (int64_t k = 0; k < K; k += 6) {
+    const int64_t k0 = std::min(k, K - 6);
+    int64_t o0 = 0;
+    for (; o0 + 16 <= s.C_out; o0 += 16) {
+      grad_weight_tile<2>(s, in, dy, col + k0, o0, k - k0, dw + k0, K);
+    }
+    if (o0 < s.C_out) grad_weight_tile<1>(s, in, dy, col + k0, o0, k - k0, dw + k0, K);
   }
 }
 
 #else
 bool cpu_has_avx2_fma() { return false; }
 void direct_sample(const DirectConv&, const float*, const float*, const float*, float*) {}
+void grad_weight_sample(const DirectConv&, const float*, const float*, const int64_t*, float*) {}
 #endif
 
-// Runs s over the batch: in_nhwc (N, H, W, C_in) is copied sample by sample into a zero-padded
-// per-thread buffer (pad_h, pad_w on each side), then direct_sample writes out (N, H_out, W_out,
-// C_out). Samples are spread over threads.
-void direct_conv_batch(const DirectConv& s, int64_t N, const float* in_nhwc, int64_t H,
-                       int64_t W, int64_t pad_h, int64_t pad_w, const float* wt, const float* bias,
-                       float* out) {
+// Copies sample x (H, W, C) into the interior of padded (Hp, Wp, C), pad_h / pad_w from the
+// top / left; the border is never written, so it stays zero.
+void copy_into_padded(const float* x, int64_t H, int64_t W, int64_t C, int64_t pad_h,
+                      int64_t pad_w, int64_t Wp, float* padded) {
+  for (int64_t h = 0; h < H; ++h) {
+    std::copy_n(x + h * W * C, W * C, padded + ((h + pad_h) * Wp + pad_w) * C);
+  }
+}
+
+// Calls body(n, padded) for every sample n, samples spread over threads: in_nhwc (N, H, W,
+// C_in) is copied sample by sample into the calling thread's zero-padded buffer (Hp, Wp, C_in).
+template <typename F>
+void for_each_padded_sample(const DirectConv& s, int64_t N, const float* in_nhwc, int64_t H,
+                            int64_t W, int64_t pad_h, int64_t pad_w, const F& body) {
   at::parallel_for(0, N, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor buffer = at::zeros({s.Hp * s.Wp * s.C_in}, at::kFloat);  // borders stay zero
     float* padded = buffer.mutable_data_ptr<float>();
     for (int64_t n = begin; n < end; ++n) {
-      const float* x = in_nhwc + n * H * W * s.C_in;
-      for (int64_t h = 0; h < H; ++h) {
-        std::copy_n(x + h * W * s.C_in, W * s.C_in,
-                    padded + ((h + pad_h) * s.Wp + pad_w) * s.C_in);
-      }
-      direct_sample(s, padded, wt, bias, out + n * s.H_out * s.W_out * s.C_out);
+      copy_into_padded(in_nhwc + n * H * W * s.C_in, H, W, s.C_in, pad_h, pad_w, s.Wp, padded);
+      body(n, padded);
     }
+  });
+}
+
+// Runs s over the batch, writing out (N, H_out, W_out, C_out).
+void direct_conv_batch(const DirectConv& s, int64_t N, const float* in_nhwc, int64_t H,
+                       int64_t W, int64_t pad_h, int64_t pad_w, const float* wt, const float* bias,
+                       float* out) {
+  for_each_padded_sample(s, N, in_nhwc, H, W, pad_h, pad_w, [&](int64_t n, const float* padded) {
+    direct_sample(s, padded, wt, bias, out + n * s.H_out * s.W_out * s.C_out);
   });
 }
 
@@ -185,6 +280,11 @@ bool conv2d_direct_grad_input_applies(const Conv2dGeometry& g, at::ScalarType dt
   return dtype == at::kFloat && g.groups == 1 && g.C % 8 == 0 && g.C <= kMaxDirectChannels &&
          g.sH == 1 && g.sW == 1 && g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1) &&
          cpu_has_avx2_fma();
+}
+
+bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType dtype) {
+  return dtype == at::kFloat && g.groups == 1 && g.O % 8 == 0 && g.O <= kMaxDirectGradWeightChannels &&
+         g.K() >= 6 && cpu_has_avx2_fma();
 }
 
 // y = x ⋆ W + b, computed directly (x channels-last float32)
@@ -214,6 +314,33 @@ at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weig
   direct_conv_batch(s, g.N, dy.const_data_ptr<float>(), g.H_out, g.W_out, pad_h, pad_w,
                     wt.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>());
   return dx;
+}
+
+// ∂J/∂W[o, c, a, b] = Σ_{n, i, j} δy[n, i, j, o] · x_pad[n, i·sH + a·dH, j·sW + b·dW, c], computed
+// directly (one accumulator per thread, summed at the end; returned channels-last)
+at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
+                                     const Conv2dGeometry& g) {
+  const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
+                     g.dH, g.dW, g.H_out, g.W_out};
+  const int64_t K = g.K();
+  std::vector<int64_t> col(K);  // weight column (a, b, c) → offset from a pixel's top-left tap
+  for (int64_t a = 0; a < g.kH; ++a) {
+    for (int64_t b = 0; b < g.kW; ++b) {
+      for (int64_t c = 0; c < g.C; ++c) col[(a * g.kW + b) * g.C + c] = (a * g.dH * s.Wp + b * g.dW) * g.C + c;
+    }
+  }
+  const int64_t threads = at::get_num_threads();
+  at::Tensor dw_per_thread = at::zeros({threads, g.O, K}, x.options());
+  const float* dy_data = dy.const_data_ptr<float>();
+  for_each_padded_sample(s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
+                         [&](int64_t n, const float* padded) {
+    // this thread's accumulator (the clamp only matters if called nested in a parallel region)
+    float* dw = dw_per_thread.mutable_data_ptr<float>() +
+                std::min<int64_t>(at::get_thread_num(), threads - 1) * g.O * K;
+    grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dw);
+  });
+  const at::Tensor dw = threads > 1 ? dw_per_thread.sum(0) : dw_per_thread[0];
+  return dw.view({g.O, g.kH, g.kW, g.C}).permute({0, 3, 1, 2});  // (O, C, kH, kW), channels-last
 }
 
 }  // namespace manualconv

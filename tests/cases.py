@@ -95,11 +95,16 @@ def conv2d_cases() -> List[Case]:
         Case("channels-last-1x1-groups2", "conv2d", (2, 4, 3, 3), dict(groups=2), weight=(6, 2, 1, 1), bias=False, layout="channels_last"),
         Case("channels-last-sample-blocks", "conv2d", (9, 3, 3, 3), dict(padding=1), weight=(4, 3, 3, 3), layout="channels_last"),
         # the direct float32 kernels (csrc/conv2d_direct.cpp; float32 tests only, float64 takes the
-        # GEMM path): 6×16 and 6×8 tiles with a moved-back last tile, rows narrower than 6 pixels,
-        # a strided forward, and the input gradient as a full correlation with the rotated kernel
+        # GEMM path): 6×16 and 6×8 tiles (pixel tiles wrapping from row to row, a moved-back last
+        # tile), a strided forward and weight gradient, the input gradient as a full correlation
+        # with the rotated kernel, 16- and 8-wide weight-gradient tiles
         Case("channels-last-direct-16", "conv2d", (2, 8, 6, 7), dict(padding=1), weight=(16, 8, 3, 3), layout="channels_last"),
         Case("channels-last-direct-8-strided-dilated", "conv2d", (2, 16, 9, 11), dict(stride=2, padding=2, dilation=2), weight=(8, 16, 3, 3), bias=False, layout="channels_last"),
         Case("channels-last-direct-narrow-rows", "conv2d", (2, 16, 5, 4), dict(padding=(1, 0), dilation=(1, 2)), weight=(16, 16, 3, 2), layout="channels_last"),
+        # fewer than 6 output pixels (1-pixel tiles; δx too), a weight gradient whose last tile of
+        # 6 columns is moved back (K = 16); 24 output channels (a 16-wide tile, then a 6×8 tile)
+        Case("channels-last-direct-few-pixels", "conv2d", (3, 8, 1, 4), {}, weight=(16, 8, 1, 2), layout="channels_last"),
+        Case("channels-last-direct-24-16", "conv2d", (1, 16, 3, 4), {}, weight=(24, 16, 2, 2), bias=False, layout="channels_last"),
         Case("non-contiguous", "conv2d", (2, 3, 6, 5), dict(stride=2, padding=1), weight=(4, 3, 3, 3), layout="strided"),
         Case("padding-mode-reflect", "conv2d", (1, 2, 5, 5), dict(padding=1), weight=(3, 2, 3, 3), padding_mode="reflect"),
         Case("padding-mode-replicate", "conv2d", (2, 2, 5, 4), dict(padding=(2, 1), stride=2), weight=(3, 2, 3, 3), padding_mode="replicate"),
