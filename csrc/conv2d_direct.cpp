@@ -57,12 +57,12 @@ bool cpu_has_avx2_fma() {
 // write the sum plus the bias. The 6-pixel tiles keep their accumulators in named registers
 // (12 or 6 of the 16 AVX registers, plus the weights and one broadcast): written out by hand,
 // as compilers keep an array of them in memory.
-#define MANUALCONV_TAPS(...)                                                              \
+#define MANUALCONV_TAPS(width, ...)                                                       \
   for (int64_t a = 0; a < s.kH; ++a) {                                                     \
     for (int64_t b = 0; b < s.kW; ++b) {                                                   \
       const int64_t off = (a * s.dH * s.Wp + b * s.dW) * s.C_in;                          \
-      const float* w = wt + (a * s.kW + b) * s.C_in * s.C_out + o0;                       \
-      for (int64_t c = off; c < off + s.C_in; ++c, w += s.C_out) { __VA_ARGS__ }          \
+      const float* w = wt + (a * s.kW + b) * s.C_in * (width);                            \
+      for (int64_t c = off; c < off + s.C_in; ++c, w += (width)) { __VA_ARGS__ }          \
     }                                                                                      \
   }
 
@@ -75,7 +75,7 @@ __attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const fl
   __m256 y00 = b0, y01 = b1, y10 = b0, y11 = b1, y20 = b0, y21 = b1;
   __m256 y30 = b0, y31 = b1, y40 = b0, y41 = b1, y50 = b0, y51 = b1;
   const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
-  MANUALCONV_TAPS({
+  MANUALCONV_TAPS(16, {
     const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
     __m256 v = _mm256_broadcast_ss(p0 + c);
     y00 = _mm256_fmadd_ps(v, w0, y00), y01 = _mm256_fmadd_ps(v, w1, y01);
@@ -107,7 +107,7 @@ __attribute__((target("avx2,fma"))) void tile_6x8(const DirectConv& s, const flo
   const __m256 b0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
   __m256 y0 = b0, y1 = b0, y2 = b0, y3 = b0, y4 = b0, y5 = b0;
   const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
-  MANUALCONV_TAPS({
+  MANUALCONV_TAPS(8, {
     const __m256 w0 = _mm256_loadu_ps(w);
     y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), w0, y0);
     y1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + c), w0, y1);
@@ -122,40 +122,51 @@ __attribute__((target("avx2,fma"))) void tile_6x8(const DirectConv& s, const flo
   _mm256_storeu_ps(y + 3 * O, y3), _mm256_storeu_ps(y + 4 * O, y4), _mm256_storeu_ps(y + 5 * O, y5);
 }
 
-// 1 pixel × 8 output channels (a sample with fewer than 6 output pixels)
+// 1 pixel × 8 output channels (a sample with fewer than 6 output pixels); kWidth is the width
+// of the weight block wt points into
+template <int kWidth>
 __attribute__((target("avx2,fma"))) void tile_1x8(const DirectConv& s, const float* const* px,
                                                   const float* wt, const float* bias,
                                                   int64_t o0, float* y) {
   __m256 y0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
   const float* p0 = px[0];
-  MANUALCONV_TAPS({ y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), _mm256_loadu_ps(w), y0); })
+  MANUALCONV_TAPS(kWidth, { y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), _mm256_loadu_ps(w), y0); })
   _mm256_storeu_ps(y + o0, y0);
 }
 #undef MANUALCONV_TAPS
 
-// One sample: its H_out·W_out output pixels in tiles of 6 (× 16 or 8 output channels); when 6
-// does not divide the pixel count the last tile is moved back to end at the last pixel,
-// recomputing (bit for bit the same) a few pixels of the one before.
+// One sample: for each block of 16 (or 8) output channels, its H_out·W_out output pixels in
+// tiles of 6; when 6 does not divide the pixel count the last tile is moved back to end at the
+// last pixel, recomputing (bit for bit the same) a few pixels of the one before. wt holds the
+// blocks one after the other (see pack_weight_blocks), so a block's weights are contiguous.
 __attribute__((target("avx2,fma"))) void direct_sample(const DirectConv& s, const float* in,
                                                        const float* wt, const float* bias,
                                                        float* out) {
-  const int64_t pixels = s.H_out * s.W_out;
+  const int64_t pixels = s.H_out * s.W_out, K = s.kH * s.kW * s.C_in;
   const int64_t tile = pixels < 6 ? 1 : 6;
   const float* px[6];
-  for (int64_t q = 0; q < pixels; q += tile) {
-    const int64_t q0 = std::min(q, pixels - tile);
-    for (int64_t k = 0; k < tile; ++k) {
-      const int64_t i = (q0 + k) / s.W_out, j = (q0 + k) % s.W_out;
-      px[k] = in + (i * s.sH * s.Wp + j * s.sW) * s.C_in;
+  for (int64_t o0 = 0; o0 < s.C_out; o0 += 16) {
+    const bool wide = o0 + 16 <= s.C_out;
+    const float* w = wt + o0 * K;
+    for (int64_t q = 0; q < pixels; q += tile) {
+      const int64_t q0 = std::min(q, pixels - tile);
+      for (int64_t k = 0; k < tile; ++k) {
+        const int64_t i = (q0 + k) / s.W_out, j = (q0 + k) % s.W_out;
+        px[k] = in + (i * s.sH * s.Wp + j * s.sW) * s.C_in;
+      }
+      float* y = out + q0 * s.C_out;
+      if (tile == 1) {
+        if (wide) {  // the two halves of a 16-wide block
+          tile_1x8<16>(s, px, w, bias, o0, y), tile_1x8<16>(s, px, w + 8, bias, o0 + 8, y);
+        } else {
+          tile_1x8<8>(s, px, w, bias, o0, y);
+        }
+      } else if (wide) {
+        tile_6x16(s, px, w, bias, o0, y);
+      } else {
+        tile_6x8(s, px, w, bias, o0, y);
+      }
     }
-    float* y = out + q0 * s.C_out;
-    if (tile == 1) {
-      for (int64_t o0 = 0; o0 < s.C_out; o0 += 8) tile_1x8(s, px, wt, bias, o0, y);
-      continue;
-    }
-    int64_t o0 = 0;
-    for (; o0 + 16 <= s.C_out; o0 += 16) tile_6x16(s, px, wt, bias, o0, y);
-    if (o0 < s.C_out) tile_6x8(s, px, wt, bias, o0, y);
   }
 }
 
@@ -235,6 +246,20 @@ void direct_sample(const DirectConv&, const float*, const float*, const float*, 
 void grad_weight_sample(const DirectConv&, const float*, const float*, const int64_t*, float*) {}
 #endif
 
+// The (kH, kW, C_in, C_out) weights regrouped into blocks of 16 output channels (the last one
+// 8 wide when 16 does not divide C_out), block o0 at o0·K, each (kH, kW, C_in, width) contiguous.
+at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out) {
+  const int64_t K = wt.numel() / C_out;
+  at::Tensor packed = at::empty_like(wt);
+  const float* src = wt.const_data_ptr<float>();
+  float* dst = packed.mutable_data_ptr<float>();
+  for (int64_t o0 = 0; o0 < C_out; o0 += 16) {
+    const int64_t width = std::min<int64_t>(16, C_out - o0);
+    for (int64_t t = 0; t < K; ++t) std::copy_n(src + t * C_out + o0, width, dst + o0 * K + t * width);
+  }
+  return packed;
+}
+
 // Copies sample x (H, W, C) into the interior of padded (Hp, Wp, C), pad_h / pad_w from the
 // top / left; the border is never written, so it stays zero.
 void copy_into_padded(const float* x, int64_t H, int64_t W, int64_t C, int64_t pad_h,
@@ -290,7 +315,7 @@ bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType d
 // y = x ⋆ W + b, computed directly (x channels-last float32)
 at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& bias, const Conv2dGeometry& g) {
-  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // (kH, kW, C, O)
+  const at::Tensor wt = pack_weight_blocks(weight.permute({2, 3, 1, 0}).contiguous(), g.O);  // (kH, kW, C, O)
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
@@ -305,7 +330,7 @@ at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
                                     const Conv2dGeometry& g) {
   // rot180(W) with in/out swapped, laid out (kH, kW, O, C): wt[a, b, o, c] = W[o, c, kH−1−a, kW−1−b]
-  const at::Tensor wt = weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous();
+  const at::Tensor wt = pack_weight_blocks(weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(), g.C);
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t pad_h = g.dH * (g.kH - 1) - g.pH, pad_w = g.dW * (g.kW - 1) - g.pW;
