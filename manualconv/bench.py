@@ -3,7 +3,8 @@
     python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other|model] [--markdown FILE]
 
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
-32², 16², 8², a stride-2 conv, 1×1 convs, 2×2 and 3×3 pools, then the rest of the layer family:
+32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
+layout, 2×2 and 3×3 pools, then the rest of the layer family:
 adaptive pools, a transposed conv, a 1-D conv, a linear layer), native and manualconv steps are
 run alternately, so both see the same machine state; the median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
@@ -47,6 +48,7 @@ class Layer:
     input: tuple  # sizes without the batch
     kwargs: dict
     weight: Optional[tuple] = None
+    channels_last: bool = False  # input, weight and δ in NHWC (the channels-last kernels)
 
     def flops(self, batch: int) -> float:
         """forward + grad-input + grad-weight: 3 × 2 multiply-adds per (output, tap, input channel)."""
@@ -70,6 +72,12 @@ SUITE: List[Layer] = [
     Layer("conv3x3 16->32 stride2 @32", "conv", "conv2d", (16, 32, 32), dict(stride=2, padding=1), (32, 16, 3, 3)),
     Layer("conv1x1 16->32 stride2 @32", "conv", "conv2d", (16, 32, 32), dict(stride=2), (32, 16, 1, 1)),
     Layer("conv1x1 64->128 @8", "conv", "conv2d", (64, 8, 8), {}, (128, 64, 1, 1)),
+    # ResNet-20's layers in NHWC, as train.py and the model steps below run them
+    Layer("NHWC conv3x3 3->16 @32 (stem)", "conv", "conv2d", (3, 32, 32), dict(padding=1), (16, 3, 3, 3), True),
+    Layer("NHWC conv3x3 16->16 @32", "conv", "conv2d", (16, 32, 32), dict(padding=1), (16, 16, 3, 3), True),
+    Layer("NHWC conv3x3 32->32 @16", "conv", "conv2d", (32, 16, 16), dict(padding=1), (32, 32, 3, 3), True),
+    Layer("NHWC conv3x3 64->64 @8", "conv", "conv2d", (64, 8, 8), dict(padding=1), (64, 64, 3, 3), True),
+    Layer("NHWC conv3x3 16->32 stride2 @32", "conv", "conv2d", (16, 32, 32), dict(stride=2, padding=1), (32, 16, 3, 3), True),
     Layer("maxpool 2x2 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=2)),
     Layer("maxpool 3x3 s2 p1 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=3, stride=2, padding=1)),
     Layer("maxpool 2x2 128@16", "pool", "max_pool2d", (128, 16, 16), dict(kernel_size=2)),
@@ -105,14 +113,20 @@ def _time(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
+def inputs(layer: Layer, batch: int):
+    """x, the weight (None for a pool) and δ for one layer, in the layer's layout."""
     torch.manual_seed(0)
-    x = torch.randn(batch, *layer.input, requires_grad=True)
-    weight = None if layer.weight is None else torch.randn(layer.weight, requires_grad=True)
+    layout = torch.channels_last if layer.channels_last else torch.contiguous_format
+    x = torch.randn(batch, *layer.input).to(memory_format=layout).requires_grad_()
+    weight = None if layer.weight is None else torch.randn(layer.weight).to(memory_format=layout).requires_grad_()
     with torch.no_grad():
         op = getattr(F, layer.op)
         y = op(x, weight, None, **layer.kwargs) if weight is not None else op(x, **layer.kwargs)
-    grad_output = torch.randn_like(y)
+    return x, weight, torch.randn_like(y).contiguous(memory_format=layout)
+
+
+def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
+    x, weight, grad_output = inputs(layer, batch)
     native, manual = _step(F, layer, x, weight, grad_output), _step(MF, layer, x, weight, grad_output)
     for step in (native, manual):  # warm-up: allocator, thread pool, caches
         step()

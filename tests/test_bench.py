@@ -1,0 +1,33 @@
+"""The benchmark script runs end to end (tiny batch, one repeat): every layer of the requested
+kind gets a row, in the printed table and in the Markdown file. Timings are not checked here
+(speed is the benchmark's output, never a test's assertion)."""
+
+import pytest
+import torch
+
+from manualconv import bench
+
+
+@pytest.mark.parametrize("kind", ["conv", "pool", "other"])
+def test_bench_writes_a_row_per_layer(kind, tmp_path, capsys):
+    markdown = tmp_path / "bench.md"
+    assert bench.main(["--batch", "2", "--repeat", "1", "--only", kind, "--markdown", str(markdown)]) == 0
+    printed, written = capsys.readouterr().out, markdown.read_text()
+    layers = [layer for layer in bench.SUITE if layer.kind == kind]
+    assert layers, kind
+    for layer in layers:
+        assert f"\n{layer.name} " in printed, f"{kind}: no printed row for {layer.name}"
+        assert f"| {layer.name} |" in written, f"{kind}: no Markdown row for {layer.name}"
+    assert f"geomean ratio {kind}: **" in written, kind
+
+
+def test_channels_last_rows_run_channels_last():
+    """The NHWC rows feed strictly channels-last x, weight and δ (so they time the channels-last
+    kernels); the other rows feed NCHW-contiguous ones."""
+    assert any(layer.channels_last for layer in bench.SUITE)
+    for layer in bench.SUITE:
+        if layer.kind != "conv":
+            continue
+        for name, t in zip(("x", "weight", "grad_output"), bench.inputs(layer, batch=2)):
+            strictly_nhwc = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+            assert strictly_nhwc == layer.channels_last, f"{layer.name}: {name} strides {t.stride()}"
