@@ -192,24 +192,16 @@ __attribute__((target("avx2,fma"))) void grad_weight_tile(const DirectConv& s, c
     for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
       const __m256 d0 = _mm256_loadu_ps(d);
       const __m256 d1 = kVectors == 2 ? _mm256_loadu_ps(d + 8) : d0;
-      __m256 v = _mm256_broadcast_ss(x + c0);
-      a00 = _mm256_fmadd_ps(v, d0, a00);
-      if (kVectors == 2) a01 = _mm256_fmadd_ps(v, d1, a01);
-      v = _mm256_broadcast_ss(x + c1);
-      a10 = _mm256_fmadd_ps(v, d0, a10);
-      if (kVectors == 2) a11 = _mm256_fmadd_ps(v, d1, a11);
-      v = _mm256_broadcast_ss(x + c2);
-      a20 = _mm256_fmadd_ps(v, d0, a20);
-      if (kVectors == 2) a21 = _mm256_fmadd_ps(v, d1, a21);
-      v = _mm256_broadcast_ss(x + c3);
-      a30 = _mm256_fmadd_ps(v, d0, a30);
-      if (kVectors == 2) a31 = _mm256_fmadd_ps(v, d1, a31);
-      v = _mm256_broadcast_ss(x + c4);
-      a40 = _mm256_fmadd_ps(v, d0, a40);
-      if (kVectors == 2) a41 = _mm256_fmadd_ps(v, d1, a41);
-      v = _mm256_broadcast_ss(x + c5);
-      a50 = _mm256_fmadd_ps(v, d0, a50);
-      if (kVectors == 2) a51 = _mm256_fmadd_ps(v, d1, a51);
+      // column k: its input value at this pixel times the pixel's δy vectors
+#define MANUALCONV_COLUMN(k)                                        \
+  {                                                                 \
+    const __m256 v = _mm256_broadcast_ss(x + c##k);                 \
+    a##k##0 = _mm256_fmadd_ps(v, d0, a##k##0);                      \
+    if (kVectors == 2) a##k##1 = _mm256_fmadd_ps(v, d1, a##k##1);   \
+  }
+      MANUALCONV_COLUMN(0) MANUALCONV_COLUMN(1) MANUALCONV_COLUMN(2)
+      MANUALCONV_COLUMN(3) MANUALCONV_COLUMN(4) MANUALCONV_COLUMN(5)
+#undef MANUALCONV_COLUMN
     }
   }
   alignas(32) float sums[6][16];
