@@ -38,7 +38,8 @@ constexpr int64_t kMaxDirectChannels = 64;
 constexpr int64_t kMaxDirectGradWeightChannels = 16;
 
 // One direct convolution: `in` is one sample, already zero-padded, (Hp, Wp, C_in) with the
-// padding of the conv folded in; wt is (kH, kW, C_in, C_out); out is (H_out, W_out, C_out).
+// padding of the conv folded in; the weights are (kH, kW, C_in, C_out), packed in blocks of 16
+// output channels (pack_weight_blocks); out is (H_out, W_out, C_out).
 struct DirectConv {
   int64_t Hp, Wp, C_in, C_out, kH, kW, sH, sW, dH, dW, H_out, W_out;
 };
@@ -307,7 +308,7 @@ bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType d
 // y = x ⋆ W + b, computed directly (x channels-last float32)
 at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& bias, const Conv2dGeometry& g) {
-  const at::Tensor wt = pack_weight_blocks(weight.permute({2, 3, 1, 0}).contiguous(), g.O);  // (kH, kW, C, O)
+  const at::Tensor wt = pack_weight_blocks(weight.permute({2, 3, 1, 0}).contiguous(), g.O);  // (kH, kW, C, O), in blocks
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
@@ -321,7 +322,7 @@ at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
 // δx = full-correlation(δy, rot180(W)) with W's channels swapped (stride 1), computed directly
 at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
                                     const Conv2dGeometry& g) {
-  // rot180(W) with in/out swapped, laid out (kH, kW, O, C): wt[a, b, o, c] = W[o, c, kH−1−a, kW−1−b]
+  // rot180(W) with in/out swapped, (kH, kW, O, C) in blocks of C: wt[a, b, o, c] = W[o, c, kH−1−a, kW−1−b]
   const at::Tensor wt = pack_weight_blocks(weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(), g.C);
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
