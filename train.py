@@ -20,11 +20,19 @@ random 2-pixel translations and alternating flips; test-time augmentation by fli
 shifts. --preset cpu (the default without CUDA): widths 32/64/128, batch 512, 10 epochs, about
 7-8 minutes natively on 2 idle cores. --preset gpu: airbench94's 64/256/256, batch 1024, 15 epochs.
 
-Data (--data-dir, default ./data): a folder holding torchvision's cifar-10-batches-py/, that
-folder itself, or an ImageFolder tree train/<class>/*, test/<class>/* (such as the offline JPEG
-archive); downloaded by torchvision when the folder is missing or empty. Decoded images are
-cached as uint8 tensors in DIR/.manualconv_cache.pt when DIR is writable. Augmentation runs
-batched on the device, from a generator seeded by (--seed, epoch).
+Kernels (--backend manual): manualconv's C++ kernels ('cpp') wherever the built extension has
+them for the device (CPU always; CUDA when built with MANUALCONV_CUDA=1), else its 'reference'
+kernels; the log says which run and why (--conv-backend chooses).
+
+Mixed precision (--amp): the forward passes run under torch.autocast, in bfloat16 on CPU and in
+float16 on CUDA (where a GradScaler scales the loss); parameters, optimizer and loss stay float32.
+
+Data (--data-dir, default ./data; loading and augmentation in cifar10.py beside this script): a
+folder holding torchvision's cifar-10-batches-py/, that folder itself, or an ImageFolder tree
+train/<class>/*, test/<class>/* (such as the offline JPEG archive); downloaded by torchvision
+when the folder is missing or empty. Decoded images are cached as uint8 tensors in
+DIR/.manualconv_cache.pt when DIR is writable. Augmentation runs batched on the device, from a
+generator seeded by (--seed, epoch).
 
 Several processes: --batch-size is the global batch; each step every rank takes its contiguous
 share of the same global batch (and of its augmentation), gradients are averaged, so a model
@@ -33,6 +41,8 @@ checkpoints use rank 0's. Only rank 0 logs and writes.
 
 Outputs (--out, default runs/<timestamp>): checkpoint.pt (each epoch; --resume PATH|auto),
 metrics.csv, metrics.json and curves.png. On CPU a run is bitwise reproducible for a given seed.
+A resumed run continues exactly where the checkpoint stopped: it refuses arguments that change
+the data or the schedule (--limit, --lr, --epochs, --seed, --amp, ...) unless --resume-override.
 On a machine shared with other work, --threads 1 avoids OpenMP threads waiting on a busy core.
 """
 
@@ -41,17 +51,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import glob
 import hashlib
 import json
 import os
-import pickle
 import random
 import sys
 import time
-import types
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+import zipfile
 
 import numpy as np
 import torch
@@ -59,217 +67,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from manualconv.models import airbench, resnet20, tiny  # noqa: F401 (train.tiny, ...)
-
-# ----------------------------------------------------------------------------------- data
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-BATCH_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-CACHE_NAME = ".manualconv_cache.pt"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-EXPECTED = ("Point --data-dir at an existing copy of CIFAR-10, in one of these layouts:\n"
-            "  DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}  (torchvision's download), or that folder\n"
-            "  DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg       (ImageFolder layout)\n"
-            "for example the offline JPEG archive:\n"
-            "  mkdir -p DIR && tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C DIR\n"
-            "  python train.py --data-dir DIR")
-
-
-class DataError(Exception):
-    """The data directory is missing, empty, of an unknown layout or corrupt."""
-
-
-def detect_layout(root):
-    """('batches', folder) | ('folder', root) | None."""
-    for folder in (os.path.join(root, "cifar-10-batches-py"), root):
-        if any(os.path.exists(os.path.join(folder, name)) for name in BATCH_FILES):
-            return "batches", folder
-    if os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "test")):
-        return "folder", root
-    return None
-
-
-def load_batches(folder):
-    """The pickled python-version batches: dicts with 'data' (N x 3072 uint8) and 'labels'."""
-    missing = [name for name in BATCH_FILES if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise DataError(f"{folder}: missing {', '.join(missing)} (expected data_batch_1..5 and test_batch)")
-    parts = {}
-    for name in BATCH_FILES:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            entry = {(k.decode() if isinstance(k, bytes) else k): v for k, v in entry.items()}
-            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-            if labels.shape != (len(data),) or labels.min() < 0 or labels.max() > 9:
-                raise ValueError(f"{labels.size} labels in 0..9 expected for {len(data)} images")
-        except Exception as error:  # unpickling, missing keys, wrong sizes: all mean a corrupt file
-            raise DataError(f"corrupt CIFAR-10 batch file {path}: {type(error).__name__}: {error}") from None
-        parts[name] = (torch.from_numpy(data.copy()), torch.from_numpy(labels))
-    train = [parts[name] for name in BATCH_FILES[:-1]]
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    return dict(train_x=torch.cat([x for x, _ in train]), train_y=torch.cat([y for _, y in train]),
-                test_x=parts["test_batch"][0], test_y=parts["test_batch"][1], classes=classes)
-
-
-def list_folder(root):
-    """{split: [(path, label)]} and the class names of an ImageFolder-layout tree."""
-    splits, classes = {}, None
-    for split in ("train", "test"):
-        base = os.path.join(root, split)
-        names = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) \
-            if os.path.isdir(base) else []
-        if not names:
-            raise DataError(f"{base}: expected class folders ({split}/<class>/*.jpg), found none")
-        if classes is not None and names != classes:
-            raise DataError(f"{root}: train/ and test/ hold different class folders: {classes} vs {names}")
-        classes = names
-        items = [(path, label) for label, name in enumerate(names)
-                 for path in sorted(glob.glob(os.path.join(base, name, "*"))) if path.lower().endswith(IMAGE_EXTS)]
-        if not items:
-            raise DataError(f"{base}: no images (*.jpg, *.png) in its class folders")
-        splits[split] = items
-    return splits, classes
-
-
-def decode_all(items, workers):
-    try:  # torchvision's decoder is ~5x faster than PIL's (deprecated in favour of TorchCodec)
-        from torchvision.io import ImageReadMode, decode_image, read_file
-
-        def read(path):
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except ImportError:
-        from PIL import Image
-
-        def read(path):
-            with Image.open(path) as image:
-                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-
-    def decode(chunk):
-        out = torch.empty(len(chunk), 3, 32, 32, dtype=torch.uint8)
-        for i, (path, _) in enumerate(chunk):
-            try:
-                image = read(path)
-            except Exception as error:
-                raise DataError(f"cannot decode image {path}: {error}") from None
-            if image.shape != (3, 32, 32):
-                raise DataError(f"{path}: expected a 32x32 image, got {tuple(image.shape[1:])}")
-            out[i] = image
-        return out
-
-    chunks = [items[i:i + 1000] for i in range(0, len(items), 1000)]
-    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
-        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
-        images = torch.cat(list(pool.map(decode, chunks)))
-    return images, torch.tensor([label for _, label in items], dtype=torch.int64)
-
-
-def load_folder(root, workers, log):
-    splits, classes = list_folder(root)
-    # the cache key: every file's name, size and modification time
-    digest = hashlib.sha1()
-    for path, label in splits["train"] + splits["test"]:
-        st = os.stat(path)
-        digest.update(f"{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    key, cache = digest.hexdigest(), os.path.join(root, CACHE_NAME)
-    if os.path.isfile(cache):
-        try:
-            data = torch.load(cache, weights_only=True)
-            if data.get("key") == key:
-                log(f"data: {cache} (decoded cache)")
-                return data
-        except Exception:  # a stale or broken cache is simply rebuilt
-            pass
-    start = time.time()
-    train_x, train_y = decode_all(splits["train"], workers)
-    test_x, test_y = decode_all(splits["test"], workers)
-    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes, key=key)
-    log(f"data: decoded {len(train_x) + len(test_x)} images from {root} in {time.time() - start:.1f}s")
-    try:
-        torch.save(data, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
-    except OSError as error:
-        log(f"data: not caching the decoded images ({error.strerror}: {cache})")
-    return data
-
-
-def load_cifar10(root, workers=4, download=True, log=print):
-    """The whole data set as uint8 tensors N x 3 x 32 x 32 and int64 labels."""
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise DataError(f"--data-dir {root} is a file, not a directory.\n{EXPECTED}")
-    layout = detect_layout(root) if os.path.isdir(root) else None
-    if layout is None:
-        present = os.path.isdir(root) and os.listdir(root)
-        if present:
-            archives = glob.glob(os.path.join(root, "*.tar.gz"))
-            hint = f"\n(found {archives[0]}: extract it first, see below)" if archives else ""
-            raise DataError(f"{root} holds no CIFAR-10 data in a known layout{hint}\n{EXPECTED}")
-        state = "is empty" if os.path.isdir(root) else "does not exist"
-        if not download:
-            raise DataError(f"data directory {root} {state} (and --no-download was given).\n{EXPECTED}")
-        log(f"data: {root} {state}; downloading CIFAR-10 with torchvision")
-        try:
-            import torchvision
-            torchvision.datasets.CIFAR10(root, train=True, download=True)
-        except Exception as error:
-            raise DataError(f"data directory {root} {state} and downloading CIFAR-10 failed "
-                            f"({type(error).__name__}: {error}).\n{EXPECTED}") from None
-        layout = detect_layout(root)
-    kind, folder = layout
-    if kind == "batches":
-        log(f"data: {folder} (pickled batches)")
-        data = load_batches(folder)
-    else:
-        data = load_folder(folder, workers, log)
-    if len(data["classes"]) < 2:
-        raise DataError(f"{root}: need at least 2 classes, found {data['classes']}")
-    return data
-
-
-def normalize(x_uint8):
-    zero = torch.zeros(len(x_uint8), dtype=torch.long, device=x_uint8.device)
-    return augment(x_uint8, zero, zero, zero.bool(), 0, "reflect")
-
-
-def augment(x_uint8, dy, dx, flip, pad, pad_mode):
-    """Batched random crop (offsets dy, dx in 0..2*pad of the padded image), horizontal flip and
-    normalisation; 'zeros' pads with black pixels."""
-    x = x_uint8.float()
-    if pad > 0:
-        n, c, h, w = x.shape
-        x = F.pad(x, (pad,) * 4, mode="reflect" if pad_mode == "reflect" else "constant")
-        ar = lambda k: torch.arange(k, device=x.device)
-        x = x[ar(n)[:, None, None, None], ar(c)[None, :, None, None],
-              (dy[:, None] + ar(h))[:, None, :, None], (dx[:, None] + ar(w))[:, None, None, :]]
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    return (x - mean) / (torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1) * 255)
-
-
-def epoch_plan(n, epoch, seed, pad):
-    """The order and augmentation of one epoch, from a generator seeded by (seed, epoch): the same
-    on every rank and after a resume. Flips alternate (airbench): an image flipped in one epoch is
-    not in the next, and each image's first choice is random."""
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(n, generator=gen)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
-    base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 7)).bool()
-    return order, dy, dx, base ^ bool(epoch % 2)
-
+import manualconv
+from cifar10 import DataError, augment, epoch_plan, load_cifar10, normalize, take_train_subset
+from manualconv.models import airbench, layers, lenet5, resnet20, tiny
 
 # --------------------------------------------------------------------------------- models
-
-def layer_namespace(backend):
-    """The layers a model is built from: torch.nn's or manualconv's drop-in subclasses."""
-    if backend == "native":
-        return types.SimpleNamespace(Conv2d=nn.Conv2d, MaxPool2d=nn.MaxPool2d, AvgPool2d=nn.AvgPool2d)
-    import manualconv
-    return types.SimpleNamespace(Conv2d=manualconv.Conv2d, MaxPool2d=manualconv.MaxPool2d,
-                                 AvgPool2d=manualconv.AvgPool2d)
-
 
 @torch.no_grad()
 def init_whitening(conv, images, eps=5e-4):
@@ -286,24 +88,9 @@ def init_whitening(conv, images, eps=5e-4):
     conv.weight.copy_(torch.cat([filters, -filters]).float())
 
 
-
-def lenet5(backend, num_classes=10):
-    try:
-        from manualconv.models import LeNet5
-    except ImportError as error:
-        raise SystemExit(f"train.py: error: --model lenet5 needs manualconv.models.LeNet5 ({error})")
-    model = LeNet5(in_channels=3, num_classes=num_classes)
-    if backend == "native":
-        import manualconv
-        if not hasattr(manualconv, "revert"):
-            raise SystemExit("train.py: error: --backend native lenet5 needs manualconv.revert, which is missing")
-        model = manualconv.revert(model, inplace=True)  # Subsampling2d/ScaledTanh have no torch.nn twin
-    return model
-
-
 def build_model(args, data, seed):
     torch.manual_seed(seed)
-    L, n = layer_namespace(args.backend), len(data["classes"])
+    L, n = layers(args.backend), len(data["classes"])
     if args.model == "airbench":
         model = airbench(L, args.width, n)
         init_whitening(model[0], data["train_x"][:5000])
@@ -312,7 +99,7 @@ def build_model(args, data, seed):
     elif args.model == "tiny":
         model = tiny(L, args.width[0], n)
     else:
-        model = lenet5(args.backend, n)
+        model = lenet5(L, n)
     return model
 
 
@@ -331,6 +118,87 @@ DEFAULTS = {
 # airbench94's widths and batch (94.0% in 9.9 epochs there, on the original PNG-exact data); 15
 # epochs leave a margin for the JPEG copy and flip/shift TTA only, at a few seconds an epoch on a GPU
 GPU_PRESET = dict(epochs=15, batch_size=1024, width="64,256,256")
+
+# ------------------------------------------------------------------------------ run state
+
+
+@dataclasses.dataclass
+class RunState:
+    """How far a run has got, beside its model, optimizer, lookahead and loss-scaler states: saved
+    in checkpoint.pt after every epoch (its fields are the checkpoint's top-level keys) and taken
+    up again by --resume."""
+    epoch: int = 0                        # epochs completed
+    step: int = 0                         # optimizer steps taken: the schedule's position
+    history: list = dataclasses.field(default_factory=list)  # one row of metrics per epoch
+    first_batch_loss: float | None = None  # the mean loss of the first batch (native = manual check)
+    init_sha256: str | None = None        # of the initial parameters: equal for both backends
+    train_time: float = 0.0               # seconds spent in training epochs, evaluation excluded
+    train_images: int = 0                 # images trained on, over all ranks
+    precision: str = "float32"            # the forward passes' autocast dtype (--amp), else float32
+    rng: dict | None = None               # the torch, numpy, python (and CUDA) generators' states
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(**{f.name: checkpoint[f.name] for f in dataclasses.fields(cls)})
+
+    def save_rng(self, device):
+        self.rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def restore_rng(self, device):
+        torch.set_rng_state(self.rng["torch"])
+        np.random.set_state(self.rng["numpy"])
+        random.setstate(self.rng["python"])
+        if self.rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(self.rng["cuda"], device)
+
+
+def autocast_dtype(amp, device):
+    """--amp: bfloat16 on CPU, float16 on CUDA; None (float32) without it."""
+    return (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+
+
+def precision_name(dtype):
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
+# A checkpoint is a dict: these keys and RunState's fields. Keys that later versions added, with
+# the value a checkpoint written before them implies.
+CHECKPOINT_KEYS = ("model", "optimizer", "lookahead", "args", "scaler")
+ADDED_LATER = dict(scaler=None, precision="float32")
+# numpy's generator state holds an ndarray: torch.load(weights_only=True) may rebuild these
+NUMPY_ARRAY = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.empty(0).__reduce__()[0]]
+
+
+def save_checkpoint(path, model, optimizer, lookahead, scaler, args, state):
+    checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                      lookahead=lookahead.ema if lookahead else None, scaler=scaler.state_dict(), args=vars(args),
+                      **dataclasses.asdict(state))
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a run killed while saving leaves the previous checkpoint whole
+
+
+def read_checkpoint(path):
+    """The checkpoint at path, on the CPU; a usage error when it is unreadable or not train.py's."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at the end
+            fail(f"--resume {path}: cannot read it: not a complete torch.save file (cut short, or another "
+                 f"kind of file: {type(error).__name__})")
+        if "Weights only load failed" in str(error):
+            found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "Python objects"
+            fail(f"--resume {path}: not a train.py checkpoint (it holds {found})")
+        fail(f"--resume {path}: cannot read it ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    if not isinstance(checkpoint, dict):
+        fail(f"--resume {path}: not a train.py checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    expected = CHECKPOINT_KEYS + tuple(f.name for f in dataclasses.fields(RunState))
+    missing = [key for key in expected if key not in checkpoint and key not in ADDED_LATER]
+    if missing:
+        fail(f"--resume {path}: not a train.py checkpoint (missing {', '.join(missing)})")
+    return {key: checkpoint.get(key, ADDED_LATER.get(key)) for key in expected}
+
 
 # ------------------------------------------------------------------------------- training
 
@@ -378,12 +246,18 @@ class Lookahead:
 
 
 @torch.no_grad()
-def evaluate(model, x_uint8, y, tta=0, fmt=torch.contiguous_format, world=1, rank=0, batch=1000):
+def evaluate(model, x_uint8, y, tta=0, fmt=torch.contiguous_format, world=1, rank=0, batch=1000, amp=None):
     """(loss sum, correct, count) over this rank's share of the test set. Test-time augmentation
     (airbench's levels): 1 averages the logits of each image and its mirror; 2 also those of the
-    image shifted by one pixel up-left and down-right (reflect padding), weighted 1/2, 1/4, 1/4."""
+    image shifted by one pixel up-left and down-right (reflect padding), weighted 1/2, 1/4, 1/4.
+    amp: the autocast dtype of the forward passes (None: float32)."""
     model.eval()
-    mirror = lambda x: (model(x) + model(x.flip(3))) / 2 if tta else model(x)  # noqa: E731
+
+    def forward(x):
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            return model(x).float()
+
+    mirror = lambda x: (forward(x) + forward(x.flip(3))) / 2 if tta else forward(x)  # noqa: E731
     loss, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
     share = torch.arange(len(y)).tensor_split(world)[rank]
     for idx in share.split(batch):
@@ -412,11 +286,6 @@ def sync_buffers(model, world):
     if world > 1:
         for b in model.buffers():
             dist.broadcast(b, 0)
-
-
-def save_checkpoint(path, state):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 def write_outputs(out, history, summary, plot=True):
@@ -477,15 +346,19 @@ def write_grad_norms(out, record, steps_per_epoch):
     plt.close(fig)
 
 
-def train(args, data, device, rank, world, log):
+def train(args, data, device, rank, world, log, checkpoint=None):
+    """Trains (from checkpoint, a read_checkpoint dict, when resuming); (model, summary, history)."""
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
     model = build_model(args, data, args.seed).to(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    init_sha = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    amp = autocast_dtype(args.amp, device)
+    state = RunState(precision=precision_name(amp), init_sha256=hashlib.sha256(
+        b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest())
     optimizer = make_optimizer(model, args)
     lookahead = Lookahead(model) if args.lookahead else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # float16's range needs loss scaling
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -496,40 +369,27 @@ def train(args, data, device, rank, world, log):
     # every batch of B (the last may be smaller) except a last one too small to give each rank an image
     steps_per_epoch = n // B + (0 < n % B and n % B >= world)
     total = steps_per_epoch * args.epochs
-    history, start_epoch, step, first_loss, train_time, images = [], 0, 0, None, 0.0, 0
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location=device, weights_only=False)
-        for key in ("model", "width", "batch_size"):
-            if ckpt["args"][key] != getattr(args, key):
-                raise SystemExit(f"train.py: error: {args.resume} was trained with --{key.replace('_', '-')} "
-                                 f"{ckpt['args'][key]}, not {getattr(args, key)}")
-        if ckpt["args"]["epochs"] != args.epochs:
-            log(f"note: {args.resume} was started with --epochs {ckpt['args']['epochs']}; the learning-rate "
-                f"schedule now spans {args.epochs}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
         if lookahead:
-            lookahead.ema = ckpt["lookahead"]
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        first_loss, init_sha = ckpt["first_batch_loss"], ckpt["init_sha256"]
-        train_time, images = ckpt["train_time"], ckpt["train_images"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if ckpt["rng"]["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        log(f"resumed from {args.resume} after epoch {start_epoch}")
-    log(f"model: {args.model} ({args.backend}{', ' + args.conv_backend if args.backend == 'manual' else ''}), "
+            lookahead.ema = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
+        if checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        state = RunState.from_checkpoint(checkpoint)
+        state.restore_rng(device)
+        log(f"resumed from {args.resume} after epoch {state.epoch}")
+    kernels = f", {args.conv_backend} kernels" if args.backend == "manual" else ""
+    log(f"model: {args.model} ({args.backend}{kernels}, {state.precision}{' autocast' if amp else ''}), "
         f"{sum(p.numel() for p in model.parameters())} parameters; {n} training images, {len(test_x)} test; "
         f"batch {B} ({world} rank{'s' if world > 1 else ''}), lr {args.lr:g}, {args.epochs} epochs on {device}")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing, reduction="sum")
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     bar_on = rank == 0 and not args.quiet and sys.stderr.isatty()
     from tqdm import tqdm
-    import manualconv
     recording = contextlib.ExitStack()
     record = recording.enter_context(manualconv.record_deltas(model)) if args.plot_grads and rank == 0 else None
-    for epoch in range(start_epoch, last_epoch):
+    for epoch in range(state.epoch, last_epoch):
         model.train()
         order, dy, dx, flip = epoch_plan(n, epoch, args.seed, args.crop_pad)
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
@@ -538,22 +398,24 @@ def train(args, data, device, rank, world, log):
         for batch in order.split(B)[:steps_per_epoch]:
             for group in optimizer.param_groups:
                 frozen = group["name"] == "whiten_bias" and epoch >= args.whiten_bias_epochs
-                group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(step, total, args.schedule)
+                group["lr"] = 0.0 if frozen else group["base_lr"] * lr_factor(state.step, total, args.schedule)
             mine = batch.tensor_split(world)[rank]  # this rank's share of the global batch
             idx = mine.to(device)
             x = augment(train_x[idx], dy[mine].to(device), dx[mine].to(device), flip[mine].to(device),
                         args.crop_pad, args.pad_mode)
-            logits = net(x.contiguous(memory_format=fmt))
-            loss = criterion(logits, train_y[idx])
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = net(x.contiguous(memory_format=fmt))
+            loss = criterion(logits.float(), train_y[idx])  # the loss in float32, with or without --amp
             optimizer.zero_grad(set_to_none=True)
             # the global batch's summed loss / B; DDP averages over ranks, hence * world
-            (loss * (world / B)).backward()
-            optimizer.step()
-            step += 1
-            if lookahead and (step % 5 == 0 or step == total):
-                lookahead.update(0.95 ** 5 * (step / total) ** 3)
-            if first_loss is None:
-                first_loss = loss.item() / len(mine)
+            scaler.scale(loss * (world / B)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            if lookahead and (state.step % 5 == 0 or state.step == total):
+                lookahead.update(0.95 ** 5 * (state.step / total) ** 3)
+            if state.first_batch_loss is None:
+                state.first_batch_loss = loss.item() / len(mine)
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == train_y[idx]).sum()
             seen += len(mine)
@@ -563,39 +425,40 @@ def train(args, data, device, rank, world, log):
                                     f"{seen * world / (time.time() - start):.0f} img/s")
         bar.close()
         epoch_train = time.time() - start
-        train_time += epoch_train
+        state.train_time += epoch_train
         loss_g, correct_g, seen_g = reduce_sum(loss_sum.item(), correct.item(), seen, world=world)
-        images += int(seen_g)
+        state.train_images += int(seen_g)
         sync_buffers(model, world)
-        t_loss, t_correct, t_n = reduce_sum(*evaluate(model, test_x, test_y, 0, fmt, world=world, rank=rank), world=world)
-        history.append(dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=loss_g / seen_g,
-                            train_acc=100 * correct_g / seen_g, test_loss=t_loss / t_n, test_acc=100 * t_correct / t_n,
-                            epoch_time_s=time.time() - start, train_images_per_s=seen_g / epoch_train))
-        h = history[-1]
+        t_loss, t_correct, t_n = reduce_sum(*evaluate(model, test_x, test_y, 0, fmt, world=world, rank=rank, amp=amp),
+                                            world=world)
+        state.history.append(dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=loss_g / seen_g,
+                                  train_acc=100 * correct_g / seen_g, test_loss=t_loss / t_n,
+                                  test_acc=100 * t_correct / t_n, epoch_time_s=time.time() - start,
+                                  train_images_per_s=seen_g / epoch_train))
+        state.epoch = epoch + 1
+        h = state.history[-1]
         log(f"epoch {h['epoch']:3d}/{args.epochs}  train loss {h['train_loss']:.4f} acc {h['train_acc']:6.2f}%  "
             f"test loss {h['test_loss']:.4f} acc {h['test_acc']:6.2f}%  {h['epoch_time_s']:.1f}s "
             f"{h['train_images_per_s']:.0f} img/s")
         if rank == 0:
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1, step=step,
-                lookahead=lookahead.ema if lookahead else None, history=history, args=vars(args),
-                first_batch_loss=first_loss, init_sha256=init_sha, train_time=train_time, train_images=images,
-                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                         cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)))
-            write_outputs(args.out, history, dict(args=vars(args), completed_epochs=len(history)), plot=False)
+            state.save_rng(device)
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, lookahead, scaler, args, state)
+            write_outputs(args.out, state.history, dict(args=vars(args), completed_epochs=state.epoch), plot=False)
     recording.close()
     if record is not None:
         write_grad_norms(args.out, record, steps_per_epoch)
-    done = len(history) == args.epochs
-    summary = dict(args=vars(args), world_size=world, device=str(device), init_sha256=init_sha,
-                   first_batch_loss=first_loss, completed_epochs=len(history), train_time_s=train_time,
-                   train_images_per_s=images / train_time if train_time else None)
+    history = state.history
+    summary = dict(args=vars(args), world_size=world, device=str(device), precision=state.precision,
+                   init_sha256=state.init_sha256, first_batch_loss=state.first_batch_loss,
+                   completed_epochs=state.epoch, train_time_s=state.train_time,
+                   train_images_per_s=state.train_images / state.train_time if state.train_time else None)
     summary["test_acc"], summary["test_loss"] = history[-1]["test_acc"], history[-1]["test_loss"]  # the last model's
     if args.tta:  # the final accuracy with test-time augmentation too
-        final = reduce_sum(*evaluate(model, test_x, test_y, args.tta, fmt, world=world, rank=rank), world=world)
+        final = reduce_sum(*evaluate(model, test_x, test_y, args.tta, fmt, world=world, rank=rank, amp=amp),
+                           world=world)
         summary["test_acc_tta"] = 100 * final[1] / final[2]
-    if not done:
-        log(f"stopped after epoch {len(history)} of {args.epochs} (--stop-after); continue with "
+    if state.epoch < args.epochs:
+        log(f"stopped after epoch {state.epoch} of {args.epochs} (--stop-after); continue with "
             f"--resume {os.path.join(args.out, 'checkpoint.pt')}")
     return model, summary, history
 
@@ -621,6 +484,24 @@ def init_distributed(device_arg):
 
 # ------------------------------------------------------------------------------------ CLI
 
+class UsageError(SystemExit):
+    """Exit status 2, as argparse's parser.error, for a bad argument found after parsing (a
+    checkpoint, the output folder); str() is the message."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def fail(message):
+    """Ends the run as parser.error does: a 'train.py: error: ...' line on stderr, exit status 2."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise UsageError(message)
+
+
 def positive(kind):
     def parse(text):
         value = kind(text)
@@ -631,7 +512,7 @@ def positive(kind):
     return parse
 
 
-def parse_args(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="airbench", choices=list(DEFAULTS))
@@ -666,6 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default runs/<timestamp>)")
     p.add_argument("--resume", help="checkpoint.pt to continue from, or 'auto' (OUT/checkpoint.pt, else "
                                     "the newest runs/*/checkpoint.pt; fresh start if none)")
+    p.add_argument("--resume-override", action="store_true",
+                   help="resume even though arguments that change the data or the schedule (--limit, --lr, "
+                        "--epochs, --seed, --amp, ...) differ from the checkpoint's: continue with the new ones")
     p.add_argument("--stop-after", type=positive(int), help="stop after this epoch (the schedule still spans --epochs)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
@@ -675,6 +559,13 @@ def parse_args(argv=None):
     p.add_argument("--plot-grads", action="store_true",
                    help="record each manualconv layer's delta and parameter-gradient norms every step "
                         "(manualconv.record_deltas) and write grads.png and grads.csv")
+    p.add_argument("--amp", action="store_true", help="mixed precision: autocast the forward passes to bfloat16 "
+                   "on CPU, float16 on CUDA (with loss scaling)")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
 
     defaults = dict(DEFAULTS[args.model])
@@ -717,8 +608,76 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
             os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    blocking = file_on_path(args.out)
+    if blocking:
+        p.error(f"--out {args.out}: {blocking} is a file, not a folder")
     args.schedule = list(args.schedule)
     return args
+
+
+def file_on_path(folder):
+    """The file at folder or at its nearest existing parent, if that is a file: None if the folder
+    exists or can be created."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+# Arguments a resumed run may change: where and how it runs, not what it learns from. --amp is
+# compared as the precision (RunState.precision), which also depends on the device.
+RESUME_FREE = {"out", "resume", "resume_override", "stop_after", "data_dir", "download", "workers", "device",
+               "threads", "quiet", "compile", "channels_last", "plot_grads", "backend", "conv_backend", "tta",
+               "preset", "amp"}
+ARCHITECTURE = ("model", "width")  # the checkpoint's weights fit no other
+
+
+def shown(value):
+    """An argument's value as it is written on the command line ('unset' for None)."""
+    if value is None:
+        return "unset"
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resume_differences(args, checkpoint, precision):
+    """['--limit unset (now 12)', ...]: the checkpoint's data and schedule arguments that differ
+    from args (for arguments it predates: their defaults), with the precision (--amp) it trained
+    in; refuses outright another architecture."""
+    p, saved = make_parser(), checkpoint["args"]
+    flags = {action.dest: action.option_strings[-1] for action in p._actions if action.option_strings}
+    for key in ARCHITECTURE:
+        if saved.get(key) != getattr(args, key):
+            fail(f"--resume {args.resume}: it was trained with --{key} {shown(saved.get(key))}, not "
+                 f"{shown(getattr(args, key))} (its weights fit no other model)")
+    differ = [f"{flags.get(key, key)} {shown(saved.get(key, p.get_default(key)))} (now {shown(value)})"
+              for key, value in vars(args).items()
+              if key not in RESUME_FREE and key not in ARCHITECTURE and saved.get(key, p.get_default(key)) != value]
+    if checkpoint["precision"] != precision:
+        differ.append(f"--amp: {checkpoint['precision']} (now {precision})")
+    return differ
+
+
+def has_kernels(device):
+    """Whether the built extension registers a kernel on device's type for every manualconv
+    operator (all of them have CPU kernels)."""
+    def registered(key):
+        return {name for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+                if name.startswith("manualconv::")}
+    return manualconv.ops.AVAILABLE and registered("CPU") <= registered(device.type.upper())
+
+
+def choose_conv_backend(requested, device):
+    """(backend, why): manualconv's C++ kernels wherever the extension has them for device, else
+    the reference kernels (plain tensor code, on any device); --conv-backend forces one."""
+    if requested == "reference":
+        return "reference", "--conv-backend reference"
+    if has_kernels(device):
+        return "cpp", f"the C++ extension's {device.type.upper()} kernels"
+    why = f"the C++ extension is not built ({manualconv.ops.LOAD_ERROR})" if not manualconv.ops.AVAILABLE else \
+        f"the C++ extension was built without {device.type.upper()} kernels (build with MANUALCONV_CUDA=1 for them)"
+    if requested == "cpp":
+        fail(f"--conv-backend cpp: {why}; use --conv-backend reference")
+    return "reference", why
 
 
 def main(argv=None):
@@ -726,16 +685,18 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        differ = resume_differences(args, checkpoint, precision_name(autocast_dtype(args.amp, device)))
+        if differ and not args.resume_override:
+            fail(f"--resume {args.resume}: it was trained with other data or schedule arguments: {', '.join(differ)}; "
+                 "resume with the checkpoint's, or add --resume-override to continue with the new ones")
+        if differ:
+            log(f"note: --resume-override: continuing {args.resume} with {', '.join(differ)}")
     if args.backend == "manual":
-        import manualconv
-        if args.conv_backend is None:  # the C++ kernels are CPU-only; the reference ones run anywhere
-            args.conv_backend = "cpp" if device.type == "cpu" and manualconv.ops.AVAILABLE else "reference"
-        try:
-            manualconv.set_backend(args.conv_backend)
-        except RuntimeError as error:
-            raise SystemExit(f"train.py: error: {error}")
-        if device.type == "cuda" and args.conv_backend == "cpp":
-            raise SystemExit("train.py: error: manualconv's cpp kernels are CPU-only; use --conv-backend reference")
+        args.conv_backend, why = choose_conv_backend(args.conv_backend, device)
+        manualconv.set_backend(args.conv_backend)
+        log(f"manualconv kernels: {args.conv_backend} ({why})")
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -747,7 +708,10 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as error:
+            fail(f"--out {args.out}: cannot create it ({error.strerror})")
     wall = time.time()
     try:
         # rank 0 decodes (and caches) first; the other ranks then read its cache
@@ -763,11 +727,10 @@ def main(argv=None):
     if args.limit:
         if args.limit > len(data["train_x"]):
             raise SystemExit(f"train.py: error: --limit {args.limit} exceeds the {len(data['train_x'])} training images")
-        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))[:args.limit]
-        data = dict(data, train_x=data["train_x"][keep], train_y=data["train_y"][keep])
+        data = take_train_subset(data, args.limit, args.seed)
     if min(args.batch_size, len(data["train_x"])) < world:
         raise SystemExit(f"train.py: error: {world} ranks need a batch and a training set of at least {world} images")
-    model, summary, history = train(args, data, device, rank, world, log)
+    model, summary, history = train(args, data, device, rank, world, log, checkpoint)
     summary["wall_time_s"] = time.time() - wall
     if rank == 0:
         write_outputs(args.out, history, summary)

@@ -1,9 +1,9 @@
 """Networks used by train.py and the benchmark.
 
-``airbench``, ``resnet20`` and ``tiny`` are built from a layer namespace ``L`` holding Conv2d,
-MaxPool2d and AvgPool2d: ``torch.nn`` (the default) or ``manualconv`` (its drop-in subclasses).
-``LeNet5`` is built only from manualconv layers (its subsampling and squashing layers have no
-torch.nn twin)."""
+``airbench``, ``resnet20``, ``tiny`` and ``lenet5`` are built from a layer namespace ``L``
+holding Conv2d, MaxPool2d and AvgPool2d: ``torch.nn`` (the default) or manualconv's drop-in
+subclasses; ``layers(backend)`` gives the one for 'native' or 'manual'. ``LeNet5`` is built only
+from manualconv layers (its subsampling and squashing layers have no torch.nn twin)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import modules
+from .convert import revert
 from .modules import Conv2d, Linear, ScaledTanh, Subsampling2d
 
 
@@ -117,3 +119,23 @@ def tiny(L=nn, width=8, num_classes=10):
     return nn.Sequential(L.Conv2d(3, width, 3, padding=1), nn.ReLU(), L.MaxPool2d(2),
                          L.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), L.AvgPool2d(2),
                          L.AvgPool2d(8), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+# ------------------------------------------------------------------- layer namespace, LeNet-5
+
+BACKENDS = ("manual", "native")
+
+
+def layers(backend: str = "native"):
+    """The layer namespace ``L`` of the builders here: torch.nn for 'native', manualconv's drop-in
+    modules for 'manual' (the same constructors, parameters and initialisation)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"layers: backend must be one of {BACKENDS}, but got backend={backend!r}")
+    return nn if backend == "native" else modules
+
+
+def lenet5(L=nn, num_classes: int = 10) -> nn.Module:
+    """LeNet5 for 3-channel 32×32 images; with ``L = torch.nn`` its convolutions and linear layers
+    are torch.nn's (``revert``), its subsampling and squashing layers stay manualconv's."""
+    model = LeNet5(in_channels=3, num_classes=num_classes)
+    return revert(model, inplace=True) if L is nn else model

@@ -1,5 +1,6 @@
-"""train.py end to end on tiny generated data: both data layouts, checkpoint/resume, metrics and
-plot files, two-process data parallelism, native-vs-manual equivalence and clear errors."""
+"""train.py (and cifar10.py, its data) end to end on tiny generated data: both data layouts,
+checkpoint/resume, metrics and plot files, two-process data parallelism, native-vs-manual
+equivalence, mixed precision and clear errors."""
 
 import csv
 import json
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import manualconv
+from manualconv import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import cifar10  # noqa: E402
 import train  # noqa: E402
 
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -102,21 +105,21 @@ def params(model):
 def test_folder_layout_loads_exact_pixels_and_caches(tmp_path):
     root = str(tmp_path / "d")
     written = write_folder(root, n_train=3, n_test=2)
-    data = train.load_cifar10(root, workers=2, download=False, log=lambda *a: None)
+    data = cifar10.load_cifar10(root, workers=2, download=False, log=lambda *a: None)
     assert data["classes"] == CLASSES
     for split in ("train", "test"):
         images, labels = written[split]
         assert torch.equal(data[f"{split}_x"], torch.from_numpy(images).permute(0, 3, 1, 2))
         assert torch.equal(data[f"{split}_y"], torch.from_numpy(labels))
-    assert os.path.isfile(os.path.join(root, train.CACHE_NAME))
+    assert os.path.isfile(os.path.join(root, cifar10.CACHE_NAME))
     # the cache is used, and rebuilt when an image changes
     logs = []
-    again = train.load_cifar10(root, workers=1, download=False, log=logs.append)
+    again = cifar10.load_cifar10(root, workers=1, download=False, log=logs.append)
     assert "cache" in logs[0] and torch.equal(again["train_x"], data["train_x"])
     path = os.path.join(root, "train", "cat", "0000.png")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
     os.utime(path, ns=(1, 1))
-    changed = train.load_cifar10(root, workers=1, download=False, log=logs.append)
+    changed = cifar10.load_cifar10(root, workers=1, download=False, log=logs.append)
     assert changed["train_x"][0].sum() == 0 and not torch.equal(changed["train_x"], data["train_x"])
 
 
@@ -124,7 +127,7 @@ def test_folder_layout_loads_exact_pixels_and_caches(tmp_path):
 def test_pickled_batches_load_exactly(batches_data, inner):
     root, written = batches_data
     path = root if inner else os.path.join(root, "cifar-10-batches-py")
-    data = train.load_cifar10(path, download=False, log=lambda *a: None)
+    data = cifar10.load_cifar10(path, download=False, log=lambda *a: None)
     expected_train = np.concatenate([written[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
     assert torch.equal(data["train_x"], torch.from_numpy(expected_train).view(-1, 3, 32, 32))
     assert data["test_y"].tolist() == written["test_batch"][b"labels"]
@@ -134,23 +137,23 @@ def test_pickled_batches_load_exactly(batches_data, inner):
 def test_augmentation_crops_flips_and_normalises():
     x = torch.arange(2 * 3 * 32 * 32).remainder(251).to(torch.uint8).view(2, 3, 32, 32)
     dy, dx, flip = torch.tensor([0, 4]), torch.tensor([4, 2]), torch.tensor([False, True])
-    out = train.augment(x, dy, dx, flip, 2, "zeros")
-    mean = torch.tensor(train.CIFAR_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(train.CIFAR_STD).view(3, 1, 1) * 255
+    out = cifar10.augment(x, dy, dx, flip, 2, "zeros")
+    mean = torch.tensor(cifar10.CIFAR_MEAN).view(3, 1, 1) * 255
+    std = torch.tensor(cifar10.CIFAR_STD).view(3, 1, 1) * 255
     raw = out * std + mean
     # image 0: shifted up by 2 rows (2 zero rows on top), left by 2 columns (2 zero columns at the right)
     assert torch.allclose(raw[0, :, 2:, :30], x[0, :, :30, 2:].float(), atol=1e-3)
     assert torch.allclose(raw[0, :, :2], torch.zeros(3, 2, 32), atol=1e-3)
     # image 1: rows 2.. and columns as they were, then mirrored
     assert torch.allclose(raw[1, :, :30].flip(2), x[1, :, 2:].float(), atol=1e-3)
-    reflect = train.augment(x, dy, dx, flip, 2, "reflect") * std + mean
+    reflect = cifar10.augment(x, dy, dx, flip, 2, "reflect") * std + mean
     # reflect padding mirrors without repeating the edge: padded rows 0, 1 are rows 2, 1
     assert torch.allclose(reflect[0, :, 0, :30], x[0, :, 2, 2:].float(), atol=1e-3)
     assert torch.allclose(reflect[0, :, 1, :30], x[0, :, 1, 2:].float(), atol=1e-3)
     # epoch plans are reproducible and flips alternate between epochs
-    a, b = train.epoch_plan(50, 3, 7, 2), train.epoch_plan(50, 3, 7, 2)
+    a, b = cifar10.epoch_plan(50, 3, 7, 2), cifar10.epoch_plan(50, 3, 7, 2)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert torch.equal(train.epoch_plan(50, 4, 7, 2)[3], ~a[3]) and 10 < a[3].sum() < 40
+    assert torch.equal(cifar10.epoch_plan(50, 4, 7, 2)[3], ~a[3]) and 10 < a[3].sum() < 40
 
 
 def test_whitening_layer_whitens_patches():
@@ -158,18 +161,18 @@ def test_whitening_layer_whitens_patches():
     conv = nn.Conv2d(3, 24, 2, bias=False)
     images = torch.from_numpy(random_images(64, 5)).permute(0, 3, 1, 2).contiguous()
     train.init_whitening(conv, images, eps=0)
-    out = conv(train.normalize(images)).detach()[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    out = conv(cifar10.normalize(images)).detach()[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
     cov = out.T @ out / len(out)
     assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=1e-3)
 
 
 def test_evaluate_tta_levels_and_rank_shares():
     torch.manual_seed(0)
-    model = train.tiny(train.layer_namespace("native"), 4)
+    model = models.tiny(models.layers("native"), 4)
     x = torch.from_numpy(random_images(10, 3)).permute(0, 3, 1, 2).contiguous()
     y = torch.arange(10) % 10
     with torch.no_grad():
-        z = train.normalize(x)
+        z = cifar10.normalize(x)
         padded = F.pad(z, (1, 1, 1, 1), mode="reflect")
         mirror = lambda v: (model(v) + model(v.flip(3))) / 2  # noqa: E731
         expected = {0: model(z), 1: mirror(z),
@@ -257,7 +260,7 @@ def test_end_to_end_jpeg_folder(tmp_path, capsys):
     _, summary, history = train.main(TINY + ["--data-dir", root, "--epochs", "2", "--out", str(tmp_path / "o")])
     assert "18 training images, 9 test" in capsys.readouterr().out
     assert summary["completed_epochs"] == 2 and len(history) == 2
-    data = train.load_cifar10(root, download=False, log=lambda *a: None)
+    data = cifar10.load_cifar10(root, download=False, log=lambda *a: None)
     decoded = data["train_x"].permute(0, 2, 3, 1).float()
     assert (decoded - torch.from_numpy(written["train"][0]).float()).abs().mean() < 8  # JPEG quality 95
 
@@ -283,7 +286,7 @@ def test_resume_matches_uninterrupted_run(folder_data, tmp_path):
         train.main(common + ["--width", "4,8,16", "--resume", str(tmp_path / "part" / "checkpoint.pt")])
     # and training did move the weights
     assert not torch.equal(full_model[2].conv1.weight, train.build_model(
-        train.parse_args(common), train.load_cifar10(root, log=lambda *a: None), 11)[2].conv1.weight)
+        train.parse_args(common), cifar10.load_cifar10(root, log=lambda *a: None), 11)[2].conv1.weight)
 
 
 # -------------------------------------------------------------------------- distributed
@@ -308,7 +311,7 @@ def test_torchrun_two_ranks_equal_single_process(folder_data, tmp_path):
     assert "(2 ranks)" in proc.stdout
     ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     single_model, single, _ = train.main(argv + ["--out", str(tmp_path / "single")])
-    initial = train.build_model(train.parse_args(argv), train.load_cifar10(root, log=lambda *a: None), 0)
+    initial = train.build_model(train.parse_args(argv), cifar10.load_cifar10(root, log=lambda *a: None), 0)
     assert json.load(open(tmp_path / "ddp" / "metrics.json"))["world_size"] == 2
     for name, p in single_model.named_parameters():
         assert torch.allclose(ddp["model"][name], p, rtol=0, atol=1e-6), name
@@ -327,7 +330,7 @@ def test_batchnorm_model_parameters_identical_across_ranks(folder_data, tmp_path
     argv = AIRBENCH + ["--data-dir", root, "--epochs", "1", "--lr", "0.5", "--out", str(tmp_path / "run")]
     torch.multiprocessing.spawn(_rank_worker, args=(free_port(), argv, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    initial = train.build_model(train.parse_args(argv), train.load_cifar10(root, log=lambda *a: None), 0)
+    initial = train.build_model(train.parse_args(argv), cifar10.load_cifar10(root, log=lambda *a: None), 0)
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 10
     for name, p in initial.named_parameters():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
@@ -430,3 +433,187 @@ def test_plot_grads_records_every_step(folder_data, tmp_path):
     assert deltas and all(float(r["norm"]) > 0 for r in rows if r["kind"] == "delta")
     assert len(history) == 2 and len(steps) >= 2 and max(steps) == len(steps) - 1
     assert os.path.getsize(os.path.join(out, "grads.png")) > 0
+
+
+# ------------------------------------------------------------- resume, --out and --amp errors
+
+@pytest.fixture(scope="module")
+def checkpoint(folder_data, tmp_path_factory):
+    """(arguments, checkpoint.pt) of a tiny run stopped after epoch 1 of 2 (written by a separate
+    process, so this module-scoped fixture leaves this process's torch state alone)."""
+    root, _ = folder_data
+    out = tmp_path_factory.mktemp("stopped")
+    argv = TINY + ["--data-dir", root, "--epochs", "2"]
+    proc = run_cli(*argv, "--out", str(out), "--stop-after", "1")
+    assert proc.returncode == 0, proc.stderr
+    return argv, str(out / "checkpoint.pt")
+
+
+def broken_checkpoint(kind, good, path):
+    """Writes a checkpoint.pt that cannot be resumed from at path."""
+    if kind == "truncated":
+        data = open(good, "rb").read()
+        data = data[:len(data) // 2]
+    elif kind == "random-bytes":
+        data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    elif kind == "empty":
+        data = b""
+    else:  # torch files that are no checkpoint: a tensor, a dict of other keys, a checkpoint missing a key
+        value = {"tensor": torch.ones(3), "other-dict": {"weights": torch.ones(3)},
+                 "missing-key": {k: v for k, v in torch.load(good, weights_only=False).items() if k != "step"}}[kind]
+        torch.save(value, path)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("via", ["path", "auto"])
+@pytest.mark.parametrize("kind", ["truncated", "random-bytes", "empty", "tensor", "other-dict", "missing-key"])
+def test_resume_of_broken_checkpoint_is_a_usage_error(checkpoint, tmp_path, capsys, kind, via):
+    argv, good = checkpoint
+    out = tmp_path / "run"
+    out.mkdir()
+    path = str(out / "checkpoint.pt")
+    broken_checkpoint(kind, good, path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--out", str(out), "--resume", path if via == "path" else "auto"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"train.py: error: --resume {path}: " in err, err
+    assert ("not a train.py checkpoint" if kind in ("tensor", "other-dict", "missing-key")
+            else "cannot read it") in err, err
+    if kind == "missing-key":
+        assert "missing step" in err, err
+
+
+def test_resume_of_truncated_checkpoint_from_cli(checkpoint, tmp_path):
+    argv, good = checkpoint
+    broken_checkpoint("truncated", good, str(tmp_path / "checkpoint.pt"))
+    proc = run_cli(*argv, "--out", str(tmp_path), "--resume", "auto")
+    assert proc.returncode == 2, proc.stderr
+    assert "train.py: error: --resume" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    existing = tmp_path / "metrics.txt"
+    existing.write_text("not a folder")
+    for out, culprit in ((existing, existing), (existing / "run", existing), (existing / "a" / "b", existing)):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(TINY + ["--out", str(out)])
+        assert exit_info.value.code == 2
+        assert f"--out {out}: {culprit} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_resume_with_other_data_or_schedule_is_refused(checkpoint, tmp_path, capsys):
+    argv, good = checkpoint
+    out = tmp_path / "run"
+    out.mkdir()
+    path = str(out / "checkpoint.pt")
+    with open(good, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    cases = [(["--limit", "12"], ["--limit unset (now 12)"]),
+             (["--lr", "0.2", "--seed", "3"], ["--lr 0.05 (now 0.2)", "--seed 0 (now 3)"]),
+             (["--epochs", "3"], ["--epochs 2 (now 3)"]),
+             (["--amp"], ["--amp: float32 (now bfloat16)"])]
+    for extra, named in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv + extra + ["--out", str(out), "--resume", "auto"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"train.py: error: --resume {path}: " in err and "--resume-override" in err, err
+        assert all(text in err for text in named), err
+        assert open(path, "rb").read() == open(good, "rb").read()  # refused before anything was written
+    # arguments that change neither the data nor the schedule may differ
+    _, summary, history = train.main(argv + ["--out", str(out), "--resume", path, "--threads", "1", "--workers", "1"])
+    assert summary["completed_epochs"] == 2 and len(history) == 2
+
+
+def test_resume_override_continues_with_new_arguments(checkpoint, tmp_path, capsys):
+    argv, good = checkpoint
+    out = tmp_path / "run"
+    out.mkdir()
+    path = str(out / "checkpoint.pt")
+    with open(good, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    _, summary, history = train.main(argv + ["--limit", "12", "--out", str(out), "--resume", "auto",
+                                             "--resume-override"])
+    logged = capsys.readouterr().out
+    assert "--limit unset (now 12)" in logged and "12 training images" in logged, logged
+    assert summary["completed_epochs"] == 2 and summary["args"]["limit"] == 12 and len(history) == 2
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "--resume-override" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["native", "manual"])
+def test_amp_trains_in_bfloat16_on_cpu(folder_data, tmp_path, monkeypatch, backend):
+    """--amp on CPU: every convolution computes in bfloat16 (autocast), parameters and checkpoint
+    stay float32, and the first batch's loss is the float32 run's up to bfloat16 rounding."""
+    root, _ = folder_data
+    dtypes, build = set(), train.build_model
+
+    def build_recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_recording)
+    argv = AIRBENCH + ["--data-dir", root, "--epochs", "1", "--backend", backend]
+    _, amp, _ = train.main(argv + ["--amp", "--out", str(tmp_path / "amp")])
+    assert dtypes == {torch.bfloat16} and amp["precision"] == "bfloat16"
+    dtypes.clear()
+    _, full, _ = train.main(argv + ["--out", str(tmp_path / "float32")])
+    assert dtypes == {torch.float32} and full["precision"] == "float32"
+    ckpt = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=False)
+    assert ckpt["precision"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    # bfloat16 keeps 8 significant bits (relative rounding <= 2^-9 per value): through airbench's
+    # eight convolutions the first loss moves, by far less than 1%
+    assert 0 < abs(amp["first_batch_loss"] - full["first_batch_loss"]) < 0.01 * full["first_batch_loss"]
+
+
+def test_cpp_kernels_are_chosen_wherever_the_extension_has_them():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.choose_conv_backend(None, cpu)[0] == "cpp" and train.has_kernels(cpu)
+    assert train.choose_conv_backend("reference", cpu)[0] == "reference"
+    ops = [name for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+           if name.startswith("manualconv::")]
+    built_with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("manualconv::conv2d_forward", "CUDA")
+    assert train.has_kernels(cuda) == built_with_cuda and len(ops) >= 10
+    if not built_with_cuda:  # this build: the reference kernels on CUDA, saying why; --conv-backend cpp refused
+        backend, why = train.choose_conv_backend(None, cuda)
+        assert backend == "reference" and "without CUDA kernels" in why
+        with pytest.raises(SystemExit, match="--conv-backend cpp: the C.. extension was built without CUDA"):
+            train.choose_conv_backend("cpp", cuda)
+        # a build with CUDA kernels, mimicked by registering (never called) ones for this test: cpp;
+        # one operator without its CUDA kernel is enough to fall back
+        lib = torch.library.Library("manualconv", "IMPL")
+        try:
+            for name in ops[:-1]:
+                lib.impl(name.split("::")[1], lambda *args: None, "CUDA")
+            assert train.choose_conv_backend(None, cuda)[0] == "reference"
+            lib.impl(ops[-1].split("::")[1], lambda *args: None, "CUDA")
+            assert train.choose_conv_backend(None, cuda) == ("cpp", "the C++ extension's CUDA kernels")
+        finally:
+            lib._destroy()
+        assert not train.has_kernels(cuda)
+    # float16 autocast with loss scaling on CUDA, bfloat16 on CPU
+    assert train.autocast_dtype(True, cuda) == torch.float16 and train.autocast_dtype(True, cpu) == torch.bfloat16
+    assert train.autocast_dtype(False, cuda) is None
+
+
+def test_resume_of_checkpoint_written_before_amp(checkpoint, tmp_path, capsys):
+    """A checkpoint without the keys --amp added (loss scaler, precision) resumes in float32, and
+    refuses --amp like any other change of schedule."""
+    argv, good = checkpoint
+    path = str(tmp_path / "checkpoint.pt")
+    old = {k: v for k, v in torch.load(good, weights_only=False).items() if k not in ("scaler", "precision")}
+    old["args"] = {k: v for k, v in old["args"].items() if k not in ("amp", "resume_override")}
+    torch.save(old, path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--out", str(tmp_path), "--resume", "auto", "--amp"])
+    assert exit_info.value.code == 2 and "--amp: float32 (now bfloat16)" in capsys.readouterr().err
+    _, summary, history = train.main(argv + ["--out", str(tmp_path), "--resume", "auto"])
+    assert summary["completed_epochs"] == 2 and summary["precision"] == "float32" and len(history) == 2
