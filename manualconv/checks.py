@@ -7,22 +7,41 @@ the output size. Sizes are plain ints here, or SymInts when traced by ``torch.co
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
+
+
+def as_int(value, name: str, op: str, expected: str = "int") -> int:
+    """An integer argument, as torch's argument parser reads one: ints and integer-like objects
+    (numpy integers, one-element integer tensors, SymInts: anything with ``__index__``) are
+    accepted; floats (even 2.0), bools and strings raise TypeError naming the argument, never a
+    silent truncation."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{op}(): argument '{name}' must be {expected}, not {type(value).__name__}")
+
+
+_INTS = "int or tuple of ints"
 
 
 def pair(value, name: str, op: str) -> Tuple[int, int]:
     """Normalise an int or a 1/2-sequence to a (height, width) pair, as torch's _pair does."""
     if isinstance(value, (list, tuple)):
         if len(value) == 1:
-            return (int(value[0]), int(value[0]))
+            return (as_int(value[0], name, op, _INTS),) * 2
         if len(value) != 2:
             raise RuntimeError(
                 f"{op}: {name} must be a single int or a pair of ints, got {name}={list(value)}"
             )
-        return (int(value[0]), int(value[1]))
-    return (int(value), int(value))
+        return (as_int(value[0], name, op, _INTS), as_int(value[1], name, op, _INTS))
+    return (as_int(value, name, op, _INTS),) * 2
 
 
 def _fmt(size: Sequence[int]) -> str:
@@ -142,11 +161,10 @@ def check_pool2d(
         )
     if any(p < 0 for p in padding):
         raise RuntimeError(f"{op}: pad must be non-negative, but got padding={tuple(padding)}")
-    for k, p, d in zip(kernel_size, padding, dilation):
-        if p > ((k - 1) * d + 1) // 2:
+    for k, p in zip(kernel_size, padding):
+        if p > k // 2:  # torch's rule: half the kernel, whatever the dilation
             raise RuntimeError(
-                f"{op}: pad should be at most half of effective kernel size, but got pad={p}, "
-                f"kernel_size={k} and dilation={d}"
+                f"{op}: pad should be at most half of kernel size, but got pad={p}, kernel_size={k}"
             )
     n, c, h, w = input_size
     h_out = pool2d_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
@@ -197,8 +215,11 @@ def adaptive_windows(size: int, out: int):
 
 
 def check_adaptive_pool2d(op: str, input_size: Sequence[int], output_size: Sequence[int]) -> Tuple[int, int, int, int]:
-    """Validate an adaptive pool on (N, C, H, W) input; return (N, C, H_out, W_out)."""
-    if len(input_size) != 4 or any(s == 0 for s in input_size[1:]):
+    """Validate an adaptive pool on (N, C, H, W) input; return (N, C, H_out, W_out). As torch, the
+    average pool accepts zero channels (an empty result); the max pool, like both on an empty
+    plane, raises."""
+    non_empty = input_size[2:] if op == "adaptive_avg_pool2d" else input_size[1:]
+    if len(input_size) != 4 or any(s == 0 for s in non_empty):
         raise RuntimeError(
             f"{op}: expected a 3D (C, H, W) or 4D (N, C, H, W) input with non-zero channels, height "
             f"and width, but got input of size {_fmt(input_size)}"

@@ -27,3 +27,16 @@ def cpp():
     assert ops.AVAILABLE, f"the C++ extension is not built: {ops.LOAD_ERROR}"
     with manualconv.use_backend("cpp"):
         yield
+
+
+# Hypothesis profiles for tests/test_properties.py. 'ci' (the default): a bounded, derandomized
+# run (the same examples every time, no example database), so CI is reproducible and fast.
+# 'long': `pytest tests/test_properties.py --hypothesis-profile=long` for a deeper random search.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("long", max_examples=500, deadline=None, suppress_health_check=_SLOW_OK,
+                          print_blob=True)
+settings.load_profile("ci")
