@@ -100,7 +100,9 @@ def build_model(args, data, seed):
         model = tiny(L, args.width[0], n)
     else:
         model = lenet5(L, n)
-    return model
+    # --backend manual: every layer hand-derived, not only those built from L (batch norm, GELU,
+    # ReLU, linear, and F.* calls in forward through manualconv.capture); parameters unchanged
+    return manualconv.convert(model, inplace=True) if args.backend == "manual" else model
 
 
 # Per-model defaults for the options left unset. airbench: lr 11.5 per 1024 examples of summed
@@ -383,7 +385,8 @@ def train(args, data, device, rank, world, log, checkpoint=None):
     log(f"model: {args.model} ({args.backend}{kernels}, {state.precision}{' autocast' if amp else ''}), "
         f"{sum(p.numel() for p in model.parameters())} parameters; {n} training images, {len(test_x)} test; "
         f"batch {B} ({world} rank{'s' if world > 1 else ''}), lr {args.lr:g}, {args.epochs} epochs on {device}")
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing, reduction="sum")
+    loss_class = manualconv.CrossEntropyLoss if args.backend == "manual" else nn.CrossEntropyLoss
+    criterion = loss_class(label_smoothing=args.label_smoothing, reduction="sum")
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     bar_on = rank == 0 and not args.quiet and sys.stderr.isatty()
     from tqdm import tqdm

@@ -31,9 +31,21 @@ from .modules import (
     Tanh,
 )
 
-__version__ = "0.1.0"
+from .modules import BatchNorm1d, BatchNorm2d, Dropout, Dropout2d, GroupNorm, LayerNorm  # normalisation, dropout
+
+from .modules import ELU, GELU, Hardsigmoid, Hardswish, Hardtanh, LeakyReLU, LogSoftmax, ReLU6, SiLU, Softmax  # activations
+from .capture import capture  # activations: functional capture
+
+from .modules import refuse_torchscript as _refuse_torchscript
+
+_refuse_torchscript()  # torch.jit.script of any manualconv module: a clear error (see modules.py)
+
+__version__ = "0.1.0"  # the version's one home: pyproject.toml (hence wheels, pip) reads it from here
 __all__ = [
     "functional", "models", "reference", "set_backend", "get_backend", "use_backend", "convert", "revert", "record_deltas",
     "Conv2d", "MaxPool2d", "AvgPool2d", "Conv1d", "ConvTranspose2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
     "Linear", "ReLU", "Sigmoid", "Tanh", "ScaledTanh", "CrossEntropyLoss", "Subsampling2d",
 ]
+__all__ += ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "Dropout", "Dropout2d"]  # normalisation, dropout
+__all__ += ["GELU", "SiLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "LeakyReLU", "ELU", "Softmax", "LogSoftmax",
+            "capture"]  # activations, functional capture

@@ -11,13 +11,93 @@ at the argmax, average spreading with average pooling.
 
 from __future__ import annotations
 
-
+import math
 
 import torch
 from torch.autograd import Function
 
 from .backend import kernels
+from .checks import check_conv2d
 from .reference import conv2d_grad_bias, max_pool2d_gather
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func support (vmap, jacrev, jacfwd, jvp, hessian). Each Function's ``vmap`` rule folds
+# the mapped dimension of B samples into a dimension its kernel already loops over: the batch
+# (B·N entries) where all samples share the weights, the channels and groups where each sample
+# has its own weights, so B samples' filters become B·g groups of one conv call and the
+# per-sample weight gradient ∂J/∂W_n = x_n ⋆ δ_n is the grad-weight kernel without the sum over
+# n (no unfold). Each ``jvp`` rule is the forward-mode derivative: a linear op's is the op itself,
+# max pooling's gathers the tangent at the argmax, an elementwise op's is f′(x)·ẋ. Both are built
+# from these Functions again, so the transforms compose (hessian = jacfwd(jacrev)).
+
+
+class forward_mode_rule:
+    """Declares a Function's ``jvp`` (in place of ``@staticmethod``). torch.autograd's forward mode
+    and torch.func (jvp, jacfwd, hessian) see the rule; torch.compile's tracer, which refuses
+    Functions that define a custom jvp (a graph break, an error under fullgraph=True) and never
+    calls one (it differentiates with backward), sees torch.autograd.Function's default."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def __get__(self, instance, owner=None):
+        if torch._guards.TracingContext.try_get() is not None:  # dynamo is tracing
+            return Function.jvp
+        return self.rule.__get__(instance, owner) if isinstance(self.rule, classmethod) else self.rule
+
+
+def _sample_first(t: torch.Tensor, dim, batch: int) -> torch.Tensor:
+    """t with its mapped dimension first; an unmapped t (dim None) as ``batch`` broadcast copies."""
+    return t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def samples_into_batch(t: torch.Tensor, dim, batch: int) -> torch.Tensor:
+    """(B, N, …) → (B·N, …): the samples' batches as one batch (for weights shared by all samples)."""
+    t = _sample_first(t, dim, batch)
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+
+
+def batch_into_samples(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B·N, …) → (B, N, …), the inverse of samples_into_batch (mapped dimension 0)."""
+    return t.reshape((batch, t.shape[0] // batch) + tuple(t.shape[1:]))
+
+
+def samples_into_channels(t: torch.Tensor, dim, batch: int) -> torch.Tensor:
+    """(B, N, C, …) → (N, B·C, …): sample b's channels become channel block b (the groups trick)."""
+    t = _sample_first(t, dim, batch).transpose(0, 1)
+    return t.reshape((t.shape[0], t.shape[1] * t.shape[2]) + tuple(t.shape[3:]))
+
+
+def channels_into_samples(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(N, B·C, …) → (B, N, C, …), the inverse of samples_into_channels (mapped dimension 0)."""
+    return t.reshape((t.shape[0], batch, t.shape[1] // batch) + tuple(t.shape[2:])).transpose(0, 1)
+
+
+def per_sample_channels(t: torch.Tensor, dim, batch: int, rank: int) -> torch.Tensor:
+    """A per-channel vector (C) or per-sample vectors (B, C), shaped to broadcast over (B, N, C, …)
+    with ``rank`` dimensions after the sample dimension."""
+    shape = (-1,) + (1,) * (rank - 2)
+    return t.reshape(shape) if dim is None else t.movedim(dim, 0).reshape((batch, 1) + shape)
+
+
+def tangent_sum(*terms):
+    """ẏ = the sum of the tangent terms present (None: that input has no tangent)."""
+    present = [t for t in terms if t is not None]
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total
+
+
+def conv2d_grad_weight_per_sample(input, grad_output, weight_size, stride, padding, dilation, groups, backend):
+    """∂J/∂W_n = x_n ⋆ δ_n for each of B samples (input (B, N, C, H, W), δ (B, N, O, H', W')): one
+    grad-weight call with the samples' channels side by side in B·g groups; returns (B, O, C/g, kH, kW)."""
+    batch = input.shape[0]
+    size = (batch * weight_size[0],) + tuple(weight_size[1:])
+    grad = Conv2dGradWeightFunction.apply(samples_into_channels(input, 0, batch), samples_into_channels(grad_output, 0, batch),
+                                          size, stride, padding, dilation, batch * groups, backend)
+    return batch_into_samples(grad, batch)
 
 
 class Conv2dFunction(Function):
@@ -33,6 +113,7 @@ class Conv2dFunction(Function):
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # save only what backward needs: W for δx, x for ∂J/∂W
         ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+        ctx.save_for_forward(input, weight)  # jvp: ẏ = ẋ ⋆ W + x ⋆ Ẇ + ḃ
         ctx.input_size = tuple(input.shape)
         ctx.weight_size = tuple(weight.shape)
         ctx.conf = (stride, padding, dilation, groups, backend)
@@ -49,6 +130,37 @@ class Conv2dFunction(Function):
             grad_bias = conv2d_grad_bias(grad_output)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, stride, padding, dilation, groups, backend):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        batch, conf = info.batch_size, (stride, padding, dilation)
+        if w_dim is None:  # one kernel for all samples: their batches are one batch
+            shared_bias = bias if b_dim is None else None
+            y = batch_into_samples(Conv2dFunction.apply(samples_into_batch(input, x_dim, batch), weight, shared_bias,
+                                                        *conf, groups, backend), batch)
+        elif x_dim is None and groups == 1:  # one input, B kernels: B·O filters of one conv
+            y = channels_into_samples(Conv2dFunction.apply(input, samples_into_batch(weight, w_dim, batch), None,
+                                                           *conf, 1, backend), batch)
+        else:  # a kernel per sample: y_n = x_n ⋆ W_n as B·g groups of one conv
+            y = channels_into_samples(Conv2dFunction.apply(samples_into_channels(input, x_dim, batch),
+                                                           samples_into_batch(weight, w_dim, batch), None,
+                                                           *conf, batch * groups, backend), batch)
+        if bias is not None and (w_dim is not None or b_dim is not None):
+            y = y + per_sample_channels(bias, b_dim, batch, 4)  # + b_n
+        return y, 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        # ẏ = ẋ ⋆ W + x ⋆ Ẇ + ḃ  (y is linear in each of x, W, b)
+        input, weight = ctx.saved_tensors
+        conf = ctx.conf
+        size = check_conv2d(input.shape, weight.shape, None, *conf[:4])
+        return tangent_sum(
+            None if input_t is None else Conv2dFunction.apply(input_t, weight, None, *conf),
+            None if weight_t is None else Conv2dFunction.apply(input, weight_t, None, *conf),
+            None if bias_t is None else bias_t.reshape(1, -1, 1, 1).expand(size),
+        )
+
 
 class Conv2dGradInputFunction(Function):
     """δx = grad_input(δ, W). Linear in δ and in W: its adjoints are conv(·, W) and grad_weight(·, δ)."""
@@ -62,6 +174,8 @@ class Conv2dGradInputFunction(Function):
         grad_output, weight, input_size, stride, padding, dilation, groups, backend = inputs
         ctx.save_for_backward(grad_output if ctx.needs_input_grad[1] else None,
                               weight if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(grad_output, weight)  # jvp
+        ctx.input_size = tuple(input_size)
         ctx.weight_size = tuple(weight.shape)
         ctx.conf = (stride, padding, dilation, groups, backend)
 
@@ -76,6 +190,29 @@ class Conv2dGradInputFunction(Function):
             d_weight = Conv2dGradWeightFunction.apply(grad_grad_input, grad_output, ctx.weight_size, *ctx.conf)
         return d_grad_output, d_weight, None, None, None, None, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, grad_output, weight, input_size, stride, padding, dilation, groups, backend):
+        d_dim, w_dim = in_dims[:2]
+        batch, conf = info.batch_size, (stride, padding, dilation)
+        n, c, h, w = input_size
+        if w_dim is None:  # shared kernel: the samples' batches are one batch
+            grad = Conv2dGradInputFunction.apply(samples_into_batch(grad_output, d_dim, batch), weight,
+                                                 (batch * n, c, h, w), *conf, groups, backend)
+            return batch_into_samples(grad, batch), 0
+        grad = Conv2dGradInputFunction.apply(samples_into_channels(grad_output, d_dim, batch),  # B·g groups
+                                             samples_into_batch(weight, w_dim, batch), (n, batch * c, h, w),
+                                             *conf, batch * groups, backend)
+        return channels_into_samples(grad, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, grad_output_t, weight_t, *_):
+        # d grad_input(δ, W) = grad_input(δ̇, W) + grad_input(δ, Ẇ)  (bilinear)
+        grad_output, weight = ctx.saved_tensors
+        return tangent_sum(
+            None if grad_output_t is None else Conv2dGradInputFunction.apply(grad_output_t, weight, ctx.input_size, *ctx.conf),
+            None if weight_t is None else Conv2dGradInputFunction.apply(grad_output, weight_t, ctx.input_size, *ctx.conf),
+        )
+
 
 class Conv2dGradWeightFunction(Function):
     """∂J/∂W = grad_weight(x, δ). Linear in x and in δ: its adjoints are grad_input(δ, ·) and conv(x, ·)."""
@@ -89,7 +226,9 @@ class Conv2dGradWeightFunction(Function):
         input, grad_output, weight_size, stride, padding, dilation, groups, backend = inputs
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None,
                               grad_output if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(input, grad_output)  # jvp
         ctx.input_size = tuple(input.shape)
+        ctx.weight_size = tuple(weight_size)
         ctx.conf = (stride, padding, dilation, groups, backend)
 
     @staticmethod
@@ -101,6 +240,23 @@ class Conv2dGradWeightFunction(Function):
         if ctx.needs_input_grad[1]:  # ∂/∂δ ⟨G, grad_weight(x, δ)⟩ = conv(x, G)
             d_grad_output = Conv2dFunction.apply(input, grad_grad_weight, None, *ctx.conf)
         return d_input, d_grad_output, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, grad_output, weight_size, stride, padding, dilation, groups, backend):
+        # ∂J/∂W_n = x_n ⋆ δ_n: the per-sample weight gradient, B·g groups of one grad-weight call
+        batch = info.batch_size
+        return conv2d_grad_weight_per_sample(_sample_first(input, in_dims[0], batch),
+                                             _sample_first(grad_output, in_dims[1], batch),
+                                             weight_size, stride, padding, dilation, groups, backend), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, grad_output_t, *_):
+        # d grad_weight(x, δ) = grad_weight(ẋ, δ) + grad_weight(x, δ̇)  (bilinear)
+        input, grad_output = ctx.saved_tensors
+        return tangent_sum(
+            None if input_t is None else Conv2dGradWeightFunction.apply(input_t, grad_output, ctx.weight_size, *ctx.conf),
+            None if grad_output_t is None else Conv2dGradWeightFunction.apply(input, grad_output_t, ctx.weight_size, *ctx.conf),
+        )
 
 
 class MaxPool2dFunction(Function):
@@ -116,6 +272,7 @@ class MaxPool2dFunction(Function):
         _, indices = output
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)  # the argmax is all backward needs, not x
+        ctx.save_for_forward(indices)  # jvp: ẏ = ẋ at the argmax
         ctx.input_size = tuple(input.shape)
         ctx.backend = backend
 
@@ -124,6 +281,17 @@ class MaxPool2dFunction(Function):
         (indices,) = ctx.saved_tensors
         grad_input = MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.backend)
         return grad_input, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, *args):
+        batch = info.batch_size
+        y, indices = MaxPool2dFunction.apply(samples_into_batch(input, in_dims[0], batch), *args)
+        return (batch_into_samples(y, batch), batch_into_samples(indices, batch)), (0, 0)
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, *_):
+        (indices,) = ctx.saved_tensors
+        return max_pool2d_gather(input_t, indices), None  # ẏ = ẋ[argmax]
 
 
 class MaxPool2dBackwardFunction(Function):
@@ -135,13 +303,26 @@ class MaxPool2dBackwardFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, indices, _, _ = inputs
+        _, indices, ctx.input_size, ctx.backend = inputs
         ctx.save_for_backward(indices)
+        ctx.save_for_forward(indices)  # jvp
 
     @staticmethod
     def backward(ctx, grad_grad_input):
         (indices,) = ctx.saved_tensors
         return max_pool2d_gather(grad_grad_input, indices), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, indices, input_size, backend):
+        batch, (n, c, h, w) = info.batch_size, input_size
+        grad = MaxPool2dBackwardFunction.apply(samples_into_batch(grad_output, in_dims[0], batch),
+                                               samples_into_batch(indices, in_dims[1], batch), (batch * n, c, h, w), backend)
+        return batch_into_samples(grad, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, grad_output_t, *_):
+        (indices,) = ctx.saved_tensors  # linear in δy: its derivative is itself
+        return MaxPool2dBackwardFunction.apply(grad_output_t, indices, ctx.input_size, ctx.backend)
 
 
 class AvgPool2dFunction(Function):
@@ -163,6 +344,15 @@ class AvgPool2dFunction(Function):
         grad_input = AvgPool2dBackwardFunction.apply(grad_output, ctx.input_size, *ctx.conf)
         return (grad_input,) + (None,) * 7
 
+    @staticmethod
+    def vmap(info, in_dims, input, *conf):
+        batch = info.batch_size
+        return batch_into_samples(AvgPool2dFunction.apply(samples_into_batch(input, in_dims[0], batch), *conf), batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, *_):
+        return AvgPool2dFunction.apply(input_t, *ctx.conf)  # linear: its derivative is itself
+
 
 class AvgPool2dBackwardFunction(Function):
     """δx = spread(δy / divisor). Linear; its adjoint is average pooling itself."""
@@ -175,12 +365,22 @@ class AvgPool2dBackwardFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, _, *conf = inputs
+        _, ctx.input_size, *conf = inputs
         ctx.conf = tuple(conf)
 
     @staticmethod
     def backward(ctx, grad_grad_input):
         return (AvgPool2dFunction.apply(grad_grad_input, *ctx.conf),) + (None,) * 8
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input_size, *conf):
+        batch, (n, c, h, w) = info.batch_size, input_size
+        grad = AvgPool2dBackwardFunction.apply(samples_into_batch(grad_output, in_dims[0], batch), (batch * n, c, h, w), *conf)
+        return batch_into_samples(grad, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, grad_output_t, *_):
+        return AvgPool2dBackwardFunction.apply(grad_output_t, ctx.input_size, *ctx.conf)  # linear
 
 
 class AdaptiveMaxPool2dFunction(Function):
@@ -195,6 +395,7 @@ class AdaptiveMaxPool2dFunction(Function):
         input, _, backend = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])  # jvp: ẏ = ẋ at the argmax
         ctx.input_size = tuple(input.shape)
         ctx.backend = backend
 
@@ -202,6 +403,17 @@ class AdaptiveMaxPool2dFunction(Function):
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
         return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.backend), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, output_size, backend):
+        batch = info.batch_size
+        y, indices = AdaptiveMaxPool2dFunction.apply(samples_into_batch(input, in_dims[0], batch), output_size, backend)
+        return (batch_into_samples(y, batch), batch_into_samples(indices, batch)), (0, 0)
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, *_):
+        (indices,) = ctx.saved_tensors
+        return max_pool2d_gather(input_t, indices), None  # ẏ = ẋ[argmax]
 
 
 class AdaptiveAvgPool2dFunction(Function):
@@ -213,13 +425,23 @@ class AdaptiveAvgPool2dFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, output_size, backend = inputs
+        input, ctx.output_size, backend = inputs
         ctx.input_size = tuple(input.shape)
         ctx.backend = backend
 
     @staticmethod
     def backward(ctx, grad_output):
         return AdaptiveAvgPool2dBackwardFunction.apply(grad_output, ctx.input_size, ctx.backend), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, output_size, backend):
+        batch = info.batch_size
+        y = AdaptiveAvgPool2dFunction.apply(samples_into_batch(input, in_dims[0], batch), output_size, backend)
+        return batch_into_samples(y, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, *_):
+        return AdaptiveAvgPool2dFunction.apply(input_t, ctx.output_size, ctx.backend)  # linear
 
 
 class AdaptiveAvgPool2dBackwardFunction(Function):
@@ -231,13 +453,29 @@ class AdaptiveAvgPool2dBackwardFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_output, _, backend = inputs
+        grad_output, ctx.input_size, backend = inputs
         ctx.output_size = tuple(grad_output.shape[2:])
         ctx.backend = backend
 
     @staticmethod
     def backward(ctx, grad_grad_input):
         return AdaptiveAvgPool2dFunction.apply(grad_grad_input, ctx.output_size, ctx.backend), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input_size, backend):
+        batch, (n, c, h, w) = info.batch_size, input_size
+        grad = AdaptiveAvgPool2dBackwardFunction.apply(samples_into_batch(grad_output, in_dims[0], batch),
+                                                       (batch * n, c, h, w), backend)
+        return batch_into_samples(grad, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, grad_output_t, *_):
+        return AdaptiveAvgPool2dBackwardFunction.apply(grad_output_t, ctx.input_size, ctx.backend)  # linear
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., F) as a matrix with one row per sample (also when F = 0, where reshape(-1, F) is ambiguous)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 class LinearFunction(Function):
@@ -252,6 +490,8 @@ class LinearFunction(Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
+        ctx.save_for_forward(input, weight)  # jvp: ż = ẋWᵀ + xẆᵀ + ḃ
+        ctx.bias_size = None if bias is None else bias.shape  # a bias broadcasts to z, as torch's does
 
     @staticmethod
     def backward(ctx, delta):
@@ -260,14 +500,44 @@ class LinearFunction(Function):
         if ctx.needs_input_grad[0]:
             grad_input = delta.matmul(weight)  # δˡ⁻¹ = Wᵀ δˡ (before ⊙ f′, which the activation applies)
         if ctx.needs_input_grad[1]:
-            grad_weight = delta.reshape(-1, delta.shape[-1]).t().matmul(input.reshape(-1, input.shape[-1]))  # δ xᵀ
+            grad_weight = _rows(delta).t().matmul(_rows(input))  # δ xᵀ
         if ctx.needs_input_grad[2]:
-            grad_bias = delta.reshape(-1, delta.shape[-1]).sum(0)  # ∂J/∂b = δ, summed over samples
+            grad_bias = delta.sum_to_size(ctx.bias_size)  # ∂J/∂b = δ, summed over samples (and broadcast dims)
         return grad_input, grad_weight, grad_bias
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias):
+        x_dim, w_dim, b_dim = in_dims
+        batch = info.batch_size
+        x = _sample_first(input, x_dim, batch)  # linear acts on the last dimension: the rest are rows
+        if w_dim is None:
+            z = LinearFunction.apply(x, weight, bias if b_dim is None else None)
+        else:  # a weight per sample: z_n = x_n W_nᵀ, one batched matmul
+            w = _sample_first(weight, w_dim, batch)
+            z = x.reshape(batch, -1, x.shape[-1]).matmul(w.transpose(1, 2)).reshape(x.shape[:-1] + w.shape[1:2])
+            if b_dim is None and bias is not None:
+                z = z + bias
+        if b_dim is not None:  # + b_n
+            b = bias.movedim(b_dim, 0)
+            z = z + b.reshape((batch,) + (1,) * (z.dim() - b.dim()) + tuple(b.shape[1:]))
+        return z, 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t):
+        # ż = ẋWᵀ + xẆᵀ + ḃ  (z is linear in each of x, W, b)
+        input, weight = ctx.saved_tensors
+        size = torch.broadcast_shapes(input.shape[:-1] + weight.shape[:1], () if ctx.bias_size is None else ctx.bias_size)
+        return tangent_sum(
+            None if input_t is None else LinearFunction.apply(input_t, weight, None),
+            None if weight_t is None else LinearFunction.apply(input, weight_t, None),
+            None if bias_t is None else bias_t.expand(size),
+        )
 
 
 class ReLUFunction(Function):
-    """y = max(z, 0); δz = δy ⊙ f′(z) with f′(z) = 1 where z > 0, else 0."""
+    """y = max(z, 0); δz = δy ⊙ f′(z) with f′(z) = 1 where z > 0, else 0. The product is a
+    selection: δz = δy where y > 0 (or y is NaN, as torch), else 0 — never δy·0, which is NaN for
+    δy = ±∞ or NaN where torch gives 0."""
 
     @staticmethod
     def forward(input):
@@ -276,11 +546,21 @@ class ReLUFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (output,) = ctx.saved_tensors
-        return delta * (output > 0).to(delta.dtype)
+        return torch.where(output <= 0, 0, delta)  # f′ = 0 on z ≤ 0 selects 0; NaN passes δ (torch's rule)
+
+    @staticmethod
+    def vmap(info, in_dims, input):
+        return ReLUFunction.apply(input), in_dims[0]  # elementwise: the mapped dimension is one more
+
+    @forward_mode_rule
+    def jvp(ctx, input_t):
+        (output,) = ctx.saved_tensors
+        return torch.where(output <= 0, 0, input_t)  # ẏ = f′(z)·ż, selected as in backward
 
 
 class SigmoidFunction(Function):
@@ -293,11 +573,21 @@ class SigmoidFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (y,) = ctx.saved_tensors
         return delta * y * (1 - y)
+
+    @staticmethod
+    def vmap(info, in_dims, input):
+        return SigmoidFunction.apply(input), in_dims[0]  # elementwise
+
+    @forward_mode_rule
+    def jvp(ctx, input_t):
+        (y,) = ctx.saved_tensors
+        return input_t * y * (1 - y)  # ẏ = y(1 − y)·ż
 
 
 class TanhFunction(Function):
@@ -313,6 +603,7 @@ class TanhFunction(Function):
     def setup_context(ctx, inputs, output):
         _, ctx.amplitude, ctx.slope = inputs
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
@@ -320,41 +611,94 @@ class TanhFunction(Function):
         a, s = ctx.amplitude, ctx.slope
         return delta * (s * (a - y * y / a)), None, None
 
+    @staticmethod
+    def vmap(info, in_dims, input, amplitude, slope):
+        return TanhFunction.apply(input, amplitude, slope), in_dims[0]  # elementwise
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, *_):
+        (y,) = ctx.saved_tensors
+        a, s = ctx.amplitude, ctx.slope
+        return input_t * (s * (a - y * y / a))  # ẏ = S·(A − y²/A)·ż
+
 
 class CrossEntropyFunction(Function):
     """Softmax cross-entropy of logit rows z (M, C) against weighted target rows r (M, C):
-    J_i = −Σ_c r_ic log softmax(z_i)_c = s_i·logsumexp(z_i) − r_i·z_i with s_i = Σ_c r_ic,
-    then reduced (none, sum, or sum / divisor for mean).
+    J_i = −Σ_{c ∈ T_i} r_ic·log softmax(z_i)_c, then reduced (none, sum, or sum / divisor for mean).
+    T_i (``terms``, a boolean (M, C) mask) holds the classes whose term torch evaluates: the target
+    class alone for a class index (torch gathers log p_y, so a masked logit −∞ elsewhere adds
+    nothing rather than 0·(−∞) = NaN), every class for probability targets and label smoothing
+    (torch multiplies there, NaN included), none for an ignored sample.
     With one-hot r this is the derived output delta ∂J/∂z = softmax(z) − onehot(y); in general
-    ∂J_i/∂z_i = s_i·softmax(z_i) − r_i and ∂J_i/∂r_i = −log softmax(z_i)."""
+    ∂J_i/∂z_i = s_i·softmax(z_i) − r_i with s_i = Σ_c r_ic, and ∂J_i/∂r_ic = −log softmax(z_i)_c
+    on T_i. An ignored sample's gradient is 0, also when every sample is ignored (divisor 0)."""
 
     @staticmethod
-    def forward(logits, target, reduction, divisor):
-        log_probs = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        losses = -(target * log_probs).sum(dim=1)
+    def forward(logits, target, terms, reduction, divisor):
+        losses = -torch.where(terms, target * log_softmax_rows(logits), 0).sum(dim=1)
         if reduction == "none":
             return losses
         return losses.sum() if reduction == "sum" else losses.sum() / divisor
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, ctx.reduction, ctx.divisor = inputs
-        ctx.save_for_backward(logits, target)
+        logits, target, terms, ctx.reduction, ctx.divisor = inputs
+        ctx.save_for_backward(logits, target, terms)
+        ctx.save_for_forward(logits, target, terms)  # jvp
 
     @staticmethod
     def backward(ctx, grad):
-        logits, target = ctx.saved_tensors
+        logits, target, terms = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad.unsqueeze(1)
         else:
             scale = grad if ctx.reduction == "sum" else grad / ctx.divisor
         grad_logits = grad_target = None
         if ctx.needs_input_grad[0]:
-            probs = torch.softmax(logits, dim=1)
-            grad_logits = scale * (target.sum(dim=1, keepdim=True) * probs - target)  # s·softmax(z) − r
+            # δ of log p: −scale·r on the terms, exactly 0 elsewhere (an ignored sample, also when the
+            # divisor is 0); then log softmax's backward δz = δlogp − softmax(z)·Σ_c δlogp, which is
+            # s·softmax(z) − r scaled, for a kept sample
+            grad_log_probs = torch.where(terms, -scale * target, 0)
+            probs = log_softmax_rows(logits).exp()
+            grad_logits = grad_log_probs - probs * grad_log_probs.sum(dim=1, keepdim=True)
         if ctx.needs_input_grad[1]:
-            grad_target = scale * -torch.log_softmax(logits, dim=1)
-        return grad_logits, grad_target, None, None
+            grad_target = torch.where(terms, scale * -log_softmax_rows(logits), 0)
+        return grad_logits, grad_target, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, terms, reduction, divisor):
+        # the samples' rows are one set of rows; each sample's losses are then reduced on their own
+        batch = info.batch_size
+        rows = [samples_into_batch(t, d, batch) for t, d in zip((logits, target, terms), in_dims[:3])]
+        losses = batch_into_samples(CrossEntropyFunction.apply(*rows, "none", 1.0), batch)
+        if reduction == "none":
+            return losses, 0
+        if reduction == "sum":
+            return losses.sum(dim=1), 0
+        return losses.sum(dim=1) / (divisor if in_dims[4] is None else divisor.movedim(in_dims[4], 0)), 0
+
+    @forward_mode_rule
+    def jvp(ctx, logits_t, target_t, *_):
+        # J̇_i = Σ_c (s_i·softmax(z_i)_c − r_ic)·ż_ic − Σ_{c ∈ T_i} log softmax(z_i)_c·ṙ_ic, then reduced
+        logits, target, terms = ctx.saved_tensors
+        log_probs = log_softmax_rows(logits)
+        kept = terms.any(dim=1)  # an ignored sample has J_i = 0
+        losses_t = tangent_sum(
+            None if logits_t is None else torch.where(
+                kept, ((target.sum(dim=1, keepdim=True) * log_probs.exp() - target) * logits_t).sum(dim=1), 0),
+            None if target_t is None else -torch.where(terms, target_t * log_probs, 0).sum(dim=1),
+        )
+        if ctx.reduction == "none":
+            return losses_t
+        return losses_t.sum() if ctx.reduction == "sum" else losses_t.sum() / ctx.divisor
+
+
+def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """log softmax(z_i)_c = (z_ic − m_i) − log Σ_c' exp(z_ic' − m_i) for logit rows (M, C), m_i = max_c z_ic
+    (a constant: the result does not depend on it). Written as torch computes it, so a +∞ logit
+    gives NaN as torch's does (logsumexp would give +∞ and a finite loss)."""
+    shifted = logits - logits.amax(dim=1, keepdim=True).detach()
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
 
 
 class Subsampling2dFunction(Function):
@@ -372,6 +716,7 @@ class Subsampling2dFunction(Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, kernel_size, backend = inputs
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight)
+        ctx.save_for_forward(input, weight)  # jvp: ẏ = β·down(ẋ) + β̇·down(x) + ḃ
         ctx.input_size = tuple(input.shape)
         ctx.conf = (kernel_size, backend)
 
@@ -389,6 +734,30 @@ class Subsampling2dFunction(Function):
             grad_bias = delta.sum(dim=(0, 2, 3))
         return grad_input, grad_weight, grad_bias, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, kernel_size, backend):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        batch = info.batch_size
+        if w_dim is None and b_dim is None:  # shared β, b: the samples' batches are one batch
+            y = Subsampling2dFunction.apply(samples_into_batch(input, x_dim, batch), weight, bias, kernel_size, backend)
+            return batch_into_samples(y, batch), 0
+        # β_n, b_n per sample: per-channel parameters, so the samples' channels side by side
+        y = Subsampling2dFunction.apply(samples_into_channels(input, x_dim, batch), samples_into_batch(weight, w_dim, batch),
+                                        None if bias is None else samples_into_batch(bias, b_dim, batch), kernel_size, backend)
+        return channels_into_samples(y, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        # ẏ = β·down(ẋ) + β̇·down(x) + ḃ  (bilinear in x and β, linear in b)
+        input, weight = ctx.saved_tensors
+        kernel_size, backend = ctx.conf
+        n, c, h, w = ctx.input_size
+        return tangent_sum(
+            None if input_t is None else Subsampling2dFunction.apply(input_t, weight, None, kernel_size, backend),
+            None if weight_t is None else Subsampling2dFunction.apply(input, weight_t, None, kernel_size, backend),
+            None if bias_t is None else bias_t.reshape(1, -1, 1, 1).expand(n, c, h // kernel_size[0], w // kernel_size[1]),
+        )
+
 
 class BiasFunction(Function):
     """y = x + b per channel of an (N, C, H, W) map; ∂J/∂x = δ, ∂J/∂b = Σ δ over batch and space."""
@@ -399,8 +768,624 @@ class BiasFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.input_size = tuple(inputs[0].shape)  # jvp: ẏ = ẋ + ḃ of y's size
 
     @staticmethod
     def backward(ctx, delta):
         return delta, conv2d_grad_bias(delta)
+
+    @staticmethod
+    def vmap(info, in_dims, input, bias):
+        batch = info.batch_size
+        if in_dims[1] is None:  # one bias for all samples
+            return batch_into_samples(BiasFunction.apply(samples_into_batch(input, in_dims[0], batch), bias), batch), 0
+        y = BiasFunction.apply(samples_into_channels(input, in_dims[0], batch), samples_into_batch(bias, in_dims[1], batch))
+        return channels_into_samples(y, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, bias_t):
+        return tangent_sum(input_t, None if bias_t is None else bias_t.reshape(1, -1, 1, 1).expand(ctx.input_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and dropout
+#
+# The normalisation Functions take the statistics (μ, σ⁻¹) as computed by the caller (batch
+# statistics in training, running statistics in eval) and apply x̂ = (x − μ)·σ⁻¹, y = γ·x̂ + β.
+# Their first-order backward is the kernel's (the derived formula in one pass). For double
+# backward (create_graph=True) the same formula is evaluated by reference.py's plain tensor code,
+# with the batch statistics recomputed from x, so autograd can differentiate it once more.
+
+from . import reference as _reference  # noqa: E402
+
+
+def _differentiable_batch_statistics(input, eps):
+    """μ and σ⁻¹ = 1/√(var + ε) recomputed from x in plain tensor code (for double backward)."""
+    mean, var = _reference.batch_norm_statistics(input)
+    return mean, (var + eps).rsqrt()
+
+
+class BatchNormFunction(Function):
+    """y = γ·(x − μ)·σ⁻¹ + β per channel of an (n, C, H, W) map. training (μ, σ the batch's own):
+    δx = γ·σ⁻¹/N·(N·δy − Σδy − x̂·Σ(δy·x̂)); eval (running μ, σ): δx = γ·σ⁻¹·δy;
+    ∂J/∂γ = Σ δy·x̂, ∂J/∂β = Σ δy, N = n·H·W."""
+
+    @staticmethod
+    def forward(input, weight, bias, mean, invstd, training, eps, backend):
+        return kernels(backend).batch_norm_apply(input, mean, invstd, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, mean, invstd, training, eps, backend = inputs
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.conf = (training, eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, mean, invstd = ctx.saved_tensors
+        training, eps, backend = ctx.conf
+        if torch.is_grad_enabled():  # create_graph: the formula in differentiable pieces
+            if training:
+                mean, invstd = _differentiable_batch_statistics(input, eps)
+            grad_input, grad_weight, grad_bias = _reference.batch_norm_backward(
+                grad_output, input, mean, invstd, weight, training)
+        else:
+            grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+            grad_input, grad_weight, grad_bias = kernels(backend).batch_norm_backward(
+                grad_output, input, mean, invstd, weight, training)
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_weight if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels-last for a 4-D channels-last (and not NCHW-contiguous) tensor, else contiguous."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class LayerNormFunction(Function):
+    """Rows of an (M, D) matrix: x̂ = (x − μ)·σ⁻¹, y = γ ⊙ x̂ + β (μ, σ per row). With g = γ ⊙ δy:
+    δx = σ⁻¹/D·(D·g − Σg − x̂·Σ(g·x̂)); ∂J/∂γ = Σ_rows δy ⊙ x̂, ∂J/∂β = Σ_rows δy.
+    Returns (y, μ, σ⁻¹); the statistics are not differentiable outputs."""
+
+    @staticmethod
+    def forward(input, weight, bias, eps, backend):
+        return kernels(backend).layer_norm_forward(input, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, eps, backend = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight)  # jvp
+        ctx.conf = (eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        eps, backend = ctx.conf
+        if torch.is_grad_enabled():  # create_graph: statistics recomputed from x, formula in plain tensor code
+            _, mean, invstd = _reference.layer_norm_forward(input, None, None, eps)
+            grads = _reference.layer_norm_backward(grad_output, input, mean, invstd, weight)
+        else:
+            grads = kernels(backend).layer_norm_backward(grad_output.contiguous(), input, mean, invstd, weight)
+        grad_input, grad_weight, grad_bias = grads
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_weight if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, eps, backend):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        batch = info.batch_size
+        rows = samples_into_batch(input, x_dim, batch)  # the samples' rows are one set of rows
+        if w_dim is None and b_dim is None:
+            y, mean, invstd = LayerNormFunction.apply(rows, weight, bias, eps, backend)
+            return tuple(batch_into_samples(t, batch) for t in (y, mean, invstd)), (0, 0, 0)
+        y, mean, invstd = (batch_into_samples(t, batch) for t in LayerNormFunction.apply(rows, None, None, eps, backend))
+        if weight is not None:  # γ_n ⊙ x̂ + β_n per sample
+            y = y * _sample_first(weight, w_dim, batch).unsqueeze(1)
+        if bias is not None:
+            y = y + _sample_first(bias, b_dim, batch).unsqueeze(1)
+        return (y, mean, invstd), (0, 0, 0)
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        # ẏ = γ ⊙ ẋ̂ + γ̇ ⊙ x̂ + β̇ with ẋ̂ = σ⁻¹·(ẋ − mean ẋ − x̂·mean(ẋ ⊙ x̂)) (the backward's self-adjoint
+        # projection); statistics recomputed from x in plain tensor code, so the rule differentiates again
+        input, weight = ctx.saved_tensors
+        x_hat, mean, invstd = _reference.layer_norm_forward(input, None, None, ctx.conf[0])
+        x_hat_t = None
+        if input_t is not None:
+            x_hat_t = _reference.normalization_grad_input(input_t, x_hat, invstd, input.shape[1], (-1, 1), (1,))
+            x_hat_t = x_hat_t if weight is None else x_hat_t * weight
+        return tangent_sum(x_hat_t, None if weight_t is None else x_hat * weight_t,
+                           None if bias_t is None else bias_t.expand(input.shape)), None, None
+
+
+class ChannelAffineFunction(Function):
+    """y = γ_c·x + β_c on channel c (dim 1) of an (n, C, *) tensor (group norm's affine step);
+    δx = γ_c·δy, ∂J/∂γ_c = Σ δy·x, ∂J/∂β_c = Σ δy over every entry of channel c."""
+
+    @staticmethod
+    def forward(input, weight, bias):
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        y = input if weight is None else input * weight.reshape(shape)
+        return y if bias is None else y + bias.reshape(shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias = inputs
+        ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight)
+        ctx.save_for_forward(input, weight)  # jvp: ẏ = γ·ẋ + γ̇·x + β̇
+        ctx.input_size = tuple(input.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (grad_output.dim() - 2)
+        dims = (0,) + tuple(range(2, grad_output.dim()))
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output if weight is None else grad_output * weight.reshape(shape)  # γ_c·δy
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_output * input).sum(dim=dims)  # Σ δy·x
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum(dim=dims)  # Σ δy
+        return grad_input, grad_weight, grad_bias
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias):
+        x_dim, w_dim, b_dim = in_dims
+        batch = info.batch_size
+        if w_dim is None and b_dim is None:  # shared γ, β: the samples' batches are one batch
+            return batch_into_samples(ChannelAffineFunction.apply(samples_into_batch(input, x_dim, batch), weight, bias),
+                                      batch), 0
+        # γ_n, β_n per sample: per-channel parameters, so the samples' channels side by side
+        y = ChannelAffineFunction.apply(samples_into_channels(input, x_dim, batch),
+                                        None if weight is None else samples_into_batch(weight, w_dim, batch),
+                                        None if bias is None else samples_into_batch(bias, b_dim, batch))
+        return channels_into_samples(y, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t):
+        input, weight = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (len(ctx.input_size) - 2)
+        return tangent_sum(
+            None if input_t is None else ChannelAffineFunction.apply(input_t, weight, None),
+            None if weight_t is None else input * weight_t.reshape(shape),
+            None if bias_t is None else bias_t.reshape(shape).expand(ctx.input_size),
+        )
+
+
+class DropoutFunction(Function):
+    """y = x ⊙ m with the scaled keep mask m = Bernoulli(1 − p)/(1 − p) (broadcast over whole
+    feature maps for dropout2d); linear in x, so δx = δy ⊙ m."""
+
+    @staticmethod
+    def forward(input, noise):
+        return input * noise
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.save_for_forward(inputs[1])  # jvp
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (noise,) = ctx.saved_tensors
+        return DropoutFunction.apply(grad_output, noise), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, noise):
+        # elementwise with a broadcast mask: an unmapped input or mask broadcasts over the samples
+        batch = info.batch_size
+        mask = noise if in_dims[1] is None else noise.movedim(in_dims[1], 0)
+        x = _sample_first(input, in_dims[0], batch)
+        if in_dims[1] is not None:
+            mask = mask.reshape(mask.shape[:1] + (1,) * (x.dim() - mask.dim()) + mask.shape[1:])
+        return DropoutFunction.apply(x, mask), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, _):
+        (noise,) = ctx.saved_tensors
+        return DropoutFunction.apply(input_t, noise)  # linear in x
+
+
+# =============================================================================================
+# Activations: GELU, SiLU, Hardtanh (ReLU6), Hardswish, Hardsigmoid, LeakyReLU, ELU, Softmax and
+# LogSoftmax (docs/derivation.md, "Activations"). y = f(x) elementwise, δx = δy ⊙ f′(x). Each f
+# and f′ is one function below; a piecewise f′ SELECTS with torch.where (never a 0/1 mask, since
+# 0·inf = NaN). The branch conditions are torch's, so the derivative at a breakpoint and at NaN
+# is torch's. Every backward is differentiable tensor algebra: double backward works.
+
+import math  # noqa: E402
+
+SQRT1_2 = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_KAPPA = 0.044715
+# torch's hardsigmoid backward multiplies by 1/6 rounded to float32, also for float64 tensors
+# (0.1666666716337204); manualconv uses the same constant, so float64 gradients equal torch's
+HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
+def normal_cdf(x):
+    """Φ(x) = ½(1 + erf(x/√2))."""
+    return 0.5 * (1 + torch.erf(x * SQRT1_2))
+
+
+def normal_pdf(x):
+    """φ(x) = e^(−x²/2) / √(2π)."""
+    return torch.exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
+def gelu_tanh_inner(x):
+    """u(x) = √(2/π)·(x + κx³), κ = 0.044715."""
+    return SQRT_2_OVER_PI * (x + GELU_TANH_KAPPA * x * x * x)
+
+
+def gelu(x, approximate):
+    """GELU(x) = x·Φ(x); 'tanh': ½x(1 + tanh u(x))."""
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(gelu_tanh_inner(x)))
+    return x * normal_cdf(x)
+
+
+def gelu_derivative(x, approximate):
+    """GELU′(x) = Φ(x) + x·φ(x); 'tanh': ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3κx²), t = tanh u(x)."""
+    if approximate == "tanh":
+        t = TanhFunction.apply(gelu_tanh_inner(x), 1.0, 1.0)  # hand-derived derivative of tanh too
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_KAPPA * x * x)
+    return normal_cdf(x) + x * normal_pdf(x)
+
+
+def silu(x):
+    """SiLU(x) = x·σ(x) (σ by torch.sigmoid, as SigmoidFunction)."""
+    return x * torch.sigmoid(x)
+
+
+def silu_derivative(x):
+    """SiLU′(x) = σ(x)(1 + x(1 − σ(x))) (σ by SigmoidFunction: its derivative is hand-derived too)."""
+    s = SigmoidFunction.apply(x)
+    return s * (1 + x * (1 - s))
+
+
+def hardtanh(x, min_val, max_val):
+    """clamp(x, min_val, max_val); ReLU6 is min_val = 0, max_val = 6."""
+    return x.clamp(min_val, max_val)
+
+
+def hardtanh_grad(x, delta, min_val, max_val):
+    """δ where min_val < x < max_val, else 0 (0 at both breakpoints and at NaN, as torch)."""
+    return torch.where((x > min_val) & (x < max_val), delta, torch.zeros_like(delta))
+
+
+def hardswish(x):
+    """x·min(max(x + 3, 0), 6)/6."""
+    return x * (x + 3).clamp(0, 6) / 6
+
+
+def hardswish_grad(x, delta):
+    """0 for x ≤ −3, δ·(x/3 + ½) for −3 < x < 3, δ for x ≥ 3: torch's breakpoints; a NaN x takes
+    the middle branch (NaN), as torch's vectorised kernel does."""
+    upper = torch.where(x >= 3, delta, delta * (x / 3 + 0.5))
+    return torch.where(x <= -3, torch.zeros_like(delta), upper)
+
+
+def hardsigmoid(x):
+    """min(max(x + 3, 0), 6)/6."""
+    return (x + 3).clamp(0, 6) / 6
+
+
+def hardsigmoid_grad(x, delta):
+    """δ/6 for −3 < x < 3, else 0 (0 at ±3 and at NaN, as torch)."""
+    return torch.where((x > -3) & (x < 3), delta * HARDSIGMOID_SLOPE, torch.zeros_like(delta))
+
+
+def leaky_relu(x, negative_slope):
+    """x for x > 0, a·x otherwise."""
+    return torch.where(x > 0, x, x * negative_slope)
+
+
+def leaky_relu_grad(x, delta, negative_slope):
+    """δ for x > 0, a·δ otherwise (x = 0 and NaN take the slope, as torch)."""
+    return torch.where(x > 0, delta, delta * negative_slope)
+
+
+def elu(x, alpha):
+    """α(eˣ − 1) for x ≤ 0, x otherwise."""
+    return torch.where(x <= 0, alpha * torch.expm1(x), x)
+
+
+def elu_grad(x, delta, alpha):
+    """δ for x > 0, δ·αeˣ otherwise (a NaN x gives NaN, as torch's vectorised kernel)."""
+    return torch.where(x > 0, delta, delta * (alpha * torch.exp(x)))
+
+
+class ElementwiseRules:
+    """torch.func rules of an elementwise y = f(x, *args) whose Function saves x for forward
+    (``ctx.save_for_forward(x)``, args in ``ctx.args``) and has ``input_grad(x, δ, *args) = δ ⊙ f′(x)``:
+    vmap applies f to the mapped tensor as it is; jvp is ẏ = f′(x)·ẋ = input_grad(x, ẋ, *args)."""
+
+    @classmethod
+    def vmap(cls, info, in_dims, input, *args):
+        return cls.apply(input, *args), in_dims[0]
+
+    @forward_mode_rule
+    @classmethod
+    def jvp(cls, ctx, input_t, *_):
+        (input,) = ctx.saved_tensors
+        return cls.input_grad(input, input_t, *getattr(ctx, "args", ()))
+
+
+class GELUFunction(ElementwiseRules, Function):
+    """y = GELU(x) ('none' or 'tanh'); δx = δy ⊙ GELU′(x)."""
+
+    @staticmethod
+    def forward(input, approximate):
+        return gelu(input, approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.args = inputs[0], inputs[1:]
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)  # jvp
+
+    @staticmethod
+    def input_grad(input, delta, approximate):
+        return delta * gelu_derivative(input, approximate)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return GELUFunction.input_grad(input, delta, *ctx.args), None
+
+
+class SiLUFunction(ElementwiseRules, Function):
+    """y = x·σ(x); δx = δy ⊙ σ(x)(1 + x(1 − σ(x)))."""
+
+    @staticmethod
+    def forward(input):
+        return silu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])  # jvp
+
+    @staticmethod
+    def input_grad(input, delta):
+        return delta * silu_derivative(input)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return SiLUFunction.input_grad(input, delta)
+
+
+class HardtanhFunction(ElementwiseRules, Function):
+    """y = clamp(x, min_val, max_val); δx = δy where min_val < x < max_val, else 0."""
+
+    @staticmethod
+    def forward(input, min_val, max_val):
+        return hardtanh(input, min_val, max_val)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.args = inputs[0], inputs[1:]
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)  # jvp
+
+    @staticmethod
+    def input_grad(input, delta, min_val, max_val):
+        return hardtanh_grad(input, delta, min_val, max_val)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return HardtanhFunction.input_grad(input, delta, *ctx.args), None, None
+
+
+class HardswishFunction(ElementwiseRules, Function):
+    """y = x·relu6(x + 3)/6; δx = 0 | δ(x/3 + ½) | δ on x ≤ −3 | −3 < x < 3 | x ≥ 3."""
+
+    @staticmethod
+    def forward(input):
+        return hardswish(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])  # jvp
+
+    @staticmethod
+    def input_grad(input, delta):
+        return hardswish_grad(input, delta)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return hardswish_grad(input, delta)
+
+
+class HardsigmoidFunction(ElementwiseRules, Function):
+    """y = relu6(x + 3)/6; δx = δ/6 where −3 < x < 3, else 0."""
+
+    @staticmethod
+    def forward(input):
+        return hardsigmoid(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])  # jvp
+
+    @staticmethod
+    def input_grad(input, delta):
+        return hardsigmoid_grad(input, delta)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return hardsigmoid_grad(input, delta)
+
+
+class LeakyReLUFunction(ElementwiseRules, Function):
+    """y = x | a·x on x > 0 | x ≤ 0; δx = δ | a·δ."""
+
+    @staticmethod
+    def forward(input, negative_slope):
+        return leaky_relu(input, negative_slope)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.args = inputs[0], inputs[1:]
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)  # jvp
+
+    @staticmethod
+    def input_grad(input, delta, negative_slope):
+        return leaky_relu_grad(input, delta, negative_slope)
+
+    @staticmethod
+    def check_inplace_backward(negative_slope):
+        if negative_slope < 0:  # torch's in-place leaky_relu_ backward refuses a negative slope
+            raise RuntimeError(
+                "In-place leakyReLu backward calculation is triggered with a negative slope which is not "
+                "supported. This is caused by calling in-place forward function with a negative slope, "
+                "please call out-of-place version instead.")
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return leaky_relu_grad(input, delta, *ctx.args), None
+
+
+class ELUFunction(ElementwiseRules, Function):
+    """y = α(eˣ − 1) | x on x ≤ 0 | x > 0; δx = δ·αeˣ | δ."""
+
+    @staticmethod
+    def forward(input, alpha):
+        return elu(input, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.args = inputs[0], inputs[1:]
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)  # jvp
+
+    @staticmethod
+    def input_grad(input, delta, alpha):
+        return elu_grad(input, delta, alpha)
+
+    @staticmethod
+    def check_inplace_backward(alpha):
+        if alpha < 0:  # torch's in-place elu_ backward refuses a negative alpha
+            raise RuntimeError(
+                "In-place elu backward calculation is triggered with a negative slope which is not supported. "
+                "This is caused by calling in-place forward function with a negative slope, please call "
+                "out-of-place version instead.")
+
+    @staticmethod
+    def backward(ctx, delta):
+        (input,) = ctx.saved_tensors
+        return elu_grad(input, delta, *ctx.args), None
+
+
+class InplaceActivationFunction(Function):
+    """x ← f(x) in place (torch's ``inplace=True``): the input is overwritten and returned, marked
+    dirty as torch's in-place ops are; ``original`` is a copy of x taken before the write, so
+    δx = δy ⊙ f′(x) is the out-of-place Function's own ``input_grad``."""
+
+    @staticmethod
+    def forward(input, original, function, args):
+        return input.copy_(function.forward(original, *args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, original, ctx.function, ctx.args = inputs
+        ctx.mark_dirty(input)
+        ctx.save_for_backward(original)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (original,) = ctx.saved_tensors
+        check = getattr(ctx.function, "check_inplace_backward", None)
+        if check is not None:
+            check(*ctx.args)
+        return ctx.function.input_grad(original, delta, *ctx.args), None, None, None
+
+
+def softmax(x, dim):
+    """softmax(x) = e^(x − max x) / Σ e^(x − max x) along dim (a row of −inf only gives NaN, as torch)."""
+    if x.dim() > 0 and x.shape[dim] == 0:
+        return x.clone()
+    e = torch.exp(x - x.amax(dim, keepdim=True))
+    return e / e.sum(dim, keepdim=True)
+
+
+def log_softmax(x, dim):
+    """log softmax(x) = (x − max x) − log Σ e^(x − max x) along dim."""
+    if x.dim() > 0 and x.shape[dim] == 0:
+        return x.clone()
+    shifted = x - x.amax(dim, keepdim=True)
+    return shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))
+
+
+class SoftmaxFunction(Function):
+    """y = softmax(x) along dim; δx = y ⊙ (δy − Σ δy ⊙ y)."""
+
+    @staticmethod
+    def forward(input, dim):
+        return softmax(input, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)  # jvp
+
+    @staticmethod
+    def backward(ctx, delta):
+        (y,) = ctx.saved_tensors
+        return y * (delta - (delta * y).sum(ctx.dim, keepdim=True)), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, dim):
+        return SoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, _):
+        (y,) = ctx.saved_tensors  # ẏ = y ⊙ (ẋ − Σ ẋ ⊙ y): the Jacobian diag(y) − y yᵀ is symmetric
+        return y * (input_t - (input_t * y).sum(ctx.dim, keepdim=True))
+
+
+class LogSoftmaxFunction(Function):
+    """y = log softmax(x) along dim; δx = δy − e^y · Σ δy."""
+
+    @staticmethod
+    def forward(input, dim):
+        return log_softmax(input, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)  # jvp
+
+    @staticmethod
+    def backward(ctx, delta):
+        (y,) = ctx.saved_tensors
+        return delta - torch.exp(y) * delta.sum(ctx.dim, keepdim=True), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, dim):
+        return LogSoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, _):
+        (y,) = ctx.saved_tensors  # ẏ = ẋ − Σ e^y ⊙ ẋ
+        return input_t - (torch.exp(y) * input_t).sum(ctx.dim, keepdim=True)

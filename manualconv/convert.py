@@ -14,6 +14,7 @@ import copy
 import torch
 
 from . import modules
+from .capture import add_capture_hooks, remove_capture_hooks
 
 TO_MANUAL = {
     torch.nn.Conv1d: modules.Conv1d,
@@ -28,6 +29,17 @@ TO_MANUAL = {
     torch.nn.Sigmoid: modules.Sigmoid,
     torch.nn.Tanh: modules.Tanh,
     torch.nn.CrossEntropyLoss: modules.CrossEntropyLoss,
+    # activations
+    torch.nn.GELU: modules.GELU, torch.nn.SiLU: modules.SiLU, torch.nn.ReLU6: modules.ReLU6,
+    torch.nn.Hardtanh: modules.Hardtanh, torch.nn.Hardswish: modules.Hardswish, torch.nn.Hardsigmoid: modules.Hardsigmoid,
+    torch.nn.LeakyReLU: modules.LeakyReLU, torch.nn.ELU: modules.ELU, torch.nn.Softmax: modules.Softmax,
+    torch.nn.LogSoftmax: modules.LogSoftmax,
+    torch.nn.BatchNorm1d: modules.BatchNorm1d,  # normalisation and dropout
+    torch.nn.BatchNorm2d: modules.BatchNorm2d,
+    torch.nn.LayerNorm: modules.LayerNorm,
+    torch.nn.GroupNorm: modules.GroupNorm,
+    torch.nn.Dropout: modules.Dropout,
+    torch.nn.Dropout2d: modules.Dropout2d,
 }
 TO_NATIVE = {manual: native for native, manual in TO_MANUAL.items()}
 
@@ -47,9 +59,13 @@ def _swap(model: torch.nn.Module, table, inplace: bool) -> torch.nn.Module:
 def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """Replace every supported torch.nn layer in ``model`` by its manualconv equivalent.
     With ``inplace=False`` (default) a converted deep copy is returned and ``model`` is untouched."""
-    return _swap(model, TO_MANUAL, inplace)
+    model = _swap(model, TO_MANUAL, inplace)
+    add_capture_hooks(model)  # functional calls in its forward (F.relu, x.softmax(1), ...) too: capture.py
+    return model
 
 
 def revert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """The inverse of :func:`convert`: manualconv layers back to torch.nn's."""
-    return _swap(model, TO_NATIVE, inplace)
+    model = _swap(model, TO_NATIVE, inplace)
+    remove_capture_hooks(model)
+    return model

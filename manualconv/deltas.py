@@ -33,7 +33,9 @@ from torch.autograd import Variable
 __all__ = ["record_deltas", "DeltaRecord"]
 
 
-def _is_manualconv_layer(module: torch.nn.Module) -> bool:
+def is_manualconv_layer(module: torch.nn.Module) -> bool:
+    """A manualconv layer: its class comes from manualconv.modules (its backward is hand-derived;
+    models.py's containers and helpers such as Mul are not). verify.py uses it too."""
     return type(module).__module__ == "manualconv.modules"
 
 
@@ -118,7 +120,7 @@ def record_deltas(model: torch.nn.Module) -> Iterator[DeltaRecord]:
 
     try:
         for name, module in model.named_modules():
-            if not _is_manualconv_layer(module):
+            if not is_manualconv_layer(module):
                 continue
             handles.append(module.register_forward_hook(on_output(name or type(module).__name__)))
             for pname, param in module.named_parameters(recurse=False):

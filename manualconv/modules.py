@@ -15,6 +15,24 @@ __all__ = [
 ]
 
 
+def _prepare_scriptable(module):
+    raise RuntimeError(
+        f"manualconv: torch.jit.script cannot compile {type(module).__name__}: TorchScript does not support "
+        "custom autograd Functions (and is in maintenance mode). Use torch.compile or torch.export, which "
+        "are supported, or manualconv.revert(model) for a scriptable torch.nn copy."
+    )
+
+
+def refuse_torchscript() -> None:
+    """Give every module class defined here a ``__prepare_scriptable__`` hook (torch.jit.script calls it
+    on each submodule first), so scripting a manualconv model fails with that clear message instead
+    of an unrelated TorchScript parse error. Called once from manualconv/__init__.py, after every
+    class below exists."""
+    for cls in list(globals().values()):
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__ == __name__:
+            cls.__prepare_scriptable__ = _prepare_scriptable
+
+
 class Conv2d(torch.nn.Conv2d):
     """torch.nn.Conv2d with the hand-derived backward; all four ``padding_mode``s."""
 
@@ -146,3 +164,120 @@ class Subsampling2d(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and dropout
+
+
+class _BatchNormForward:
+    """The forward of torch's _BatchNorm (its running-statistics bookkeeping: num_batches_tracked,
+    momentum or, for momentum=None, the cumulative average 1/num_batches_tracked; batch statistics
+    in training or when no running statistics are kept) computed by functional.batch_norm."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats  # buffers passed only when used or updated
+        return functional.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                                     self.weight, self.bias, use_batch_statistics, factor, self.eps)
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d with the hand-derived backward δx = γ/(N·σ)·(N·δy − Σδy − x̂·Σ(δy·x̂))."""
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d with the hand-derived backward δx = γ/(N·σ)·(N·δy − Σδy − x̂·Σ(δy·x̂))."""
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm with the hand-derived backward (per row, as batch norm's per channel)."""
+
+    def forward(self, input):
+        return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm: layer norm of each (sample, group), then the per-channel affine map."""
+
+    def forward(self, input):
+        return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class Dropout(torch.nn.Dropout):
+    """torch.nn.Dropout; the mask is drawn as torch draws it (same seed, same mask)."""
+
+    def forward(self, input):
+        return functional.dropout(input, self.p, self.training, self.inplace)
+
+
+class Dropout2d(torch.nn.Dropout2d):
+    """torch.nn.Dropout2d; one draw per (sample, channel), as torch draws it."""
+
+    def forward(self, input):
+        return functional.dropout2d(input, self.p, self.training, self.inplace)
+
+
+__all__ += ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "Dropout", "Dropout2d"]
+
+
+# =============================================================================================
+# Activations: drop-in subclasses of torch.nn's GELU, SiLU, ReLU6, Hardtanh, Hardswish,
+# Hardsigmoid, LeakyReLU, ELU, Softmax and LogSoftmax (same arguments, inplace flags, extra_repr)
+
+__all__ += ["GELU", "SiLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "LeakyReLU", "ELU", "Softmax", "LogSoftmax"]
+
+
+class GELU(torch.nn.GELU):
+    def forward(self, input):
+        return functional.gelu(input, approximate=self.approximate)
+
+
+class SiLU(torch.nn.SiLU):
+    def forward(self, input):
+        return functional.silu(input, inplace=self.inplace)
+
+
+class Hardtanh(torch.nn.Hardtanh):
+    def forward(self, input):
+        return functional.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class ReLU6(torch.nn.ReLU6):
+    def forward(self, input):
+        return functional.hardtanh(input, self.min_val, self.max_val, self.inplace)
+
+
+class Hardswish(torch.nn.Hardswish):
+    def forward(self, input):
+        return functional.hardswish(input, self.inplace)
+
+
+class Hardsigmoid(torch.nn.Hardsigmoid):
+    def forward(self, input):
+        return functional.hardsigmoid(input, self.inplace)
+
+
+class LeakyReLU(torch.nn.LeakyReLU):
+    def forward(self, input):
+        return functional.leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class ELU(torch.nn.ELU):
+    def forward(self, input):
+        return functional.elu(input, self.alpha, self.inplace)
+
+
+class Softmax(torch.nn.Softmax):
+    def forward(self, input):
+        return functional.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    def forward(self, input):
+        return functional.log_softmax(input, self.dim, _stacklevel=5)

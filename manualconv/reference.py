@@ -25,6 +25,7 @@ from .checks import (
     check_max_pool2d_indices,
     check_pool2d,
 )
+from .precision import in_float32  # bfloat16/float16: computed in float32, rounded once
 
 
 def _window(offset: int, count: int, step: int) -> slice:
@@ -53,6 +54,7 @@ def zero_pad(x: torch.Tensor, padding, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=value)
 
 
+@in_float32
 def conv2d_forward(input, weight, bias, stride, padding, dilation, groups):
     # y = pad(x, p) ⋆ W + b
     check_conv2d(input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation, groups)
@@ -79,6 +81,7 @@ def rotate180_transposed(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return w_g.transpose(1, 2).reshape(groups * c_per_group, out_channels // groups, kh, kw).flip(2, 3)
 
 
+@in_float32
 def conv2d_grad_input(grad_output, weight, input_size, stride, padding, dilation, groups):
     # δx = "full" correlation of the stride-dilated δ with the 180°-rotated kernel
     out_size = check_conv2d(input_size, weight.shape, None, stride, padding, dilation, groups)
@@ -97,6 +100,7 @@ def conv2d_grad_input(grad_output, weight, input_size, stride, padding, dilation
     return correlate2d(delta, rotate180_transposed(weight, groups), (1, 1), dilation, groups)
 
 
+@in_float32
 def conv2d_grad_weight(input, grad_output, weight_size, stride, padding, dilation, groups):
     # ∂J/∂W[o,c,a,b] = Σ_{n,i,j} δ[n,o,i,j] · pad(x)[n,c,i·s+a·d, j·s+b·d]  (x correlated with δ)
     out_size = check_conv2d(input.shape, weight_size, None, stride, padding, dilation, groups)
@@ -149,6 +153,7 @@ def _window_max(input, out_size, row_taps, col_taps):
     return best, best_index
 
 
+@in_float32
 def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     # y[i,j] = max over the window of x; argmax recorded as a flat index h·W + w into the plane
     n, c, h_out, w_out = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)
@@ -158,19 +163,19 @@ def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
     return _window_max(input, (h_out, w_out), rows, cols)
 
 
+@in_float32
 def max_pool2d_backward(grad_output, indices, input_size):
     # δx[argmax] += δy: each delta is routed to the position that won the max in forward
     check_max_pool2d_indices(grad_output, indices, input_size)
     n, c, h, w = input_size
     grad_input = grad_output.new_zeros(n, c, h * w)
-    grad_input = grad_input.scatter_add(2, indices.reshape(n, c, -1), grad_output.reshape(n, c, -1))
+    grad_input = grad_input.scatter_add(2, indices.flatten(2), grad_output.flatten(2))  # flatten: also for empty batches
     return grad_input.reshape(n, c, h, w)
 
 
 def max_pool2d_gather(grad_input, indices):
     # δy[i,j] = δx[argmax(i,j)]: the adjoint of max_pool2d_backward (used for double backward)
-    n, c = indices.shape[:2]
-    flat = grad_input.reshape(n, c, -1).gather(2, indices.reshape(n, c, -1))
+    flat = grad_input.flatten(2).gather(2, indices.flatten(2))
     return flat.reshape(indices.shape)
 
 
@@ -197,6 +202,7 @@ def _avg_pool_padding(input_size, out_size, kernel_size, stride, padding):
     return (padding[1], extra[1], padding[0], extra[0])
 
 
+@in_float32
 def avg_pool2d_forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     # y[i,j] = (Σ_window x) / divisor(i,j)
     n, c, h_out, w_out = check_avg_pool2d(input.shape, kernel_size, stride, padding, ceil_mode, divisor_override)
@@ -211,6 +217,7 @@ def avg_pool2d_forward(input, kernel_size, stride, padding, ceil_mode, count_inc
     return total / divisor
 
 
+@in_float32
 def avg_pool2d_backward(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
     # δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / divisor(i,j): each delta spread evenly over its window
     out_size = check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override)
@@ -235,11 +242,12 @@ def _adaptive_taps(size: int, out: int):
         return
     start = torch.tensor([s for s, _ in windows])
     end = torch.tensor([e for _, e in windows])
-    for a in range(int((end - start).max())):
+    for a in range(max(e - s for s, e in windows)):  # python ints: no data-dependent value when traced
         pos = start + a
         yield pos.clamp(max=size - 1), pos < end
 
 
+@in_float32
 def adaptive_max_pool2d_forward(input, output_size):
     # y[i,j] = max over window [⌊iH/H_out⌋, ⌈(i+1)H/H_out⌉) × (same for columns); argmax as in max_pool2d
     n, c, h_out, w_out = check_adaptive_pool2d("adaptive_max_pool2d", input.shape, output_size)
@@ -247,6 +255,7 @@ def adaptive_max_pool2d_forward(input, output_size):
     return _window_max(input, (h_out, w_out), list(_adaptive_taps(h, h_out)), list(_adaptive_taps(w, w_out)))
 
 
+@in_float32
 def adaptive_avg_pool2d_forward(input, output_size):
     # y[i,j] = (Σ_window x) / area(window)
     n, c, h_out, w_out = check_adaptive_pool2d("adaptive_avg_pool2d", input.shape, output_size)
@@ -267,13 +276,14 @@ def adaptive_areas(input_hw, output_hw, like: torch.Tensor) -> torch.Tensor:
     return (sides[0][:, None] * sides[1][None, :]).to(device=like.device, dtype=like.dtype)
 
 
+@in_float32
 def adaptive_avg_pool2d_backward(grad_output, input_size):
     # δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / area(i,j)
     n, c, h, w = input_size
     out_size = check_adaptive_pool2d("adaptive_avg_pool2d", input_size, grad_output.shape[2:])
     check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
     h_out, w_out = out_size[2:]
-    share = (grad_output / adaptive_areas((h, w), (h_out, w_out), grad_output)).reshape(n, c, -1)
+    share = (grad_output / adaptive_areas((h, w), (h_out, w_out), grad_output)).flatten(2)  # also for 0 channels
     grad = grad_output.new_zeros(n, c, h * w)
     for rows, row_ok in _adaptive_taps(h, h_out):
         for cols, col_ok in _adaptive_taps(w, w_out):
@@ -281,3 +291,89 @@ def adaptive_avg_pool2d_backward(grad_output, input_size):
             index = (rows[:, None] * w + cols[None, :]).to(grad_output.device).reshape(-1)
             grad = grad.index_add(2, index, torch.where(inside, share, 0))
     return grad.reshape(n, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: batch norm, layer norm (group norm reuses layer norm's kernels)
+#
+# Every norm normalises x over a set of entries that share statistics, then scales and shifts:
+#   μ = Σx / N,  var = Σ(x − μ)² / N (biased),  σ⁻¹ = 1/√(var + ε),  x̂ = (x − μ)·σ⁻¹,  y = γ·x̂ + β.
+# Batch norm: one set per channel c, the N = n·H·W entries x[:, c, :, :] (input (n, C, H, W), NCHW
+# or channels-last). Layer norm: one set per row of an (M, D) matrix. The backward of a set:
+#   δx = γ·σ⁻¹/N · (N·δy − Σδy − x̂·Σ(δy·x̂)),  ∂J/∂γ = Σ δy·x̂,  ∂J/∂β = Σ δy.
+# In eval mode batch norm uses the running statistics: an affine map, δx = γ·σ⁻¹·δy.
+
+_CHANNEL_DIMS = (0, 2, 3)  # batch norm's reduction: every entry of a channel
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    """A (C,) vector broadcast over (n, C, H, W)."""
+    return v.reshape(1, -1, 1, 1)
+
+
+def batch_norm_statistics(input):
+    # μ_c = Σ x[:, c] / N,  var_c = Σ (x[:, c] − μ_c)² / N   (N = n·H·W; biased variance)
+    count = input.shape[0] * input.shape[2] * input.shape[3]
+    mean = input.sum(dim=_CHANNEL_DIMS) / count
+    var = ((input - _per_channel(mean)) ** 2).sum(dim=_CHANNEL_DIMS) / count
+    return mean, var
+
+
+def normalized(input, mean, invstd, dims):
+    # x̂ = (x − μ)·σ⁻¹, the statistics broadcast along ``dims`` ((1, C, 1, 1) or (M, 1))
+    return (input - mean.reshape(dims)) * invstd.reshape(dims)
+
+
+def batch_norm_apply(input, mean, invstd, weight, bias):
+    # y = γ·(x − μ)·σ⁻¹ + β per channel (γ = 1, β = 0 when absent)
+    y = normalized(input, mean, invstd, (1, -1, 1, 1))
+    if weight is not None:
+        y = y * _per_channel(weight)
+    if bias is not None:
+        y = y + _per_channel(bias)
+    return y
+
+
+def normalization_grad_input(grad_output, x_hat, scale, count, dims, reduce_dims):
+    # δx = scale/N · (N·δy − Σδy − x̂·Σ(δy·x̂)), scale = γ·σ⁻¹ (the sums over each set of entries)
+    sum_dy = grad_output.sum(dim=reduce_dims, keepdim=True)
+    sum_dy_xhat = (grad_output * x_hat).sum(dim=reduce_dims, keepdim=True)
+    return scale.reshape(dims) / count * (count * grad_output - sum_dy - x_hat * sum_dy_xhat)
+
+
+def batch_norm_backward(grad_output, input, mean, invstd, weight, training):
+    # training: δx = γ·σ⁻¹/N·(N·δy − Σδy − x̂·Σ(δy·x̂)); eval (μ, σ fixed): δx = γ·σ⁻¹·δy;
+    # both: ∂J/∂γ = Σ δy·x̂, ∂J/∂β = Σ δy (per channel)
+    x_hat = normalized(input, mean, invstd, (1, -1, 1, 1))
+    scale = invstd if weight is None else weight * invstd
+    if training:
+        count = input.shape[0] * input.shape[2] * input.shape[3]
+        grad_input = normalization_grad_input(grad_output, x_hat, scale, count, (1, -1, 1, 1), _CHANNEL_DIMS)
+    else:
+        grad_input = grad_output * _per_channel(scale)
+    return grad_input, (grad_output * x_hat).sum(dim=_CHANNEL_DIMS), grad_output.sum(dim=_CHANNEL_DIMS)
+
+
+def layer_norm_forward(input, weight, bias, eps: float):
+    # rows of an (M, D) matrix: μ_m, var_m over the row, x̂ = (x − μ)·σ⁻¹, y = γ ⊙ x̂ + β
+    d = input.shape[1]
+    mean = input.sum(dim=1) / d
+    var = ((input - mean[:, None]) ** 2).sum(dim=1) / d
+    invstd = (var + eps).rsqrt()
+    y = normalized(input, mean, invstd, (-1, 1))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, mean, invstd
+
+
+def layer_norm_backward(grad_output, input, mean, invstd, weight):
+    # per row: δx = σ⁻¹/D·(D·g − Σg − x̂·Σ(g·x̂)) with g = γ ⊙ δy; ∂J/∂γ = Σ_rows δy ⊙ x̂, ∂J/∂β = Σ_rows δy
+    # (without γ there is no affine map, hence no β either: ∂J/∂γ, ∂J/∂β are returned empty)
+    x_hat = normalized(input, mean, invstd, (-1, 1))
+    g = grad_output if weight is None else grad_output * weight
+    grad_input = normalization_grad_input(g, x_hat, invstd, input.shape[1], (-1, 1), (1,))
+    if weight is None:
+        return grad_input, grad_output.new_empty(0), grad_output.new_empty(0)
+    return grad_input, (grad_output * x_hat).sum(dim=0), grad_output.sum(dim=0)

@@ -2,6 +2,7 @@
 
     python -m manualconv.verify resnet18 --input-shape 2,3,64,64
     python -m manualconv.verify my_models:make_net --dtype float64 --json
+    python -m manualconv.verify --coverage [resnet18,alexnet,...]   # which builders convert fully
 
 MODEL is a torchvision model name (built with ``weights=None`` and its default number of
 classes) or ``module:callable`` (the module is imported and the callable called with no
@@ -64,6 +65,7 @@ import argparse
 import importlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -73,6 +75,7 @@ import torch
 from . import ops
 from .backend import BACKENDS, get_backend, use_backend
 from .convert import convert
+from .deltas import is_manualconv_layer
 
 
 @dataclass(frozen=True)
@@ -396,10 +399,6 @@ def _worst(diffs: Dict[str, Optional[Difference]]) -> float:
     return max((d.max_rel for d in diffs.values() if d is not None), default=0.0)
 
 
-def _is_manual(module: torch.nn.Module) -> bool:
-    return type(module).__module__.startswith("manualconv.")
-
-
 @dataclass
 class Row:
     """One call of one layer in the report."""
@@ -438,7 +437,7 @@ def compare_runs(manual: Run, native: Run, settings: "Settings") -> List[Row]:
                 ours[_param_key(pname)] = manual.param_grads.get(f"{name}.{pname}")
                 theirs[_param_key(pname)] = native.param_grads.get(f"{name}.{pname}")
         row = Row(name if index == 0 else f"{name}#{index + 1}", type(manual_module).__name__,
-                  _is_manual(manual_module), compare(ours, theirs, native_module, deltas))
+                  is_manualconv_layer(manual_module), compare(ours, theirs, native_module, deltas))
         if row.manual and native_call.input is not None:
             row.local = local_check(manual_module, native_module, native_call, settings.backend)
         row.status = _status(row, settings.tolerance)
@@ -446,11 +445,21 @@ def compare_runs(manual: Run, native: Run, settings: "Settings") -> List[Row]:
     return rows
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    torch.cuda.set_rng_state(state, device) if device.type == "cuda" else torch.set_rng_state(state)
+
+
 def local_check(manual_module: torch.nn.Module, native_module: torch.nn.Module, call: Call,
                 backend: str) -> Dict[str, Optional[Difference]]:
     """The manualconv layer and the torch.nn layer, each run on torch's own input and delta."""
+    rng = _rng_state(call.input.device)
     with use_backend(backend):
         ours = replay(manual_module, call, call.delta)
+    _set_rng_state(call.input.device, rng)  # a random layer (dropout) draws the same numbers for both
     theirs = replay(native_module, call, call.delta)
     named = lambda r: {"output": r.output, "grad_input": r.grad_input,  # noqa: E731
                        **{_param_key(k): v for k, v in r.param_grads.items()}}
@@ -591,6 +600,89 @@ def format_table(report: Report) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Coverage: which torchvision classifiers convert leaves hand-derived end to end (--coverage)
+
+# Backward nodes of plain tensor glue (views, indexing, concatenation, elementwise arithmetic,
+# means and sums, copies, zero padding): the one list of what may sit between manualconv
+# Functions in a converted model's backward graph (tests/test_model_audit.py uses it too).
+GLUE_NODES = re.compile(
+    r"^(View|UnsafeView|Reshape|ReshapeAlias|Flatten|Permute|Transpose|T|Select|Slice|Squeeze|Unsqueeze|Expand"
+    r"|Cat|Stack|Split|SplitWithSizes|Unbind|Narrow|Clone|Add|Sub|Mul|Div|Neg|Mean|Sum|ToCopy|AsStrided|Alias"
+    r"|ConstantPadNd|Flip|Repeat|Index)Backward\d*$|^(CopySlices|CopyBackwards|AccumulateGrad)$")
+
+
+def backward_nodes(output: torch.Tensor) -> List[Any]:
+    """Every node of the autograd graph behind ``output``."""
+    nodes, stack, seen = [], [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return nodes
+
+
+def is_manualconv_node(node) -> bool:
+    """The backward node of a manualconv autograd Function."""
+    forward_cls = getattr(node, "_forward_cls", None)
+    return forward_cls is not None and forward_cls.__module__.startswith("manualconv.")
+
+
+def native_backward_nodes(output: torch.Tensor) -> List[str]:
+    """Names of the backward nodes that are neither manualconv Functions nor glue: torch's own
+    derivatives that remain (NativeBatchNormBackward0, ReluBackward0, ...)."""
+    return sorted({type(n).__name__ for n in backward_nodes(output)
+                   if not is_manualconv_node(n) and not GLUE_NODES.match(type(n).__name__)})
+
+
+def classification_builders() -> List[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def builder_coverage(name: str, sizes: Sequence[int] = (64, 224, 299)) -> Tuple[Optional[List[str]], str]:
+    """(native backward nodes left after convert, note) for one torchvision builder: weights=None,
+    training mode, a batch of 2 random images of the first size its forward accepts, loss = the
+    sum of the outputs. (None, error) when it cannot be built or run."""
+    import torchvision
+
+    torch.manual_seed(0)
+    try:
+        model = convert(torchvision.models.get_model(name, weights=None), inplace=True).train()
+    except Exception as error:  # noqa: BLE001 - reported, not raised: one broken builder is one row
+        return None, f"cannot build: {type(error).__name__}: {error}"
+    note = ""
+    for size in sizes:
+        try:
+            output = model(torch.randn(2, 3, size, size))
+        except Exception as error:  # noqa: BLE001 - too small an input for this model: the next size
+            note = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        outputs = [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+        return native_backward_nodes(sum(o.sum() for o in outputs)), f"input 2x3x{size}x{size}"
+    return None, f"cannot run: {note}"
+
+
+def coverage(builders: Sequence[str]) -> int:
+    """Prints one line per builder and the count; returns the number fully hand-derived."""
+    full = 0
+    for name in builders:
+        remaining, note = builder_coverage(name)
+        if remaining is None:
+            print(f"{name:28s} ERROR  {note}", flush=True)
+        elif remaining:
+            print(f"{name:28s} native {', '.join(remaining)}", flush=True)
+        else:
+            full += 1
+            print(f"{name:28s} hand-derived", flush=True)
+    print(f"{full} of {len(builders)} torchvision classification builders are hand-derived end to end after convert")
+    return full
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -599,7 +691,8 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m manualconv.verify",
         description="Compare a model's manualconv forward and backward with torch.nn's, layer by layer.",
     )
-    parser.add_argument("model", metavar="MODEL", help="a torchvision model name (e.g. resnet18) or module:callable")
+    parser.add_argument("model", metavar="MODEL", nargs="?",
+                        help="a torchvision model name (e.g. resnet18) or module:callable")
     parser.add_argument("--input-shape", default=",".join(map(str, DEFAULT_INPUT_SHAPE)), metavar="N,C,H,W",
                         help="shape of the random input (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
@@ -609,6 +702,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters, input and loss (default: 0)")
     parser.add_argument("--train", action="store_true", help="training mode (batch statistics, dropout); default: eval")
     parser.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
+    parser.add_argument("--coverage", nargs="?", const="all", metavar="BUILDERS",
+                        help="instead of MODEL: for every torchvision classification builder (or the comma-separated "
+                             "BUILDERS), whether convert leaves it hand-derived and which native backward nodes remain")
     return parser
 
 
@@ -616,6 +712,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Returns 0 (no row fails) or 1 (some row fails); bad arguments raise SystemExit(2)."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.coverage is not None:
+        builders = classification_builders() if args.coverage == "all" else args.coverage.split(",")
+        unknown = sorted(set(builders) - set(classification_builders()))
+        if unknown:
+            parser.error(f"--coverage: not torchvision classification builders: {', '.join(unknown)}")
+        coverage(builders)
+        return 0
+    if args.model is None:
+        parser.error("the following arguments are required: MODEL (or --coverage)")
     try:
         device, backend = resolve_device_and_backend(args.device, args.backend)
         settings = Settings(args.model, parse_shape(args.input_shape), DTYPES[args.dtype], device, backend,

@@ -71,14 +71,16 @@ def test_converted_resnet_float32(cpp):
 
 
 def test_convert_keeps_parameters_buffers_mode_and_state_dict():
-    native = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    native = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                 torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True), torch.nn.ReLU(),
                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     native[0].weight.requires_grad_(False)
     native.eval()
     copy = manualconv.convert(native)
     assert type(native[0]) is torch.nn.Conv2d, "convert(inplace=False) must leave the original alone"
-    assert type(copy[0]) is manualconv.Conv2d and type(copy[5]) is manualconv.Linear
-    assert type(copy[1]) is torch.nn.BatchNorm2d, "unsupported layers stay as they are"
+    assert type(copy[0]) is manualconv.Conv2d and type(copy[6]) is manualconv.Linear
+    assert type(copy[1]) is manualconv.BatchNorm2d, "batch norm (with its buffers) is converted"
+    assert type(copy[2]) is torch.nn.InstanceNorm2d, "unsupported layers stay as they are"
     assert not copy.training and not copy[0].weight.requires_grad
     assert copy[0].weight is not native[0].weight and torch.equal(copy[0].weight, native[0].weight)
     for key, value in native.state_dict().items():

@@ -31,6 +31,8 @@ DOC = REPO / "docs" / "derivation.md"
 IMPLEMENTATIONS = ("reference", "cpp", "torch")  # manualconv's two backends, and torch.nn
 CONV_EXAMPLES = ("conv-s1", "conv-s2")
 EXAMPLES = {"conv-s1", "conv-s2", "maxpool", "avgpool", "softmax-ce"}
+EXAMPLES.add("batchnorm")  # section 16 (normalisation)
+EXAMPLES |= {"activations", "softmax"}  # section 17 (activations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +331,10 @@ def formula_terms(doc: Document, block: Block) -> List[Tuple]:
     if block.example == "avgpool" and block.quantity == "grad_x":
         k = doc.integer("avgpool", "kernel")
         return [(doc.value("avgpool", "delta")[i // k, j // k].item(), "/", float(k * k))]
+    if block.example == "batchnorm":  # section 16 (normalisation)
+        return batch_norm_formula_terms(doc, block)
+    if block.example in ("activations", "softmax"):  # section 17 (activations)
+        return activation_formula_terms(doc, block)
     raise AssertionError(f"no formula known for the worked entry {block.name}")
 
 
@@ -355,6 +361,8 @@ def check_everything(doc: Document) -> None:
         check_max_pool_example(doc, impl)
         check_avg_pool_example(doc, impl)
         check_cross_entropy_example(doc, impl)
+        check_batch_norm_example(doc, impl)  # section 16 (normalisation)
+        check_activations_example(doc, impl)  # section 17 (activations)
     for example in CONV_EXAMPLES:
         check_conv_steps(doc, example)
     for block in doc.worked:
@@ -530,3 +538,101 @@ def test_every_formula_names_its_code_and_tests():
         assert any(p.startswith("tests/") for p in cited), f"section '{title}' cites no test"
         assert any(p.startswith("csrc/") for p in cited) or "No C++ kernel" in body, (
             f"section '{title}' names no C++ kernel and does not say there is none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 16: normalisation (batch norm's worked example)
+
+
+def batch_norm_given(doc: Document):
+    """x as a (1, 1, H, W) map, γ, β, ε and δ of the batch-norm example."""
+    x = doc.value("batchnorm", "x")
+    gamma, beta = doc.value("batchnorm", "gamma").reshape(1), doc.value("batchnorm", "beta").reshape(1)
+    return x, gamma, beta, doc.value("batchnorm", "eps").item(), doc.value("batchnorm", "delta")
+
+
+def check_batch_norm_example(doc: Document, impl: str) -> None:
+    """Training-mode batch norm of one channel: y, δx, ∂J/∂γ, ∂J/∂β and the running statistics;
+    x̂ and σ against their definitions."""
+    x, gamma, beta, eps, delta = batch_norm_given(doc)
+    xl, gl, bl = leaf(x), gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True)
+    running_mean, running_var = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    with implementation(impl) as lib:
+        y = lib.batch_norm(xl, running_mean, running_var, gl, bl, training=True, momentum=0.1, eps=eps)
+        y.backward(delta[None, None])
+    by = f"{impl} batch_norm"
+    doc.assert_matches("batchnorm", "y", y[0, 0], by)
+    doc.assert_matches("batchnorm", "grad_x", xl.grad[0, 0], by)
+    doc.assert_matches("batchnorm", "grad_gamma", gl.grad.reshape(1, 1), by)
+    doc.assert_matches("batchnorm", "grad_beta", bl.grad.reshape(1, 1), by)
+    doc.assert_matches("batchnorm", "running_mean", running_mean.reshape(1, 1), by)
+    doc.assert_matches("batchnorm", "running_var", running_var.reshape(1, 1), by)
+    sigma = (x.var(unbiased=False) + eps).sqrt()
+    doc.assert_matches("batchnorm", "sigma", sigma.reshape(1, 1), "√(var + ε)")
+    doc.assert_matches("batchnorm", "x_hat", (x - x.mean()) / sigma, "(x − μ)/σ")
+
+
+def batch_norm_formula_terms(doc: Document, block: Block) -> List[Tuple]:
+    """y = γ·x̂ + β; δx = γ/(Nσ)·N·δy + γ/(Nσ)·(−Σδy) + γ/(Nσ)·(−1)·x̂·Σ(δy·x̂) (section 16)."""
+    i, j = block.entry
+    x, gamma, beta, _, delta = batch_norm_given(doc)
+    x_hat, sigma = doc.value("batchnorm", "x_hat"), doc.value("batchnorm", "sigma").item()
+    if block.quantity == "y":
+        return [(gamma.item(), x_hat[i, j].item()), (beta.item(),)]
+    if block.quantity == "grad_x":
+        count = x.numel()
+        scale = gamma.item() / (count * sigma)
+        return [(scale, float(count), delta[i, j].item()), (scale, -delta.sum().item()),
+                (scale, -1.0, x_hat[i, j].item(), (delta * x_hat).sum().item())]
+    raise AssertionError(f"no formula known for the worked entry {block.name}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_batch_norm_example(impl):
+    check_batch_norm_example(load(), impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 17: activations and softmax (worked example)
+
+
+def check_activations_example(doc: Document, impl: str) -> None:
+    """f(x) and f′(x) (δy = 1) of hardswish, hardsigmoid, relu6, GELU, SiLU at the document's
+    inputs; softmax and log-softmax of a row with a masked logit, and their deltas."""
+    x = doc.value("activations", "x")
+    with implementation(impl) as lib:
+        for name, value in (("hardswish", True), ("hardsigmoid", True), ("relu6", False), ("gelu", True),
+                            ("silu", False)):
+            xl = x.clone().requires_grad_(True)
+            y = getattr(lib, name)(xl)
+            y.backward(torch.ones_like(y))
+            if value:
+                doc.assert_matches("activations", name, y, f"{impl} {name}")
+            doc.assert_matches("activations", f"{name}_grad", xl.grad, f"{impl} {name} backward")
+        z, delta = doc.value("softmax", "z"), doc.value("softmax", "delta")
+        zl = z.clone().requires_grad_(True)
+        y = lib.softmax(zl, dim=1)
+        y.backward(delta)
+        doc.assert_matches("softmax", "y", y, f"{impl} softmax")
+        doc.assert_matches("softmax", "grad_z", zl.grad, f"{impl} softmax backward")
+        zl = z.clone().requires_grad_(True)
+        lib.log_softmax(zl, dim=1).backward(delta)
+        doc.assert_matches("softmax", "log_grad_z", zl.grad, f"{impl} log_softmax backward")
+
+
+def activation_formula_terms(doc: Document, block: Block) -> List[Tuple]:
+    """hardswish′(x) = x/3 + ½ on −3 < x < 3; softmax: δx_i = y_i·δy_i + (−y_i)·Σ_k δy_k·y_k."""
+    i, j = block.entry
+    if block.example == "activations" and block.quantity == "hardswish_grad":
+        x = doc.value("activations", "x")[i, j].item()
+        assert -3 < x < 3, f"{block.name}: x = {x} is not on the middle piece"
+        return [(x, "/", 3.0), (0.5,)]
+    if block.example == "softmax" and block.quantity == "grad_z":
+        y, delta = doc.value("softmax", "y"), doc.value("softmax", "delta")
+        return [(y[i, j].item(), delta[i, j].item()), (-y[i, j].item(), (delta[i] * y[i]).sum().item())]
+    raise AssertionError(f"no formula known for the worked entry {block.name}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_activations_example(impl):
+    check_activations_example(load(), impl)
