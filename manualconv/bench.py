@@ -1,6 +1,6 @@
 """Benchmark: manualconv against torch.nn, forward + backward, in one process.
 
-    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other|model] [--markdown FILE]
+    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other|bfloat16|model|per_sample] [--markdown FILE]
 
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
 32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
@@ -17,6 +17,14 @@ train.py runs them: torch.nn against the same model passed through ``manualconv.
 Peak memory is the high-water mark, above the step's start, of the bytes the CPU allocator
 handed out during one step (recorded by torch.profiler), so native and manualconv are measured
 the same way; ratio = manualconv / native there (below 1: manualconv uses less).
+
+Then per-sample gradients (DP-SGD's step before clipping): forward + backward of ResNet-20 with
+GroupNorm (Opacus's ModuleValidator.fix of the BatchNorm net) at batch 128, channels-last, wrapped in
+opacus.GradSampleModule, so every parameter gets its (N, *shape) grad_sample: Opacus on the
+torch.nn model (its unfold + einsum conv sampler) against Opacus on the converted model
+(manualconv.per_sample's samplers: one grouped grad-weight kernel call per conv); time ratio
+native / manualconv, peak-memory ratio manualconv / native as above; then each of ResNet-20's
+conv shapes' sampler alone (the per-sample weight gradient from captured activations and deltas).
 """
 
 from __future__ import annotations
@@ -43,12 +51,13 @@ from .convert import convert
 @dataclass
 class Layer:
     name: str
-    kind: str  # 'conv' (GFLOP/s reported) | 'pool' | 'other'
+    kind: str  # 'conv' (GFLOP/s reported) | 'pool' | 'other' | 'bfloat16' (KINDS)
     op: str  # the function's name in both torch.nn.functional and manualconv.functional
     input: tuple  # sizes without the batch
     kwargs: dict
     weight: Optional[tuple] = None
     channels_last: bool = False  # input, weight and δ in NHWC (the channels-last kernels)
+    dtype: torch.dtype = torch.float32  # input, weight and δ (both libraries run in it)
 
     def flops(self, batch: int) -> float:
         """forward + grad-input + grad-weight: 3 × 2 multiply-adds per (output, tap, input channel)."""
@@ -92,6 +101,39 @@ SUITE: List[Layer] = [
 ]
 
 
+def _norm_kwargs(channels: int, running: bool = True) -> dict:
+    """γ, β (learned) and the running statistics of a batch norm over ``channels``."""
+    return dict(weight=torch.ones(channels, requires_grad=True), bias=torch.zeros(channels, requires_grad=True),
+                **(dict(running_mean=torch.zeros(channels), running_var=torch.ones(channels)) if running else {}))
+
+
+# bfloat16 (mixed precision): torch's kernels (oneDNN; AMX where the CPU has it) against
+# manualconv's, which accumulate in float32 and round once
+SUITE += [
+    Layer("bf16 conv3x3 16->16 @32", "bfloat16", "conv2d", (16, 32, 32), dict(padding=1), (16, 16, 3, 3), dtype=torch.bfloat16),
+    Layer("bf16 conv3x3 64->64 @8", "bfloat16", "conv2d", (64, 8, 8), dict(padding=1), (64, 64, 3, 3), dtype=torch.bfloat16),
+    Layer("bf16 NHWC conv3x3 32->32 @16", "bfloat16", "conv2d", (32, 16, 16), dict(padding=1), (32, 32, 3, 3), True,
+          dtype=torch.bfloat16),
+    Layer("bf16 maxpool 2x2 64@32", "bfloat16", "max_pool2d", (64, 32, 32), dict(kernel_size=2), dtype=torch.bfloat16),
+    Layer("bf16 avgpool 2x2 64@32", "bfloat16", "avg_pool2d", (64, 32, 32), dict(kernel_size=2), dtype=torch.bfloat16),
+    Layer("bf16 linear 512->256", "bfloat16", "linear", (512,), {}, (256, 512), dtype=torch.bfloat16),
+]
+KINDS = ("conv", "pool", "other", "bfloat16")  # the layer suite's kinds (--only, geomean per kind)
+
+SUITE += [  # normalisation and dropout (train.py's and ResNet-20's sizes)
+    Layer("batchnorm2d train 64@32", "other", "batch_norm", (64, 32, 32), dict(training=True, **_norm_kwargs(64))),
+    Layer("batchnorm2d eval 64@32", "other", "batch_norm", (64, 32, 32), dict(training=False, **_norm_kwargs(64))),
+    Layer("NHWC batchnorm2d train 64@32", "other", "batch_norm", (64, 32, 32), dict(training=True, **_norm_kwargs(64)),
+          channels_last=True),
+    Layer("NHWC batchnorm2d train 128@8", "other", "batch_norm", (128, 8, 8), dict(training=True, **_norm_kwargs(128)),
+          channels_last=True),
+    Layer("layernorm 64x384", "other", "layer_norm", (64, 384), dict(normalized_shape=(384,), weight=torch.ones(384, requires_grad=True),
+                                                                     bias=torch.zeros(384, requires_grad=True))),
+    Layer("groupnorm 16 groups 64@16", "other", "group_norm", (64, 16, 16), dict(num_groups=16, **_norm_kwargs(64, False))),
+    Layer("dropout p=0.2 64@32", "other", "dropout", (64, 32, 32), dict(p=0.2)),
+]
+
+
 def _step(functional, layer: Layer, x: torch.Tensor, weight, grad_output) -> Callable[[], None]:
     """One forward + backward of the layer through ``functional`` (torch's or manualconv's)."""
     op = getattr(functional, layer.op)
@@ -117,8 +159,9 @@ def inputs(layer: Layer, batch: int):
     """x, the weight (None for a pool) and δ for one layer, in the layer's layout."""
     torch.manual_seed(0)
     layout = torch.channels_last if layer.channels_last else torch.contiguous_format
-    x = torch.randn(batch, *layer.input).to(memory_format=layout).requires_grad_()
-    weight = None if layer.weight is None else torch.randn(layer.weight).to(memory_format=layout).requires_grad_()
+    x = torch.randn(batch, *layer.input).to(dtype=layer.dtype, memory_format=layout).requires_grad_()
+    weight = None if layer.weight is None else \
+        torch.randn(layer.weight).to(dtype=layer.dtype, memory_format=layout).requires_grad_()
     with torch.no_grad():
         op = getattr(F, layer.op)
         y = op(x, weight, None, **layer.kwargs) if weight is not None else op(x, **layer.kwargs)
@@ -230,18 +273,90 @@ def measure_model(case: ModelCase, repeat: int) -> Dict[str, float]:
                 native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
 
 
+def resnet20_group_norm() -> torch.nn.Module:
+    """ResNet-20 with each BatchNorm replaced by GroupNorm (Opacus's ModuleValidator.fix)."""
+    from opacus.validators import ModuleValidator
+    return ModuleValidator.fix(models.resnet20())
+
+
+PER_SAMPLE = ModelCase("ResNet-20 (GroupNorm) per-sample grads", resnet20_group_norm, 128)
+
+
+def _per_sample_step(model: torch.nn.Module, loss_fn, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward through a GradSampleModule: each parameter's grad_sample (N, *shape)."""
+    def step():
+        model.zero_grad(set_to_none=True)  # clears grad_sample too
+        loss_fn(model(x), target).backward()
+    return step
+
+
+def measure_per_sample(case: ModelCase, repeat: int, batch: Optional[int] = None) -> Dict[str, float]:
+    from opacus import GradSampleModule
+    from . import per_sample  # noqa: F401  (registers manualconv's grad samplers with Opacus)
+    from .modules import CrossEntropyLoss
+    batch = batch or case.batch
+    torch.manual_seed(0)
+    native = case.build().to(memory_format=torch.channels_last)
+    manual = convert(native)  # a deep copy: same weights, manualconv layers
+    x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (batch,))
+    steps = {"native": _per_sample_step(GradSampleModule(native), torch.nn.CrossEntropyLoss(), x, target),
+             "manual": _per_sample_step(GradSampleModule(manual), CrossEntropyLoss(), x, target)}
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    times = {key: [] for key in steps}
+    for _ in range(repeat):
+        for key, step in steps.items():
+            times[key].append(_time(step))
+    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
+    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
+    return dict(batch=batch, native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
+                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+
+
+# ResNet-20's convs (input C×H×W, out channels, stride): the per-sample weight gradient alone
+SAMPLER_LAYERS = [((16, 32, 32), 16, 1), ((16, 32, 32), 32, 2), ((32, 16, 16), 32, 1), ((64, 8, 8), 64, 1)]
+
+
+def measure_sampler(layer, repeat: int, batch: int) -> Dict[str, float]:
+    """One conv's per-sample weight gradients from captured activations and deltas (channels-last):
+    Opacus's sampler (unfold + einsum) against manualconv.per_sample's (one grouped grad-weight call)."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from .per_sample import conv2d_grad_sample
+    (c, h, w), out_channels, stride = layer
+    torch.manual_seed(0)
+    native = torch.nn.Conv2d(c, out_channels, 3, stride, 1, bias=False)
+    manual = convert(native)
+    x = torch.randn(batch, c, h, w).to(memory_format=torch.channels_last)
+    delta = torch.randn(batch, out_channels, h // stride, w // stride).to(memory_format=torch.channels_last)
+    steps = {"native": lambda: compute_conv_grad_sample(native, [x], delta),
+             "manual": lambda: conv2d_grad_sample(manual, [x], delta)}
+    for step in steps.values():
+        step()
+    times = {key: [] for key in steps}
+    for _ in range(repeat):
+        for key, step in steps.items():
+            times[key].append(_time(step))
+    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
+    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
+    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
+                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+
+
 def geomean(values: List[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -> Dict[str, float]:
+def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str],
+        per_sample_batch: Optional[int] = None) -> Dict[str, float]:
     rows, model_rows = [], []
-    peak = sgemm_gflops()
-    header = f"manualconv {get_backend()} vs torch {torch.__version__}, float32, batch {batch}, " \
-             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward; " \
-             f"SGEMM {peak:.0f} GFLOP/s"
+    peak = sgemm_gflops() if only != "per_sample" else float("nan")  # the roof only the conv rows use
+    header = f"manualconv {get_backend()} vs torch {torch.__version__}, float32 (bf16 rows: bfloat16), batch {batch}, " \
+             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward" + \
+             ("" if math.isnan(peak) else f"; SGEMM {peak:.0f} GFLOP/s")
     print(header)
-    if only != "model":
+    if only not in ("model", "per_sample"):
         print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} "
               f"{'man GF/s':>9s} {'nat %':>6s} {'man %':>6s}")
     for layer in SUITE:
@@ -254,7 +369,7 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -
               if layer.kind == "conv" else "")
         print(f"{layer.name:32s} {result['native_ms']:10.2f} {result['manual_ms']:10.2f} {result['ratio']:7.2f} {gf}")
         sys.stdout.flush()
-    summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in ("conv", "pool", "other")}
+    summary = {kind: geomean([r["ratio"] for layer, r in rows if layer.kind == kind]) for kind in KINDS}
     for kind, value in summary.items():
         if not math.isnan(value):
             print(f"geomean ratio (native/manual), {kind}: {value:.2f}")
@@ -280,7 +395,7 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -
                           if layer.kind == "conv" else " | | | ")
                     f.write(f"| {layer.name} | {r['native_ms']:.2f} | {r['manual_ms']:.2f} | {r['ratio']:.2f} | {gf} |\n")
                 f.write("\n" + ", ".join(f"geomean ratio {kind}: **{value:.2f}**"
-                                         for kind, value in summary.items() if kind in ("conv", "pool", "other")
+                                         for kind, value in summary.items() if kind in KINDS
                                          and not math.isnan(value)) + "\n")
             if model_rows:
                 f.write("\n| training step (channels-last) | native ms | manualconv ms | ratio | native peak MiB "
@@ -288,6 +403,30 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str]) -
                 for case, r in model_rows:
                     f.write(f"| {case.name}, batch {case.batch} | {r['native_ms']:.1f} | {r['manual_ms']:.1f} | "
                             f"{r['ratio']:.2f} | {r['native_mb']:.1f} | {r['manual_mb']:.1f} | {r['memory_ratio']:.2f} |\n")
+    if only in (None, "per_sample"):
+        r = measure_per_sample(PER_SAMPLE, repeat, per_sample_batch)
+        name = f"{PER_SAMPLE.name} b{r['batch']}"
+        print(f"\nper-sample gradients (Opacus){'':10s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} "
+              f"{'nat MiB':>8s} {'man MiB':>8s} {'mem ratio':>9s}")
+        print(f"{name:40s} {r['native_ms']:10.1f} {r['manual_ms']:10.1f} {r['ratio']:7.2f} "
+              f"{r['native_mb']:8.1f} {r['manual_mb']:8.1f} {r['memory_ratio']:9.2f}")
+        summary[PER_SAMPLE.name] = r["ratio"]
+        samplers = []
+        for layer in SAMPLER_LAYERS:
+            (c, h, _), out_channels, stride = layer
+            s = measure_sampler(layer, repeat, r["batch"])
+            samplers.append((f"conv3x3 {c}->{out_channels} s{stride} @{h} sampler b{r['batch']}", s))
+            print(f"{samplers[-1][0]:40s} {s['native_ms']:10.1f} {s['manual_ms']:10.1f} {s['ratio']:7.2f} "
+                  f"{s['native_mb']:8.1f} {s['manual_mb']:8.1f} {s['memory_ratio']:9.2f}")
+        if markdown:
+            with open(markdown, "a") as f:
+                f.write("\n| per-sample gradients (GradSampleModule) | Opacus native ms | Opacus manualconv ms | ratio "
+                        "| native peak MiB | manualconv peak MiB | memory ratio |\n|---|---:|---:|---:|---:|---:|---:|\n")
+                f.write(f"| {PER_SAMPLE.name}, batch {r['batch']} | {r['native_ms']:.1f} | {r['manual_ms']:.1f} | "
+                        f"{r['ratio']:.2f} | {r['native_mb']:.1f} | {r['manual_mb']:.1f} | {r['memory_ratio']:.2f} |\n")
+                for name, s in samplers:
+                    f.write(f"| {name} | {s['native_ms']:.1f} | {s['manual_ms']:.1f} | {s['ratio']:.2f} | "
+                            f"{s['native_mb']:.1f} | {s['manual_mb']:.1f} | {s['memory_ratio']:.2f} |\n")
     return summary
 
 
@@ -295,14 +434,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manualconv.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128, help="batch of the layer suite (models use their own)")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", choices=["conv", "pool", "other", "model"])
+    parser.add_argument("--only", choices=[*KINDS, "model", "per_sample"])
+    parser.add_argument("--per-sample-batch", type=int, default=None,
+                        help=f"batch of the per-sample-gradient rows (default {PER_SAMPLE.batch})")
     parser.add_argument("--backend", choices=["cpp", "reference"], default=None)
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)
-    if args.batch <= 0 or args.repeat <= 0:
-        parser.error("--batch and --repeat must be positive")
+    if args.batch <= 0 or args.repeat <= 0 or (args.per_sample_batch is not None and args.per_sample_batch <= 0):
+        parser.error("--batch, --repeat and --per-sample-batch must be positive")
     with use_backend(args.backend or get_backend()):
-        run(args.batch, args.repeat, args.only, args.markdown)
+        run(args.batch, args.repeat, args.only, args.markdown, args.per_sample_batch)
     return 0
 
 
