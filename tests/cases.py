@@ -1,9 +1,36 @@
-"""The table every op test is generated from (in the spirit of PyTorch's OpInfo).
+"""The table every op test is generated from: one ``OpRecord`` per op, in the spirit of
+PyTorch's OpInfo, all in the registry ``OPS``; the tests iterate the registry and never name an op.
+
+How to add an op: write its implementation, then one ``OpRecord`` in ``OPS`` (bottom of this
+file). Its fields:
+
+- ``name``, ``manual`` (manualconv.functional's function), ``native`` (torch.nn.functional's, or
+  an oracle written as plain tensor ops where torch.nn has none), ``args`` (the tensor arguments
+  in call order, e.g. ('input', 'weight', 'bias'), ('input', 'target'), ('input',)) and
+  ``make_args`` (builds them for a case: ``input_only``, ``input_weight_bias(...)``,
+  ``logits_and_target``). Both functions are called as ``f(*args, **case.kwargs)``, missing
+  trailing arguments (no bias) as None.
+- ``cases``: its samples (``Case`` with ``error=None``) and bad-input cases (``error`` set).
+- ``bound``: 'linear' (linear in each argument: the rigorous float32 bound of oracle.py, with
+  Σ|terms| = the op on |inputs|), 'max' (max-like: exact output, gradients routed deltas) or
+  None (compared with torch.testing's float32 defaults); ``reduction_length(case)``: the longest
+  sum in any output or gradient entry (the n of the bound; needed unless ``bound`` is None).
+- ``kernels``: the torch.ops.manualconv operators its cases run (test_library records the calls
+  and opchecks them on the samples named in ``opcheck``); ``kernel_errors``: bad backward inputs
+  each kernel must reject.
+- ``dtypes``: device → the dtypes it is tested in there ('cuda' present: test_cuda runs every
+  sample on the CUDA kernels, and gradcheck on those named in ``cuda_gradcheck``); ``backends``:
+  the manualconv backends its tests run under.
+- ``modules``: {'manual': class, 'native': class} where they exist; ``module_from_case`` builds
+  one for a case whose ``padding_mode`` only the modules have; ``module_samples`` and
+  ``module_errors`` feed test_modules' drop-in checks.
+- ``channels_last``: the cpp kernels return channels-last results for channels-last input, as
+  torch's do (test_ops checks it on the channels-last samples).
 
 A ``Case`` is one call of one op: valid samples (``error is None``) feed gradcheck,
 gradgradcheck and the float32 comparisons with torch.nn; error samples (``error`` set) feed the
 bad-input tests. ``call(case, lib, ...)`` runs the same call through manualconv (``lib='manual'``)
-or torch.nn (``lib='native'``): both libraries share one signature, so every comparison is of
+or the native twin (``lib='native'``): both share one signature, so every comparison is of
 identical calls.
 """
 
@@ -12,30 +39,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import manualconv
 import manualconv.functional as MF
+from manualconv.backend import BACKENDS
 
 
 @dataclass(frozen=True)
 class Case:
     name: str
-    op: str  # 'conv2d' | 'max_pool2d' | 'avg_pool2d'
+    op: str  # the name of its OpRecord in OPS
     input: Tuple[int, ...]
     kwargs: Dict = field(default_factory=dict)
-    weight: Optional[Tuple[int, ...]] = None  # conv only
-    bias: bool = True  # conv only
-    padding_mode: str = "zeros"  # conv only: other modes run through the Conv2d modules
+    weight: Optional[Tuple[int, ...]] = None  # the second tensor argument's size (conv or linear weight, subsampling β)
+    bias: bool = True  # with a bias (ops with a weight); a tuple: the bias's (wrong) size
+    padding_mode: str = "zeros"  # other modes exist on the modules only: the case runs through the record's module
     fill: str = "randn"  # 'randn' | 'zeros' | 'relu' (half the entries tie at 0) | 'nan'
     layout: str = "contiguous"  # 'contiguous' | 'channels_last' | 'strided' (a non-contiguous view)
     error: Optional[Tuple[type, str]] = None  # (exception type, regex the message must match)
     torch_error: Optional[type] = None  # the type torch raises, where it differs (see note)
-    target: Optional[str] = None  # cross_entropy: 'index' | 'probabilities' (| spoiled variants)
-    corrupt: Optional[str] = None  # error cases: 'input-float64' | 'bias-float64' | 'weight-on-meta' | 'integer'
+    target: Optional[str] = None  # losses: 'index' | 'probabilities' (| spoiled variants)
+    corrupt: Optional[str] = None  # error cases: '<arg>-float64' | '<arg>-on-meta' | 'integer' (every tensor)
 
     def __str__(self) -> str:
         return f"{self.op}-{self.name}"
@@ -52,9 +81,8 @@ class Rand:
     shape: Tuple[int, ...]
 
 
-LINEAR_OPS = {"conv2d", "conv1d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_max_pool2d",
-              "adaptive_avg_pool2d", "linear", "subsampling2d"}
-MAX_OPS = {"max_pool2d", "adaptive_max_pool2d"}
+# ---------------------------------------------------------------------------------------------
+# The cases of each op
 
 
 def conv2d_cases() -> List[Case]:
@@ -171,7 +199,7 @@ def max_pool2d_cases() -> List[Case]:
         e("rank2", (6, 6), (RuntimeError, r"3D \(C, H, W\) or 4D"), kernel_size=2),
         e("rank5", (1, 1, 1, 6, 6), (RuntimeError, r"3D \(C, H, W\) or 4D"), kernel_size=2),
         e("empty-channels", (2, 0, 6, 6), (RuntimeError, r"non-empty"), kernel_size=2),
-        e("padding-over-half-kernel", (1, 2, 8, 8), (RuntimeError, r"pad should be at most half of effective kernel size, but got pad=2, kernel_size=3"), kernel_size=3, padding=2),
+        e("padding-over-half-kernel", (1, 2, 8, 8), (RuntimeError, r"pad should be at most half of kernel size, but got pad=2, kernel_size=3"), kernel_size=3, padding=2),
         e("padding-negative", (1, 2, 8, 8), (RuntimeError, r"pad must be non-negative"), kernel_size=3, padding=-1),
         e("kernel0", (1, 2, 8, 8), (RuntimeError, r"kernel_size should be greater than zero"), kernel_size=0, stride=1),
         e("stride0", (1, 2, 8, 8), (RuntimeError, r"stride should be greater than zero"), kernel_size=2, stride=0),
@@ -208,7 +236,7 @@ def avg_pool2d_cases() -> List[Case]:
         # torch raises IndexError here (a side effect of indexing dim -3); a rank check raises RuntimeError
         Case("rank2", "avg_pool2d", (6, 6), dict(kernel_size=2), error=(RuntimeError, r"3D \(C, H, W\) or 4D"), torch_error=IndexError),
         e("rank5", (1, 1, 1, 6, 6), (RuntimeError, r"3D \(C, H, W\) or 4D"), kernel_size=2),
-        e("padding-over-half-kernel", (1, 2, 8, 8), (RuntimeError, r"pad should be at most half of effective kernel size, but got pad=2, kernel_size=3"), kernel_size=3, padding=2),
+        e("padding-over-half-kernel", (1, 2, 8, 8), (RuntimeError, r"pad should be at most half of kernel size, but got pad=2, kernel_size=3"), kernel_size=3, padding=2),
         e("padding-negative", (1, 2, 8, 8), (RuntimeError, r"pad must be non-negative"), kernel_size=3, padding=-1),
         e("kernel0", (1, 2, 8, 8), (RuntimeError, r"kernel_size should be greater than zero"), kernel_size=0, stride=1),
         e("stride0", (1, 2, 8, 8), (RuntimeError, r"stride should be greater than zero"), kernel_size=2, stride=0),
@@ -261,42 +289,55 @@ def conv_transpose2d_cases() -> List[Case]:
     return samples + errors
 
 
-def adaptive_pool_cases() -> List[Case]:
-    samples, errors = [], []
-    for op in ("adaptive_max_pool2d", "adaptive_avg_pool2d"):
-        a = lambda name, input, **kw: Case(name, op, input, kw)  # noqa: E731
-        samples += [
-            a("divisible", (2, 3, 8, 8), output_size=4),
-            a("overlapping-windows", (2, 2, 7, 9), output_size=(3, 4)),
-            a("larger-than-input", (1, 2, 3, 5), output_size=(5, 7)),
-            a("global", (2, 3, 5, 6), output_size=1),
-            a("none-entry", (1, 2, 6, 7), output_size=(None, 3)),
-            a("unbatched", (2, 7, 7), output_size=3),
-            Case("channels-last", op, (2, 3, 6, 6), dict(output_size=4), layout="channels_last"),
-        ]
-        errors += [
-            Case("rank2", op, (6, 6), dict(output_size=2), error=(RuntimeError, r"3D \(C, H, W\) or 4D")),
-            Case("negative-output-size", op, (1, 2, 6, 6), dict(output_size=(-1, 2)), error=(RuntimeError, r"greater than or equal to 0")),
-            Case("output-size-three-values", op, (1, 2, 6, 6), dict(output_size=(2, 2, 2)), error=(RuntimeError, r"output_size")),
-        ]
-    samples += [
-        Case("ties-relu", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
-        Case("nan", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="nan"),
-        Case("return-indices", "adaptive_max_pool2d", (2, 2, 9, 5), dict(output_size=(4, 2), return_indices=True)),
+
+
+def adaptive_pool_cases(op: str) -> List[Case]:
+    """The cases adaptive max and average pooling share."""
+    a = lambda name, input, **kw: Case(name, op, input, kw)  # noqa: E731
+    samples = [
+        a("divisible", (2, 3, 8, 8), output_size=4),
+        a("overlapping-windows", (2, 2, 7, 9), output_size=(3, 4)),
+        a("larger-than-input", (1, 2, 3, 5), output_size=(5, 7)),
+        a("global", (2, 3, 5, 6), output_size=1),
+        a("none-entry", (1, 2, 6, 7), output_size=(None, 3)),
+        a("unbatched", (2, 7, 7), output_size=3),
+        Case("channels-last", op, (2, 3, 6, 6), dict(output_size=4), layout="channels_last"),
+    ]
+    errors = [
+        Case("rank2", op, (6, 6), dict(output_size=2), error=(RuntimeError, r"3D \(C, H, W\) or 4D")),
+        Case("negative-output-size", op, (1, 2, 6, 6), dict(output_size=(-1, 2)), error=(RuntimeError, r"greater than or equal to 0")),
+        Case("output-size-three-values", op, (1, 2, 6, 6), dict(output_size=(2, 2, 2)), error=(RuntimeError, r"output_size")),
     ]
     return samples + errors
 
 
-def dense_cases() -> List[Case]:
-    """Linear, the activations and the loss: the rest of a network's backward pass."""
-    samples = [
+def adaptive_max_pool2d_cases() -> List[Case]:
+    return adaptive_pool_cases("adaptive_max_pool2d") + [
+        Case("ties-relu", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
+        Case("nan", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="nan"),
+        Case("return-indices", "adaptive_max_pool2d", (2, 2, 9, 5), dict(output_size=(4, 2), return_indices=True)),
+    ]
+
+
+def adaptive_avg_pool2d_cases() -> List[Case]:
+    return adaptive_pool_cases("adaptive_avg_pool2d")
+
+
+def linear_cases() -> List[Case]:
+    return [
         Case("2d", "linear", (4, 6), weight=(3, 6)),
         Case("3d-no-bias", "linear", (2, 3, 5), weight=(4, 5), bias=False),
         Case("1d", "linear", (5,), weight=(2, 5)),
+        Case("in-features-mismatch", "linear", (4, 6), weight=(3, 5), error=(RuntimeError, r"in_features=5")),
     ]
-    for op in ("relu", "sigmoid", "tanh"):
-        samples.append(Case("4d", op, (2, 3, 4, 5)))
-    samples += [
+
+
+def activation_cases(op: str) -> List[Case]:
+    return [Case("4d", op, (2, 3, 4, 5))]
+
+
+def cross_entropy_cases() -> List[Case]:
+    samples = [
         Case("mean", "cross_entropy", (6, 5), target="index"),
         Case("weight-ignore-index", "cross_entropy", (6, 5), dict(weight=Rand((5,)), ignore_index=2), target="index"),
         Case("label-smoothing-weight", "cross_entropy", (6, 5), dict(weight=Rand((5,)), label_smoothing=0.2), target="index"),
@@ -307,7 +348,6 @@ def dense_cases() -> List[Case]:
         Case("probabilities-none", "cross_entropy", (4, 3), dict(reduction="none"), target="probabilities"),
     ]
     errors = [
-        Case("in-features-mismatch", "linear", (4, 6), weight=(3, 5), error=(RuntimeError, r"in_features=5")),
         Case("target-out-of-bounds", "cross_entropy", (3, 5), target="index-out-of-bounds", error=(IndexError, r"Target 7 is out of bounds")),
         Case("batch-mismatch", "cross_entropy", (3, 5), target="index-short", error=(ValueError, r"Expected input batch_size \(3\) to match target batch_size \(2\)")),
         Case("weight-wrong-size", "cross_entropy", (3, 5), dict(weight=Rand((4,))), target="index", error=(RuntimeError, r"weight tensor should be defined either for all 5 classes")),
@@ -316,6 +356,12 @@ def dense_cases() -> List[Case]:
         Case("float-target-wrong-shape", "cross_entropy", (3, 5), target="probabilities-wrong-shape", error=(RuntimeError, r"probability targets must have the input.s size")),
     ]
     return samples + errors
+
+
+def dense_cases() -> List[Case]:
+    """Linear, the activations and the loss: the rest of a network's backward pass (their
+    records' cases together; docs/derivation.md cites this name)."""
+    return linear_cases() + [c for op in ("relu", "sigmoid", "tanh") for c in activation_cases(op)] + cross_entropy_cases()
 
 
 def subsampling2d_cases() -> List[Case]:
@@ -333,14 +379,9 @@ def subsampling2d_cases() -> List[Case]:
     return samples + errors
 
 
-ALL_CASES = (conv2d_cases() + max_pool2d_cases() + avg_pool2d_cases() + conv1d_cases() + conv_transpose2d_cases()
-             + adaptive_pool_cases() + dense_cases() + subsampling2d_cases())
-SAMPLES = [case for case in ALL_CASES if case.error is None]
-ERRORS = [case for case in ALL_CASES if case.error is not None]
-
 
 # ---------------------------------------------------------------------------------------------
-# Building the inputs of a case and calling it
+# Building the inputs of a case
 
 
 def _fill(case: Case, shape, dtype, generator) -> torch.Tensor:
@@ -368,20 +409,30 @@ def _layout(case: Case, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def make_inputs(case: Case, dtype=torch.float64, seed: int = 0) -> List[torch.Tensor]:
-    """The case's tensors: [x], [x, W(, b)] (conv, linear, subsampling), [logits, target] (loss)."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = [_layout(case, _fill(case, case.input, dtype, generator))]
-    if case.weight is not None:
+def input_only(case: Case, dtype, generator) -> List[torch.Tensor]:
+    """[x]: random (or as case.fill says), in case.layout."""
+    return [_layout(case, _fill(case, case.input, dtype, generator))]
+
+
+def input_weight_bias(bias_channels: Callable[[Case], int] = lambda case: case.weight[0]):
+    """[x, W(, b)]: W of size case.weight scaled by 1/√fan-in, b (if case.bias) of
+    bias_channels(case) entries, or of the size case.bias gives."""
+
+    def make(case: Case, dtype, generator) -> List[torch.Tensor]:
+        tensors = input_only(case, dtype, generator)
         fan_in = math.prod(case.weight[1:]) if len(case.weight) > 1 else 1
         tensors.append(_layout(case, torch.randn(case.weight, dtype=dtype, generator=generator) / math.sqrt(fan_in)))
         if case.bias:
-            channels = case.weight[1] * case.kwargs.get("groups", 1) if case.op == "conv_transpose2d" else case.weight[0]
-            bias_size = case.bias if isinstance(case.bias, tuple) else (channels,)
+            bias_size = case.bias if isinstance(case.bias, tuple) else (bias_channels(case),)
             tensors.append(torch.randn(bias_size, dtype=dtype, generator=generator))
-    if case.target is not None:
-        tensors.append(_target(case, dtype, generator))
-    return tensors
+        return tensors
+
+    return make
+
+
+def logits_and_target(case: Case, dtype, generator) -> List[torch.Tensor]:
+    """[logits, target]: the target as case.target says (class indices or probabilities)."""
+    return input_only(case, dtype, generator) + [_target(case, dtype, generator)]
 
 
 def _target(case: Case, dtype, generator) -> torch.Tensor:
@@ -398,6 +449,11 @@ def _target(case: Case, dtype, generator) -> torch.Tensor:
     return torch.rand(case.input, dtype=dtype, generator=generator).softmax(dim=1 if len(case.input) > 1 else 0)
 
 
+def make_inputs(case: Case, dtype=torch.float64, seed: int = 0) -> List[torch.Tensor]:
+    """The case's tensors, in the order of its record's ``args``."""
+    return record_of(case).make_args(case, dtype, torch.Generator().manual_seed(seed))
+
+
 def materialize(kwargs: Dict, dtype) -> Dict:
     """Turn Rand(shape) keyword arguments into tensors (positive, seeded: the same for both libraries)."""
     generator = torch.Generator().manual_seed(1234)
@@ -406,36 +462,40 @@ def materialize(kwargs: Dict, dtype) -> Dict:
 
 
 def make_error_inputs(case: Case) -> List[torch.Tensor]:
-    """make_inputs in float32, then spoiled as the error case says."""
+    """make_inputs in float32, then spoiled as case.corrupt says."""
     tensors = make_inputs(case, torch.float32)
-    if case.corrupt == "input-float64":
-        tensors[0] = tensors[0].double()
-    elif case.corrupt == "bias-float64":
-        tensors[2] = tensors[2].double()
-    elif case.corrupt == "weight-on-meta":
-        tensors[1] = tensors[1].to("meta")
-    elif case.corrupt == "integer":
-        tensors = [t.round().long() for t in tensors]
+    if case.corrupt == "integer":
+        return [t.round().long() for t in tensors]
+    if case.corrupt is not None:
+        name, spoil = case.corrupt.split("-", 1)
+        i = record_of(case).args.index(name)
+        tensors[i] = {"float64": lambda t: t.double(), "on-meta": lambda t: t.to("meta")}[spoil](tensors[i])
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Calling a case
 
 
 _MODULES: Dict[str, torch.nn.Module] = {}
 
 
-def _conv_module(case: Case, lib: str, weight: torch.Tensor, bias) -> torch.nn.Module:
-    key = f"{case}-{lib}-{bias is not None}"
-    if key not in _MODULES:
-        _MODULES[key] = _new_conv_module(case, lib, weight, bias)
-    return _MODULES[key]
-
-
-def _new_conv_module(case: Case, lib: str, weight: torch.Tensor, bias) -> torch.nn.Module:
-    modules = {("conv2d", "manual"): manualconv.Conv2d, ("conv2d", "native"): torch.nn.Conv2d,
-               ("conv1d", "manual"): manualconv.Conv1d, ("conv1d", "native"): torch.nn.Conv1d}
+def conv_module(cls, case: Case, args: Sequence[Optional[torch.Tensor]]) -> torch.nn.Module:
+    """The Conv module (class cls) whose parameters have the sizes of the case's W and b."""
+    weight, bias = args[1], args[2]
     out_channels, in_per_group, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
     groups = case.kwargs.get("groups", 1)
-    return modules[case.op, lib](in_per_group * groups, out_channels, kernel, padding_mode=case.padding_mode,
+    return cls(in_per_group * groups, out_channels, kernel, padding_mode=case.padding_mode,
                bias=bias is not None, device="meta", **case.kwargs)
+
+
+def _module_call(record: "OpRecord", case: Case, lib: str, args: List[Optional[torch.Tensor]]):
+    """The case through the record's module: its parameters are the arguments after the input."""
+    key = f"{case}-{lib}-{[a is not None for a in args]}"
+    if key not in _MODULES:
+        _MODULES[key] = record.module_from_case(record.modules[lib], case, args)
+    params = {name: t for name, t in zip(record.args[1:], args[1:]) if t is not None}
+    return torch.func.functional_call(_MODULES[key], params, (args[0],))
 
 
 def _subsampling_by_tensor_ops(x, beta, bias=None, kernel_size=2):
@@ -449,40 +509,280 @@ def _subsampling_by_tensor_ops(x, beta, bias=None, kernel_size=2):
 
 
 def call(case: Case, lib: str, *tensors):
-    """Run the case through manualconv (lib='manual') or torch.nn (lib='native')."""
-    functional = MF if lib == "manual" else F
+    """Run the case through manualconv (lib='manual') or its native twin (lib='native')."""
+    record = record_of(case)
+    args = list(tensors) + [None] * (len(record.args) - len(tensors))  # no bias: None
+    if case.padding_mode != "zeros":
+        return _module_call(record, case, lib, args)
     kwargs = materialize(case.kwargs, tensors[0].dtype if tensors[0].is_floating_point() else torch.float32)
-    if case.op in ("conv2d", "conv1d", "conv_transpose2d", "linear"):
-        x, weight, bias = (list(tensors) + [None])[:3]
-        if case.padding_mode != "zeros":
-            module = _conv_module(case, lib, weight, bias)
-            params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-            return torch.func.functional_call(module, params, (x,))
-        return getattr(functional, case.op)(x, weight, bias, **kwargs)
-    if case.op == "subsampling2d":
-        x, beta, bias = (list(tensors) + [None])[:3]
-        if lib == "manual":
-            return MF.subsampling2d(x, beta, bias, **kwargs)
-        return _subsampling_by_tensor_ops(x, beta, bias, **kwargs)
-    return getattr(functional, case.op)(*tensors, **kwargs)
+    return (record.manual if lib == "manual" else record.native)(*args, **kwargs)
 
 
-def reduction_length(case: Case) -> int:
-    """The longest sum any output or gradient entry of the case is made of (for error bounds)."""
-    batched = len(case.input) == (3 if case.op == "conv1d" else 4)
-    batch = case.input[0] if batched else 1
-    spatial = math.prod(case.input[-2:]) if case.op != "conv1d" else case.input[-1]
-    if case.op in ("conv2d", "conv1d", "conv_transpose2d"):
+# ---------------------------------------------------------------------------------------------
+# Reduction lengths: the longest sum any output or gradient entry of a case is made of (the n of
+# the float32 error bound, oracle.py)
+
+
+def _batch_and_spatial(case: Case, spatial_dims: int) -> Tuple[int, int]:
+    batched = len(case.input) == spatial_dims + 2
+    return (case.input[0] if batched else 1), math.prod(case.input[-spatial_dims:])
+
+
+def conv_reduction_length(spatial_dims: int) -> Callable[[Case], int]:
+    """Forward: C_in/groups·taps products + bias; δx: C_out·taps; ∂J/∂W: every output pixel of
+    the batch (input pixels × stride and dilation growth × taps bounds it)."""
+
+    def n(case: Case) -> int:
+        batch, spatial = _batch_and_spatial(case, spatial_dims)
         out_channels, in_per_group = case.weight[:2]
         taps = math.prod(case.weight[2:])
         stride, dilation = case.kwargs.get("stride", 1), case.kwargs.get("dilation", 1)
         growth = math.prod(stride) if isinstance(stride, tuple) else stride ** 2
         growth *= (max(dilation) if isinstance(dilation, tuple) else dilation) ** 2 * taps
         return max(in_per_group * taps + 1, out_channels * taps, batch * spatial * growth)
-    if case.op == "linear":
-        return max(case.weight[1] + 1, math.prod(case.input[:-1]), case.weight[0])
-    if case.op in ("adaptive_max_pool2d", "adaptive_avg_pool2d", "subsampling2d"):
-        return batch * spatial + 1
+
+    return n
+
+
+def linear_reduction_length(case: Case) -> int:
+    """Forward: in_features products + bias; ∂J/∂W: every sample; δx: out_features."""
+    return max(case.weight[1] + 1, math.prod(case.input[:-1]), case.weight[0])
+
+
+def whole_plane_reduction_length(case: Case) -> int:
+    """Adaptive windows and parameters summed over the batch and the plane: at most all of it."""
+    batch, spatial = _batch_and_spatial(case, 2)
+    return batch * spatial + 1
+
+
+def window_reduction_length(case: Case) -> int:
+    """A pooling window's entries (+1 for the divide)."""
     kernel = case.kwargs["kernel_size"]
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     return kh * kw + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The records
+
+
+@dataclass(frozen=True)
+class ModuleSample:
+    """A module built as modules[lib](*args, **kwargs) from the same seed, called on an input of size `input`."""
+
+    name: str
+    args: Tuple
+    kwargs: Dict
+    input: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """Constructor arguments both modules reject with error = (exception type, message regex)."""
+
+    name: str
+    kwargs: Dict
+    error: Tuple[type, str]
+
+
+@dataclass(frozen=True)
+class KernelError:
+    """A kernel (name in manualconv.backend.kernels(backend)) called on args() must raise
+    RuntimeError matching pattern: the kernels check backward's inputs too."""
+
+    name: str
+    kernel: str
+    args: Callable[[], tuple]
+    pattern: str
+
+
+CPU = (torch.float64, torch.float32)
+CPU_AND_CUDA = {"cpu": CPU, "cuda": (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
+CONV2D_KERNELS = ("conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight")
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """Everything the tests know about one op (see "How to add an op" at the top)."""
+
+    name: str
+    manual: Callable
+    native: Callable
+    args: Tuple[str, ...]
+    make_args: Callable[[Case, torch.dtype, torch.Generator], List[torch.Tensor]]
+    cases: Tuple[Case, ...]
+    bound: Optional[str]  # 'linear' | 'max' | None
+    reduction_length: Optional[Callable[[Case], int]] = None
+    kernels: Tuple[str, ...] = ()
+    kernel_errors: Tuple[KernelError, ...] = ()
+    opcheck: FrozenSet[str] = frozenset()
+    dtypes: Dict[str, Tuple[torch.dtype, ...]] = field(default_factory=lambda: {"cpu": CPU})
+    cuda_gradcheck: FrozenSet[str] = frozenset()
+    backends: Tuple[str, ...] = BACKENDS
+    modules: Dict[str, type] = field(default_factory=dict)
+    module_from_case: Optional[Callable] = None
+    module_samples: Tuple[ModuleSample, ...] = ()
+    module_errors: Tuple[ModuleError, ...] = ()
+    channels_last: bool = False
+
+    @property
+    def samples(self) -> List[Case]:
+        return [case for case in self.cases if case.error is None]
+
+    @property
+    def errors(self) -> List[Case]:
+        return [case for case in self.cases if case.error is not None]
+
+    def check(self) -> None:
+        """The record is consistent (a misspelt sample name would silently drop a test)."""
+        names = {case.name for case in self.samples}
+        assert all(case.op == self.name for case in self.cases), f"{self.name}: a case of another op"
+        assert self.opcheck <= names and self.cuda_gradcheck <= names, f"{self.name}: unknown sample names"
+        assert self.bound in ("linear", "max", None), f"{self.name}: bound={self.bound!r}"
+        assert self.bound is None or self.reduction_length is not None, f"{self.name}: bound without reduction_length"
+        assert not self.opcheck or self.kernels, f"{self.name}: opcheck without kernels"
+        assert "cuda" not in self.dtypes or self.kernels, f"{self.name}: CUDA without kernels"
+        assert not self.module_samples or self.modules.keys() == {"manual", "native"}, f"{self.name}: modules"
+        assert self.module_from_case or all(case.padding_mode == "zeros" for case in self.cases), \
+            f"{self.name}: a padding_mode case without module_from_case"
+
+
+def _pool(name: str, cases, bound: str, reduction_length, kernels, manual_module, native_module, **extra) -> OpRecord:
+    """A pooling op: one input, CPU and CUDA kernels."""
+    return OpRecord(name, getattr(MF, name), getattr(F, name), ("input",), input_only, tuple(cases), bound,
+                    reduction_length, kernels, dtypes=CPU_AND_CUDA,
+                    modules={"manual": manual_module, "native": native_module}, **extra)
+
+
+def _pointwise(name: str, manual_module, native_module) -> OpRecord:
+    """An activation: one input, plain tensor code (no kernels), torch.testing's float32 tolerances."""
+    return OpRecord(name, getattr(MF, name), getattr(F, name), ("input",), input_only, tuple(activation_cases(name)),
+                    bound=None, modules={"manual": manual_module, "native": native_module})
+
+
+_RECORDS = [
+    OpRecord(
+        "conv2d", MF.conv2d, F.conv2d, ("input", "weight", "bias"), input_weight_bias(), tuple(conv2d_cases()),
+        "linear", conv_reduction_length(2), CONV2D_KERNELS,
+        kernel_errors=(
+            KernelError("grad-input-wrong-delta", "conv2d_grad_input",
+                        lambda: (torch.randn(1, 2, 5, 5), torch.randn(2, 3, 3, 3), [1, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
+            KernelError("grad-weight-wrong-delta", "conv2d_grad_weight",
+                        lambda: (torch.randn(1, 3, 8, 8), torch.randn(1, 2, 5, 5), [2, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
+        ),
+        opcheck=frozenset({"k3-pad1", "dilation3-stride2", "depthwise-multiplier", "no-bias",
+                           "channels-last-strided-dilated-groups", "channels-last-1x1", "channels-last-direct-16"}),
+        dtypes=CPU_AND_CUDA,
+        cuda_gradcheck=frozenset({"stride2", "dilation3-stride2", "groups2", "1x1-stride1", "no-bias"}),
+        modules={"manual": manualconv.Conv2d, "native": torch.nn.Conv2d}, module_from_case=conv_module,
+        module_samples=(
+            ModuleSample("conv-default", (3, 8, 3), {}, (2, 3, 9, 9)),
+            ModuleSample("conv-options", (4, 6, (3, 2)), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, bias=False), (2, 4, 9, 8)),
+            ModuleSample("conv-same", (3, 4, 4), dict(padding="same"), (1, 3, 7, 7)),
+            ModuleSample("conv-reflect", (3, 4, 3), dict(padding=1, padding_mode="reflect"), (2, 3, 6, 6)),
+            ModuleSample("conv-replicate", (3, 4, 3), dict(padding=2, padding_mode="replicate", stride=2), (2, 3, 6, 6)),
+            ModuleSample("conv-circular", (3, 4, 3), dict(padding=1, padding_mode="circular"), (2, 3, 6, 6)),
+        ),
+        module_errors=(
+            ModuleError("in-channels-not-divisible", dict(in_channels=5, out_channels=6, kernel_size=3, groups=2), (ValueError, "in_channels must be divisible by groups")),
+            ModuleError("out-channels-not-divisible", dict(in_channels=4, out_channels=5, kernel_size=3, groups=2), (ValueError, "out_channels must be divisible by groups")),
+            ModuleError("same-with-stride", dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding="same"), (ValueError, "padding='same' is not supported for strided")),
+            ModuleError("bad-padding-mode", dict(in_channels=4, out_channels=4, kernel_size=3, padding_mode="mirror"), (ValueError, "padding_mode must be one of")),
+        ),
+        channels_last=True,
+    ),
+    _pool(
+        "max_pool2d", max_pool2d_cases(), "max", window_reduction_length, ("max_pool2d_forward", "max_pool2d_backward"),
+        manualconv.MaxPool2d, torch.nn.MaxPool2d,
+        kernel_errors=(
+            KernelError("max-backward-wrong-indices", "max_pool2d_backward",
+                        lambda: (torch.randn(1, 2, 4, 4), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
+            KernelError("max-backward-index-out-of-plane", "max_pool2d_backward",
+                        lambda: (torch.randn(1, 2, 4, 4), torch.full((1, 2, 4, 4), 64, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
+        ),
+        opcheck=frozenset({"ceil-mode-padding", "dilation2", "channels-last-padding-dilation-ceil"}),
+        cuda_gradcheck=frozenset({"padding", "ceil-mode-padding"}),
+        module_samples=(
+            ModuleSample("maxpool", (3,), dict(stride=2, padding=1, ceil_mode=True), (2, 3, 8, 8)),
+            ModuleSample("maxpool-indices", (2,), dict(return_indices=True, dilation=2), (2, 3, 8, 8)),
+        ),
+        channels_last=True,
+    ),
+    _pool(
+        "avg_pool2d", avg_pool2d_cases(), "linear", window_reduction_length, ("avg_pool2d_forward", "avg_pool2d_backward"),
+        manualconv.AvgPool2d, torch.nn.AvgPool2d,
+        kernel_errors=(
+            KernelError("avg-backward-wrong-delta", "avg_pool2d_backward",
+                        lambda: (torch.randn(1, 2, 3, 3), [1, 2, 8, 8], [2, 2], [2, 2], [0, 0], False, True, None), r"grad_output"),
+        ),
+        opcheck=frozenset({"padding-exclude", "divisor-override-ceil"}),
+        cuda_gradcheck=frozenset({"ceil-mode-padding-exclude", "divisor-override"}),
+        module_samples=(
+            ModuleSample("avgpool", (3,), dict(stride=2, padding=1, count_include_pad=False), (2, 3, 8, 8)),
+            ModuleSample("avgpool-divisor", (2,), dict(divisor_override=3, ceil_mode=True), (2, 3, 7, 7)),
+        ),
+    ),
+    OpRecord(
+        "conv1d", MF.conv1d, F.conv1d, ("input", "weight", "bias"), input_weight_bias(), tuple(conv1d_cases()),
+        "linear", conv_reduction_length(1), CONV2D_KERNELS, dtypes=CPU_AND_CUDA,
+        cuda_gradcheck=frozenset({"stride2-dilation2"}),
+        modules={"manual": manualconv.Conv1d, "native": torch.nn.Conv1d}, module_from_case=conv_module,
+    ),
+    OpRecord(
+        "conv_transpose2d", MF.conv_transpose2d, F.conv_transpose2d, ("input", "weight", "bias"),
+        input_weight_bias(bias_channels=lambda case: case.weight[1] * case.kwargs.get("groups", 1)),
+        tuple(conv_transpose2d_cases()), "linear", conv_reduction_length(2), CONV2D_KERNELS, dtypes=CPU_AND_CUDA,
+        cuda_gradcheck=frozenset({"stride2-padding1-output-padding1"}),
+        modules={"manual": manualconv.ConvTranspose2d, "native": torch.nn.ConvTranspose2d},
+    ),
+    _pool(
+        "adaptive_max_pool2d", adaptive_max_pool2d_cases(), "max", whole_plane_reduction_length,
+        ("adaptive_max_pool2d_forward", "max_pool2d_backward"), manualconv.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool2d,
+        cuda_gradcheck=frozenset({"overlapping-windows"}),
+    ),
+    _pool(
+        "adaptive_avg_pool2d", adaptive_avg_pool2d_cases(), "linear", whole_plane_reduction_length,
+        ("adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"), manualconv.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool2d,
+        cuda_gradcheck=frozenset({"overlapping-windows"}),
+    ),
+    OpRecord(
+        "linear", MF.linear, F.linear, ("input", "weight", "bias"), input_weight_bias(), tuple(linear_cases()),
+        "linear", linear_reduction_length, modules={"manual": manualconv.Linear, "native": torch.nn.Linear},
+    ),
+    _pointwise("relu", manualconv.ReLU, torch.nn.ReLU),
+    _pointwise("sigmoid", manualconv.Sigmoid, torch.nn.Sigmoid),
+    _pointwise("tanh", manualconv.Tanh, torch.nn.Tanh),
+    OpRecord(
+        "cross_entropy", MF.cross_entropy, F.cross_entropy, ("input", "target"), logits_and_target,
+        tuple(cross_entropy_cases()), bound=None,
+        modules={"manual": manualconv.CrossEntropyLoss, "native": torch.nn.CrossEntropyLoss},
+    ),
+    OpRecord(
+        "subsampling2d", MF.subsampling2d, _subsampling_by_tensor_ops, ("input", "weight", "bias"),
+        input_weight_bias(), tuple(subsampling2d_cases()), "linear", whole_plane_reduction_length,
+        ("avg_pool2d_forward", "avg_pool2d_backward"), dtypes=CPU_AND_CUDA, cuda_gradcheck=frozenset({"n2"}),
+        modules={"manual": manualconv.Subsampling2d},
+    ),
+]
+for _record in _RECORDS:
+    _record.check()
+OPS: Dict[str, OpRecord] = {record.name: record for record in _RECORDS}
+
+ALL_CASES = [case for record in OPS.values() for case in record.cases]
+SAMPLES = [case for case in ALL_CASES if case.error is None]
+ERRORS = [case for case in ALL_CASES if case.error is not None]
+
+
+def record_of(case: Case) -> OpRecord:
+    return OPS[case.op]
+
+
+def backend_params(record: OpRecord, values: tuple, id: str) -> list:
+    """pytest parameters (*values, backend) for each of the record's backends, for
+    ``parametrize(..., indirect=["backend"])`` (conftest's backend fixture selects it)."""
+    return [pytest.param(*values, backend, id=f"{backend}-{id}") for backend in record.backends]
+
+
+def per_backend(cases: Sequence[Case]) -> list:
+    """(case, backend) parameters: every case under each of its op's backends."""
+    return [p for case in cases for p in backend_params(record_of(case), (case,), str(case))]

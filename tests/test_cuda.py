@@ -1,13 +1,14 @@
 """The CUDA kernels (csrc/cuda/), through manualconv's API on CUDA tensors.
 
-Every case of the table (cases.py) whose op runs on the CUDA kernels is run forward and backward
-on the GPU in float64, float32, float16 and bfloat16 and compared with torch.nn's float64 result
-on the same (rounded) data, within a rigorous error bound (oracle.py): n·ε·Σ|terms| for a sum of
-n terms computed in precision ε, plus, for float16/bfloat16, c·u·Σ|terms| for the roundings to
-the format's unit roundoff u on the way (see _bound). Max-pool indices must equal torch.nn's on
-CUDA exactly, and float32/float64 results must agree with the CPU backend. gradcheck and
-gradgradcheck run on a few cases in float64; the deterministic kernels must give bitwise
-identical results on repeated runs.
+Every sample of every op record (cases.OPS) with a 'cuda' entry in its dtypes is run forward and
+backward on the GPU in each of those dtypes (float64, float32, float16, bfloat16) and compared
+with the native twin's float64 result on the same (rounded) data, within a rigorous error bound
+(oracle.error_bound): n·ε·Σ|terms| for a sum of n terms computed in precision ε, plus, for
+float16/bfloat16, c·u·Σ|terms| for the roundings to the format's unit roundoff u on the way.
+Max-pool indices must equal torch.nn's on CUDA exactly, and float32/float64 results must agree
+with the CPU backend. gradcheck and gradgradcheck run in float64 on the samples each record
+names in cuda_gradcheck; the deterministic kernels must give bitwise identical results on
+repeated runs.
 
 Build the CUDA kernels first:  MANUALCONV_CUDA=1 python setup.py build_ext --inplace
 """
@@ -20,16 +21,13 @@ import torch.nn.functional as F
 
 import manualconv
 import manualconv.functional as MF
-from cases import MAX_OPS, SAMPLES, call, make_inputs, reduction_length
-from oracle import EPS32, assert_within, output_of, run_with_grads
+from cases import OPS, SAMPLES, call, make_inputs, record_of
+from oracle import assert_within, error_bound, exact_and_magnitude, output_of, run_with_grads, sum_error_bound
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
-CUDA_OPS = {"conv2d", "conv1d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_max_pool2d",
-            "adaptive_avg_pool2d", "subsampling2d"}
-CASES = [case for case in SAMPLES if case.op in CUDA_OPS]
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-UNIT_ROUNDOFF = {dtype: torch.finfo(dtype).eps / 2 for dtype in DTYPES}
+CASES = [case for case in SAMPLES if "cuda" in record_of(case).dtypes]
+CASES_AND_DTYPES = [pytest.param(case, dtype, id=f"{case}-{dtype}") for case in CASES for dtype in record_of(case).dtypes["cuda"]]
 
 
 @pytest.fixture(autouse=True)
@@ -56,46 +54,14 @@ def _to(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _bound(case, dtype, magnitude: torch.Tensor) -> torch.Tensor:
-    """Error bound of one result whose terms have absolute sum `magnitude`.
-
-    float32/float64: n·ε·Σ|terms| (×2 in float64, where torch.nn's float64 oracle has an error of
-    the same order). float16/bfloat16: sums run in float32 (n·ε32·Σ|terms|) and each rounding to
-    the format adds at most u·Σ|terms|: at most 4 of them on any path (a GEMM's output, a product
-    or bias added elementwise, the final result), or, for max pooling's atomicAdd scatter, one per
-    routed delta (at most n)."""
-    n = reduction_length(case)
-    if dtype == torch.float64:
-        return 2 * n * UNIT_ROUNDOFF[dtype] * magnitude
-    if dtype == torch.float32:
-        return n * EPS32 * magnitude
-    roundings = n if case.op in MAX_OPS else 4
-    return (n * EPS32 + roundings * UNIT_ROUNDOFF[dtype]) * magnitude
-
-
-def _exact_and_magnitude(case, tensors, grad_output):
-    """torch.nn's float64 results on the data (on the CPU) and the Σ|terms| of each."""
-    wide = [t.double() for t in tensors]
-    exact = run_with_grads(case, "native", wide, grad_output.double())
-    if case.op in MAX_OPS:
-        magnitude = run_with_grads(case, "native", wide, grad_output.double().abs())
-        magnitude["output"] = exact["output"].abs()
-    else:
-        magnitude = run_with_grads(case, "native", [t.abs() for t in wide], grad_output.double().abs())
-    return exact, magnitude
-
-
 def test_cuda_kernels_are_registered():
     assert manualconv.ops.AVAILABLE, f"the C++ extension is not built: {manualconv.ops.LOAD_ERROR}"
-    for op in ("conv2d_forward", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d_forward",
-               "max_pool2d_backward", "avg_pool2d_forward", "avg_pool2d_backward",
-               "adaptive_max_pool2d_forward", "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"):
+    for op in sorted({kernel for record in OPS.values() if "cuda" in record.dtypes for kernel in record.kernels}):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"manualconv::{op}", "CUDA"), (
             f"manualconv::{op} has no CUDA kernel: build with MANUALCONV_CUDA=1")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case,dtype", CASES_AND_DTYPES)
 def test_matches_native(case, dtype, cpp):
     tensors = make_inputs(case, dtype, seed=1)
     output = output_of(call(case, "native", *[t.double() for t in tensors]))
@@ -103,7 +69,7 @@ def test_matches_native(case, dtype, cpp):
     ours = run_with_grads(case, "manual", [_to(t, "cuda") for t in tensors], grad_output.cuda())
     assert all(v.is_cuda for v in ours.values()), case
     ours = {k: v.cpu() for k, v in ours.items()}
-    exact, magnitude = _exact_and_magnitude(case, tensors, grad_output)
+    exact, magnitude = exact_and_magnitude(case, tensors, grad_output)
     assert ours.keys() == exact.keys(), case
     for what in exact:
         if what == "indices":
@@ -111,7 +77,7 @@ def test_matches_native(case, dtype, cpp):
             assert torch.equal(ours["indices"], native), f"{case}: {dtype} max-pool indices differ from torch's"
             continue
         assert ours[what].dtype == dtype, f"{case}: {what} is {ours[what].dtype}"
-        assert_within(case, f"{dtype} {what}", ours[what], exact[what], _bound(case, dtype, magnitude[what]))
+        assert_within(case, f"{dtype} {what}", ours[what], exact[what], error_bound(case, dtype, magnitude[what]))
     if dtype in (torch.float32, torch.float64):  # the CPU backend: the same results within the bounds
         cpu = run_with_grads(case, "manual", tensors, grad_output)
         for what in exact:
@@ -119,15 +85,11 @@ def test_matches_native(case, dtype, cpp):
                 assert torch.equal(ours[what], cpu[what]), f"{case}: indices differ from the CPU backend's"
             else:
                 assert_within(case, f"{dtype} {what} vs CPU", ours[what], cpu[what].double(),
-                              2 * _bound(case, dtype, magnitude[what]))
+                              2 * error_bound(case, dtype, magnitude[what]))
 
 
-# One case per kernel family: finite differences in float64 on the GPU.
-GRADCHECK = [case for case in CASES if f"{case}" in {
-    "conv2d-stride2", "conv2d-dilation3-stride2", "conv2d-groups2", "conv2d-1x1-stride1", "conv2d-no-bias",
-    "conv1d-stride2-dilation2", "conv_transpose2d-stride2-padding1-output-padding1", "max_pool2d-padding",
-    "max_pool2d-ceil-mode-padding", "avg_pool2d-ceil-mode-padding-exclude", "avg_pool2d-divisor-override",
-    "adaptive_max_pool2d-overlapping-windows", "adaptive_avg_pool2d-overlapping-windows", "subsampling2d-n2"}]
+# One case per kernel family (each record's cuda_gradcheck): finite differences in float64 on the GPU.
+GRADCHECK = [case for case in CASES if case.name in record_of(case).cuda_gradcheck]
 
 
 @pytest.mark.parametrize("case", GRADCHECK, ids=str)
@@ -187,7 +149,7 @@ def test_max_pool_backward_deterministic_mode(cpp):
 def test_large_batch_is_chunked(dtype, cpp):
     """Column buffers over 256 MiB are processed in chunks of samples (here 9.4 MB per sample in
     float32: chunks of 28, 28 and 8 samples; float16: 56 and 8): compare with torch.nn in float64
-    on the GPU, within n·ε32·Σ|terms| (+ 4u in float16, as in _bound)."""
+    on the GPU, within oracle.sum_error_bound: n·ε32·Σ|terms| (+ 4u in float16)."""
     N, C, H, W = 64, 64, 64, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(N, C, H, W, device="cuda", generator=g).to(dtype)
@@ -200,11 +162,10 @@ def test_large_batch_is_chunked(dtype, cpp):
         y = fn(xx, ww, padding=1)
         results.append((y.detach(), *torch.autograd.grad(y, (xx, ww), d)))
     n = N * H * W  # the longest sum: the weight gradient's
-    u = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
     for what, ours, exact, magnitude in zip(("output", "grad_input", "grad_weight"), *results):
         assert ours.dtype == dtype
         error = (ours.double() - exact).abs()
-        assert (error <= (n * EPS32 + 4 * u) * magnitude).all(), what
+        assert (error <= sum_error_bound(n, dtype, magnitude)).all(), what
 
 
 def test_empty_batch_and_empty_output(cpp):

@@ -6,51 +6,48 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 import manualconv
 import manualconv.functional as MF
-from cases import SAMPLES, make_inputs
-from manualconv.checks import pair
+from cases import OPS, call, make_inputs
+from oracle import output_of
 
-ops = torch.ops.manualconv
-OPCHECKED = {"conv2d-k3-pad1", "conv2d-dilation3-stride2", "conv2d-depthwise-multiplier", "conv2d-no-bias",
-             "max_pool2d-ceil-mode-padding", "max_pool2d-dilation2", "avg_pool2d-padding-exclude",
-             "avg_pool2d-divisor-override-ceil", "conv2d-channels-last-strided-dilated-groups",
-             "conv2d-channels-last-1x1", "max_pool2d-channels-last-padding-dilation-ceil",
-             "conv2d-channels-last-direct-16"}
+
+class KernelCalls(TorchDispatchMode):
+    """Records each torch.ops.manualconv operator call (with detached copies of its arguments)
+    made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "manualconv":
+            keep = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append((func, tree_map(keep, args)))
+        return func(*args, **(kwargs or {}))
 
 
 def kernel_calls(case):
-    """(operator, args) for each kernel a case exercises, in the kernels' own (batched) terms."""
-    tensors = make_inputs(case, torch.float32)
-    x = tensors[0] if tensors[0].dim() == 4 else tensors[0].unsqueeze(0)
-    kw = case.kwargs
-    if case.op == "conv2d":
-        weight, bias = tensors[1], (tensors[2] if len(tensors) > 2 else None)
-        conf = (list(pair(kw.get("stride", 1), "stride", "")), list(pair(kw.get("padding", 0), "padding", "")),
-                list(pair(kw.get("dilation", 1), "dilation", "")), kw.get("groups", 1))
-        y = ops.conv2d_forward(x, weight, bias, *conf)
-        delta = torch.randn_like(y)
-        return [(ops.conv2d_forward.default, (x, weight, bias, *conf)),
-                (ops.conv2d_grad_input.default, (delta, weight, list(x.shape), *conf)),
-                (ops.conv2d_grad_weight.default, (x, delta, list(weight.shape), *conf))]
-    kernel = list(pair(kw["kernel_size"], "kernel_size", ""))
-    stride = kernel if kw.get("stride") is None else list(pair(kw["stride"], "stride", ""))
-    padding = list(pair(kw.get("padding", 0), "padding", ""))
-    if case.op == "max_pool2d":
-        conf = (kernel, stride, padding, list(pair(kw.get("dilation", 1), "dilation", "")), kw.get("ceil_mode", False))
-        y, indices = ops.max_pool2d_forward(x, *conf)
-        return [(ops.max_pool2d_forward.default, (x, *conf)),
-                (ops.max_pool2d_backward.default, (torch.randn_like(y), indices, list(x.shape)))]
-    conf = (kernel, stride, padding, kw.get("ceil_mode", False), kw.get("count_include_pad", True), kw.get("divisor_override"))
-    y = ops.avg_pool2d_forward(x, *conf)
-    return [(ops.avg_pool2d_forward.default, (x, *conf)),
-            (ops.avg_pool2d_backward.default, (torch.randn_like(y), list(x.shape), *conf))]
+    """(operator, args) for each kernel the case runs on the cpp backend, forward and backward,
+    in float32: the calls manualconv itself makes, recorded."""
+    tensors = [t.requires_grad_(t.is_floating_point()) for t in make_inputs(case, torch.float32)]
+    with manualconv.use_backend("cpp"), KernelCalls() as recorder:
+        out = output_of(call(case, "manual", *tensors))
+        torch.autograd.grad(out, [t for t in tensors if t.requires_grad], torch.randn_like(out))
+    return recorder.calls
 
 
-@pytest.mark.parametrize("case", [c for c in SAMPLES if str(c) in OPCHECKED], ids=str)
+OPCHECKED = [case for record in OPS.values() for case in record.samples if case.name in record.opcheck]
+
+
+@pytest.mark.parametrize("case", OPCHECKED, ids=str)
 def test_opcheck(case):
-    for op, args in kernel_calls(case):
+    calls = kernel_calls(case)
+    assert {op._opname for op, _ in calls} == set(OPS[case.op].kernels), f"{case}: {calls}"
+    for op, args in calls:
         torch.library.opcheck(op, args)
 
 

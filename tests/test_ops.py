@@ -1,5 +1,6 @@
-"""Every case of the table, through both backends: gradcheck, gradgradcheck, float32 equality
-with torch.nn (indices exactly), agreement of the backends, and bad input."""
+"""Every case of every op record (cases.OPS), through each of its backends: gradcheck,
+gradgradcheck, float32 equality with the native twin (indices exactly), agreement of the
+backends, and bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import manualconv
-from cases import ERRORS, LINEAR_OPS, SAMPLES, call, make_error_inputs, make_inputs
+from cases import ERRORS, OPS, SAMPLES, backend_params, call, make_error_inputs, make_inputs, per_backend, record_of
 from oracle import assert_within, exact_and_bound, output_of, run_with_grads
 
 # Finite differences need a differentiable point: ties and NaNs (max pool) are not one, so those
@@ -19,13 +20,13 @@ def _function(case):
     return lambda *tensors: output_of(call(case, "manual", *tensors))
 
 
-@pytest.mark.parametrize("case", SMOOTH, ids=str)
+@pytest.mark.parametrize("case,backend", per_backend(SMOOTH), indirect=["backend"])
 def test_gradcheck(case, backend):
     tensors = [t.requires_grad_(t.is_floating_point()) for t in make_inputs(case, torch.float64)]
     assert torch.autograd.gradcheck(_function(case), tensors), case
 
 
-@pytest.mark.parametrize("case", SMOOTH, ids=str)
+@pytest.mark.parametrize("case,backend", per_backend(SMOOTH), indirect=["backend"])
 def test_gradgradcheck(case, backend):
     tensors = [t.requires_grad_(t.is_floating_point()) for t in make_inputs(case, torch.float64)]
     assert torch.autograd.gradgradcheck(_function(case), tensors), case
@@ -40,17 +41,19 @@ def _float32_run(case, lib):
     return tensors, grad_output, run_with_grads(case, lib, tensors, grad_output)
 
 
-# Ops that are linear in each argument get the rigorous bound of oracle.py. The others
-# (activations, the loss) are elementwise maps and short reductions whose float32 results torch
-# itself only promises to a few ulps: they are compared with torch.testing's float32 defaults.
-NONLINEAR = [case for case in SAMPLES if case.op not in LINEAR_OPS]
+# Ops with a bound ('linear' in each argument, or 'max'-like) get the rigorous bound of
+# oracle.py. The others (activations, the loss) are elementwise maps and short reductions whose
+# float32 results torch itself only promises to a few ulps: they are compared with
+# torch.testing's float32 defaults.
+BOUNDED = [case for case in SAMPLES if record_of(case).bound is not None]
+NONLINEAR = [case for case in SAMPLES if record_of(case).bound is None]
 
 
 def _assert_close(case, what, actual, expected):
     torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{case}: {what}: {m}")
 
 
-@pytest.mark.parametrize("case", [c for c in SAMPLES if c.op in LINEAR_OPS], ids=str)
+@pytest.mark.parametrize("case,backend", per_backend(BOUNDED), indirect=["backend"])
 def test_float32_matches_native(case, backend):
     tensors, grad_output, ours = _float32_run(case, "manual")
     native = run_with_grads(case, "native", tensors, grad_output)
@@ -65,7 +68,7 @@ def test_float32_matches_native(case, backend):
             assert_within(case, f"native {what} (checks the bound)", native[what], exact_value, bound[what])
 
 
-@pytest.mark.parametrize("case", NONLINEAR, ids=str)
+@pytest.mark.parametrize("case,backend", per_backend(NONLINEAR), indirect=["backend"])
 def test_float32_matches_native_nonlinear(case, backend):
     tensors, grad_output, ours = _float32_run(case, "manual")
     native = run_with_grads(case, "native", tensors, grad_output)
@@ -74,7 +77,7 @@ def test_float32_matches_native_nonlinear(case, backend):
         _assert_close(case, what, ours[what], value)
 
 
-@pytest.mark.parametrize("case", [c for c in SAMPLES if c.op in LINEAR_OPS], ids=str)
+@pytest.mark.parametrize("case", [c for c in BOUNDED if {"reference", "cpp"} <= set(record_of(c).backends)], ids=str)
 def test_backends_agree(case):
     with manualconv.use_backend("reference"):
         tensors, grad_output, reference = _float32_run(case, "manual")
@@ -88,7 +91,7 @@ def test_backends_agree(case):
             assert_within(case, f"cpp vs reference {what}", cpp[what], value.double(), 2 * bound[what])
 
 
-@pytest.mark.parametrize("case", ERRORS, ids=str)
+@pytest.mark.parametrize("case,backend", per_backend(ERRORS), indirect=["backend"])
 def test_bad_input_raises(case, backend):
     tensors = make_error_inputs(case)
     error_type, pattern = case.error
@@ -107,7 +110,7 @@ def test_output_memory_format_and_dtype(backend):
     assert y.dtype == torch.float64 and y.shape == (2, 4, 6, 6)
 
 
-CHANNELS_LAST = [c for c in SAMPLES if c.layout == "channels_last" and c.op in ("conv2d", "max_pool2d")]
+CHANNELS_LAST = [c for c in SAMPLES if c.layout == "channels_last" and record_of(c).channels_last]
 
 
 def _layout_of(t: torch.Tensor) -> str:
@@ -124,8 +127,6 @@ def test_channels_last_layout_matches_native(case, cpp):
         if what in native:
             assert _layout_of(ours[what]) == _layout_of(native[what]) == "channels_last", \
                 f"{case}: {what} is {_layout_of(ours[what])}, torch's is {_layout_of(native[what])}"
-
-
 BLAS_FALLBACK_SCRIPT = """
 import torch, torch.nn.functional as F, manualconv.functional as MF
 from torch.profiler import profile, ProfilerActivity
@@ -162,22 +163,11 @@ def test_conv_blas_fallback_matches_native(cpp):
     assert worst < 1e-12, f"fallback GEMM path differs from torch.nn by {worst}"
 
 
-KERNEL_ERRORS = [
-    # (name, kernel name, args builder, message pattern): the kernels check backward's inputs too
-    ("grad-input-wrong-delta", "conv2d_grad_input",
-     lambda: (torch.randn(1, 2, 5, 5), torch.randn(2, 3, 3, 3), [1, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
-    ("grad-weight-wrong-delta", "conv2d_grad_weight",
-     lambda: (torch.randn(1, 3, 8, 8), torch.randn(1, 2, 5, 5), [2, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
-    ("max-backward-wrong-indices", "max_pool2d_backward",
-     lambda: (torch.randn(1, 2, 4, 4), torch.zeros(1, 2, 3, 3, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
-    ("max-backward-index-out-of-plane", "max_pool2d_backward",
-     lambda: (torch.randn(1, 2, 4, 4), torch.full((1, 2, 4, 4), 64, dtype=torch.long), [1, 2, 8, 8]), r"indices"),
-    ("avg-backward-wrong-delta", "avg_pool2d_backward",
-     lambda: (torch.randn(1, 2, 3, 3), [1, 2, 8, 8], [2, 2], [2, 2], [0, 0], False, True, None), r"grad_output"),
-]
+KERNEL_ERRORS = [p for record in OPS.values() for error in record.kernel_errors
+                 for p in backend_params(record, (error,), error.name)]
 
 
-@pytest.mark.parametrize("name,kernel,args,pattern", KERNEL_ERRORS, ids=[e[0] for e in KERNEL_ERRORS])
-def test_kernel_rejects_bad_backward_input(name, kernel, args, pattern, backend):
-    with pytest.raises(RuntimeError, match=pattern):
-        getattr(manualconv.backend.kernels(backend), kernel)(*args())
+@pytest.mark.parametrize("error,backend", KERNEL_ERRORS, indirect=["backend"])
+def test_kernel_rejects_bad_backward_input(error, backend):
+    with pytest.raises(RuntimeError, match=error.pattern):
+        getattr(manualconv.backend.kernels(backend), error.kernel)(*error.args())
