@@ -1,7 +1,8 @@
 """Build manualconv and its C++ extension manualconv._C.
 
-    pip install --no-build-isolation -e .          # or
-    python setup.py build_ext --inplace
+    pip install --no-build-isolation .             # install (pyproject.toml); -e: editable
+    pip wheel --no-build-isolation --no-deps .     # a wheel
+    python setup.py build_ext --inplace            # in place, as the Makefile does
 
 The CUDA kernels (csrc/cuda/*.cu) are built into the same extension when
     MANUALCONV_CUDA=1   always (fails if no CUDA toolkit is found);
@@ -75,7 +76,21 @@ def math_library_includes() -> list:
     return [arg for folder in folders for arg in ("-isystem", folder)]
 
 
-if build_cuda():
+def emulate_cuda() -> bool:
+    """MANUALCONV_EMULATE_CUDA=1 (tests only, in a scratch copy of the tree): the CUDA kernels
+    compiled as C++ for the CPU (csrc/cuda/emulate_on_host.cpp) and bound to the CPU key in place
+    of the CPU kernels, so that the op tests run the CUDA kernel bodies without a GPU."""
+    return os.environ.get("MANUALCONV_EMULATE_CUDA", "").strip() == "1"
+
+
+if emulate_cuda():
+    extension = CppExtension(
+        name="manualconv._C",
+        sources=sources + [os.path.join("csrc", "cuda", "emulate_on_host.cpp")],
+        extra_compile_args={"cxx": extra_compile_args["cxx"] + ["-DMANUALCONV_EMULATE_ON_HOST"]},
+        extra_link_args=extra_link_args,
+    )
+elif build_cuda():
     from torch.utils.cpp_extension import CUDAExtension
 
     # -O3, exact arithmetic (no --use_fast_math: the kernels must match the CPU ones).
@@ -98,13 +113,8 @@ else:
         extra_link_args=extra_link_args,
     )
 
+# name, version (manualconv/__init__.py), dependencies and packages: pyproject.toml
 setup(
-    name="manualconv",
-    version="0.1.0",
-    description="conv2d and 2-D pooling with hand-derived backward passes",
-    packages=["manualconv"],
-    python_requires=">=3.9",
-    install_requires=["torch"],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},  # uses ninja when it is installed
 )

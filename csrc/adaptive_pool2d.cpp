@@ -22,32 +22,11 @@ namespace {
 int64_t window_start(int64_t i, int64_t in, int64_t out) { return (i * in) / out; }
 int64_t window_end(int64_t i, int64_t in, int64_t out) { return ((i + 1) * in + out - 1) / out; }
 
-struct AdaptiveGeometry {
-  int64_t N, C, H, W, H_out, W_out;
-  int64_t planes() const { return N * C; }
-};
-
-// The one shape check of the adaptive pools, shared by forward and backward.
-AdaptiveGeometry check_adaptive_pool2d(const char* op, at::IntArrayRef input_size,
-                                       at::IntArrayRef output_size) {
-  auto in = as_size4(input_size, op, "input size", "(N, C, H, W)");
-  HW out = as_hw(output_size, op, "output_size");
-  TORCH_CHECK(in[1] > 0 && in[2] > 0 && in[3] > 0, op,
-              ": input must have non-zero channels, height and width, got ", input_size);
-  TORCH_CHECK(out.h >= 0 && out.w >= 0, op,
-              ": elements of output_size must be greater than or equal to 0, got ", output_size);
-  return {in[0], in[1], in[2], in[3], out.h, out.w};
-}
-
 }  // namespace
 
 // y[i,j] = max over the adaptive window; ties keep the first maximum, a NaN wins (torch's rule)
-std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(const at::Tensor& input,
-                                                               at::IntArrayRef output_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const char* op = "manualconv::adaptive_max_pool2d_forward";
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const AdaptiveGeometry g = check_adaptive_pool2d(op, input.sizes(), output_size);
+std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cpu, const at::Tensor& input,
+                                                               const AdaptiveGeometry& g) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
   at::Tensor indices = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options().dtype(at::kLong));
@@ -86,11 +65,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(const at::Tensor&
 }
 
 // y[i,j] = (Σ_window x) / area(i,j)
-at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& input, at::IntArrayRef output_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const char* op = "manualconv::adaptive_avg_pool2d_forward";
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const AdaptiveGeometry g = check_adaptive_pool2d(op, input.sizes(), output_size);
+at::Tensor adaptive_avg_pool2d_forward(Cpu, const at::Tensor& input, const AdaptiveGeometry& g) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_adaptive_avg_pool2d_forward", [&] {
@@ -118,14 +93,8 @@ at::Tensor adaptive_avg_pool2d_forward(const at::Tensor& input, at::IntArrayRef 
 }
 
 // δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / area(i,j): each delta spread evenly over its window
-at::Tensor adaptive_avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef input_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  const char* op = "manualconv::adaptive_avg_pool2d_backward";
-  check_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  const AdaptiveGeometry g = check_adaptive_pool2d(op, input_size, grad_output.sizes().slice(2));
-  TORCH_CHECK(grad_output.size(0) == g.N && grad_output.size(1) == g.C, op,
-              ": grad_output must have the input's batch and channels ", input_size, ", got ",
-              grad_output.sizes());
+at::Tensor adaptive_avg_pool2d_backward(Cpu, const at::Tensor& grad_output,
+                                        const AdaptiveGeometry& g) {
   const at::Tensor dy = grad_output.contiguous();
   at::Tensor dx = at::zeros({g.N, g.C, g.H, g.W}, dy.options());
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_adaptive_avg_pool2d_backward", [&] {

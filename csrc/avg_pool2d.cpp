@@ -19,17 +19,6 @@
 namespace manualconv {
 namespace {
 
-// The one shape check of avg_pool2d, shared by the forward and the backward kernel.
-Pool2dGeometry check_avg_pool2d(const char* op, at::IntArrayRef input_size,
-                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, bool ceil_mode,
-                                std::optional<int64_t> divisor_override) {
-  TORCH_CHECK(!divisor_override.has_value() || *divisor_override != 0, op,
-              ": divisor must be not zero");
-  const int64_t no_dilation[2] = {1, 1};
-  return pool2d_geometry(op, input_size, kernel_size, stride, padding, no_dilation, ceil_mode);
-}
-
 // The clipped extent [lo, hi) of the window starting at `start` along one dimension and the
 // length it has in the padded image (used as the count_include_pad divisor).
 struct Window {
@@ -105,15 +94,8 @@ void avg_pool2d_backward_plane(const scalar_t* dy, const Pool2dGeometry& g, bool
 }  // namespace
 
 // y = Σ window x / D
-at::Tensor avg_pool2d_forward(const at::Tensor& input, at::IntArrayRef kernel_size,
-                              at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
+at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry& g,
                               bool count_include_pad, std::optional<int64_t> divisor_override) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::avg_pool2d_forward";
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const Pool2dGeometry g = check_avg_pool2d(op, input.sizes(), kernel_size, stride, padding,
-                                            ceil_mode, divisor_override);
 
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(g.output_size(), x.options());
@@ -133,21 +115,10 @@ at::Tensor avg_pool2d_forward(const at::Tensor& input, at::IntArrayRef kernel_si
 }
 
 // δx[h, w] = Σ over the windows containing (h, w) of δy / D
-at::Tensor avg_pool2d_backward(const at::Tensor& grad_output, at::IntArrayRef input_size,
-                               at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                               at::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
-                               std::optional<int64_t> divisor_override) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::avg_pool2d_backward";
-  check_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  as_size4(input_size, op, "input_size", "(N, C, H, W)");
-  const Pool2dGeometry g = check_avg_pool2d(op, input_size, kernel_size, stride, padding,
-                                            ceil_mode, divisor_override);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-
+at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dGeometry& g,
+                               bool count_include_pad, std::optional<int64_t> divisor_override) {
   const at::Tensor dy = grad_output.contiguous();
-  at::Tensor dx = at::empty(input_size, dy.options());  // zeroed plane by plane below
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_avg_pool2d_backward", [&] {

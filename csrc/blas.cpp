@@ -73,8 +73,6 @@ void gemm_impl(Fn* fortran_gemm, bool trans_a, bool trans_b, int64_t m, int64_t 
 
 }  // namespace
 
-bool direct_blas() { return sgemm_ != nullptr && !aten_requested(); }
-
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {

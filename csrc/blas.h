@@ -15,9 +15,6 @@
 
 namespace manualconv {
 
-// Whether gemm() calls the BLAS directly (false: the at::addmm_ fallback).
-bool direct_blas();
-
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc);

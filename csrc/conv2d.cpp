@@ -11,6 +11,10 @@
 //   input grad     δx[g]   = col2im(W[g]ᵀ · δy[g])
 //   weight grad    ∂J/∂W[g] = Σ_n δy[g] · im2col(x[g])ᵀ
 //
+// The CPU kernels below get checked arguments (operators.h, geometry.h), ask
+// select_conv2d_kernel (below) which kernel runs, and run the NCHW GEMM kernel themselves;
+// channels-last tensors go to conv2d_channels_last.cpp or conv2d_direct.cpp.
+//
 // Parallelism: samples are spread over threads with at::parallel_for, each thread
 // owning a column buffer and calling single-threaded GEMMs (BLAS runs one thread
 // inside a parallel region). With fewer samples than threads the batch is walked
@@ -27,56 +31,47 @@
 
 namespace manualconv {
 
-// See conv2d.h.
-Conv2dGeometry check_conv2d(const char* op, at::IntArrayRef input_size,
-                            const char* input_name, at::IntArrayRef weight_size,
-                            const char* weight_name, at::IntArrayRef stride,
-                            at::IntArrayRef padding, at::IntArrayRef dilation,
-                            int64_t groups) {
-  const auto in = as_size4(input_size, op, input_name, "(N, C, H, W)");
-  const auto wt = as_size4(weight_size, op, weight_name,
-                           "(out_channels, in_channels/groups, kH, kW)");
-  const HW s = as_hw(stride, op, "stride");
-  const HW p = as_hw(padding, op, "padding");
-  const HW d = as_hw(dilation, op, "dilation");
-
-  Conv2dGeometry g{};
-  g.N = in[0], g.C = in[1], g.H = in[2], g.W = in[3];
-  g.O = wt[0], g.kH = wt[2], g.kW = wt[3];
-  g.sH = s.h, g.sW = s.w, g.pH = p.h, g.pW = p.w, g.dH = d.h, g.dW = d.w;
-  g.groups = groups;
-
-  TORCH_CHECK(g.C > 0 && g.H > 0 && g.W > 0, op, ": ", input_name,
-              " must have non-zero channels, height and width, got ", input_size);
-  TORCH_CHECK(g.O > 0 && wt[1] > 0 && g.kH > 0 && g.kW > 0, op, ": ", weight_name,
-              " must have non-zero sizes, got ", weight_size);
-  TORCH_CHECK(s.h > 0 && s.w > 0, op, ": stride must be positive, got ", stride);
-  TORCH_CHECK(d.h > 0 && d.w > 0, op, ": dilation must be positive, got ", dilation);
-  TORCH_CHECK(p.h >= 0 && p.w >= 0, op, ": padding must be non-negative, got ", padding);
-  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
-  TORCH_CHECK(g.C % groups == 0, op, ": in_channels (", g.C,
-              ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(g.O % groups == 0, op, ": out_channels (", g.O,
-              ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(wt[1] == g.C / groups, op, ": ", weight_name, " must have in_channels/groups = ",
-              g.C, "/", groups, " = ", g.C / groups, " channels in dim 1, got ", weight_size);
-
-  // H_out = ⌊(H + 2p − d(k−1) − 1) / s⌋ + 1
-  const int64_t span_h = g.H + 2 * g.pH - g.dH * (g.kH - 1) - 1;
-  const int64_t span_w = g.W + 2 * g.pW - g.dW * (g.kW - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, op, ": the padded input (",
-              g.H + 2 * g.pH, " x ", g.W + 2 * g.pW,
-              ") is smaller than the dilated kernel (", g.dH * (g.kH - 1) + 1, " x ",
-              g.dW * (g.kW - 1) + 1, "); output size would be < 1");
-  g.H_out = span_h / g.sH + 1;
-  g.W_out = span_w / g.sW + 1;
-  for (int64_t a = 0; a < g.kH; ++a) {
-    g.valid_i.push_back(valid_output_range(a * g.dH - g.pH, g.sH, g.H, g.H_out));
+// Which kernel runs (conv2d.h). Each threshold cites its measurement: AMD EPYC Zen 3 (AVX2),
+// 2 threads, float32, batch 128, against torch.nn in one process (manualconv/bench.py), from the
+// closing notes of issue 5 (`issues stops`: stops 9 and 10) and docs/benchmark-cpu.md. Later
+// paths (per-ISA direct kernels, Winograd for 3×3 stride 1) are further cases here.
+Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
+                                  bool channels_last, CpuCapability capability) {
+  // NCHW stays NCHW: routing small-map NCHW convs through the channels-last kernels measured
+  // slower (0.76–0.89× native vs 0.82–0.93× on the NCHW GEMM path), as did the direct kernel at
+  // 32 channels (stop 9).
+  if (!channels_last) return Conv2dKernel::NchwGemm;
+  // The direct kernels are AVX2 + FMA float32 code for one group.
+  if (dtype != at::kFloat || g.groups != 1 || capability < CpuCapability::Avx2) {
+    return Conv2dKernel::NhwcGemm;
   }
-  for (int64_t b = 0; b < g.kW; ++b) {
-    g.valid_j.push_back(valid_output_range(b * g.dW - g.pW, g.sW, g.W, g.W_out));
+  // Forward and input gradient: up to 64 channels (the channels the tiles run over, in whole
+  // vectors). At 128 channels the direct kernel measured 0.69–0.83× native, the GEMM path
+  // 0.79–0.90× (stop 10).
+  constexpr int64_t kMaxDirectChannels = 64;
+  // Weight gradient: 8 or 16 output channels. At 32 the GEMM path took 4.5 ms, the direct kernel
+  // 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10).
+  constexpr int64_t kMaxDirectGradWeightChannels = 16;
+  auto direct_for = [](int64_t channels, int64_t limit) {
+    return channels % kDirectLanes == 0 && channels <= limit;
+  };
+  bool direct = false;
+  switch (pass) {
+    case Conv2dPass::Forward:
+      direct = direct_for(g.O, kMaxDirectChannels);
+      break;
+    case Conv2dPass::GradInput:
+      // δx is the stride-1 "full" correlation of δy, padded by d·(k − 1) − p ≥ 0, with the
+      // rotated kernel: a direct conv over the input channels, for stride 1 only
+      direct = direct_for(g.C, kMaxDirectChannels) && g.sH == 1 && g.sW == 1 &&
+               g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1);
+      break;
+    case Conv2dPass::GradWeight:
+      // the 6-column tiles need at least 6 weight columns (a, b, c)
+      direct = direct_for(g.O, kMaxDirectGradWeightChannels) && g.K() >= kDirectTileColumns;
+      break;
   }
-  return g;
+  return direct ? Conv2dKernel::Direct : Conv2dKernel::NhwcGemm;
 }
 
 namespace {
@@ -200,33 +195,23 @@ inline int64_t plane_offset(int64_t n, int64_t channels, int64_t g, int64_t chan
 }  // namespace
 
 // y = W · im2col(x) + b   (per sample and group)
-at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_forward";
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  check_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
-  check_same_dtype(input, "input", weight, "weight", op);
-  const Conv2dGeometry g = check_conv2d(op, input.sizes(), "input", weight.sizes(), "weight",
-                                        stride, padding, dilation, groups);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ",
-                bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.O, op,
-                ": bias must be 1-D of size out_channels = ", g.O, ", got ", bias->sizes());
-    check_same_dtype(input, "input", *bias, "bias", op);
+at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& bias, const Conv2dGeometry& g) {
+  switch (select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(), is_channels_last(input),
+                               cpu_capability())) {
+    case Conv2dKernel::Direct:
+      return conv2d_forward_direct(input, weight, bias, g);
+    case Conv2dKernel::NhwcGemm:
+      return conv2d_forward_channels_last(input, weight, bias, g);
+    case Conv2dKernel::NchwGemm:
+      break;  // below
   }
-  if (is_channels_last(input)) {
-    return conv2d_forward_channels_last(input, weight, has_bias ? *bias : at::Tensor(), g);
-  }
+  const bool has_bias = bias.defined();
 
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
   const at::Tensor b =
-      has_bias ? bias->contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
+      has_bias ? bias.contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
   at::Tensor y = at::empty(g.output_size(), x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward", [&] {
@@ -260,24 +245,21 @@ at::Tensor conv2d_forward(const at::Tensor& input, const at::Tensor& weight,
 
 // δx = col2im(Wᵀ · δy)   (the "full" correlation of the stride-dilated δy with the
 // 180°-rotated kernel, per sample and group)
-at::Tensor conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& weight,
-                             at::IntArrayRef input_size, at::IntArrayRef stride,
-                             at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t groups) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_grad_input";
-  check_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
-  check_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
-  check_same_dtype(grad_output, "grad_output", weight, "weight", op);
-  const Conv2dGeometry g = check_conv2d(op, input_size, "input_size", weight.sizes(), "weight",
-                                        stride, padding, dilation, groups);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-  if (is_channels_last(grad_output)) return conv2d_grad_input_channels_last(grad_output, weight, g);
+at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tensor& weight,
+                             const Conv2dGeometry& g) {
+  switch (select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
+                               is_channels_last(grad_output), cpu_capability())) {
+    case Conv2dKernel::Direct:
+      return conv2d_grad_input_direct(grad_output, weight, g);
+    case Conv2dKernel::NhwcGemm:
+      return conv2d_grad_input_channels_last(grad_output, weight, g);
+    case Conv2dKernel::NchwGemm:
+      break;  // below
+  }
 
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
-  at::Tensor dx = at::empty(input_size, dy.options());
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input", [&] {
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
@@ -312,37 +294,32 @@ at::Tensor conv2d_grad_input(const at::Tensor& grad_output, const at::Tensor& we
 // (a long reduction into a small output), so each thread accumulates
 //   ∂J/∂Wᵀ += im2col(x) · δyᵀ      (K × O/G per group)
 // and the sum is transposed back to (O, C/G, kH, kW) once at the end.
-at::Tensor conv2d_grad_weight(const at::Tensor& input, const at::Tensor& grad_output,
-                              at::IntArrayRef weight_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_grad_weight";
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  check_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
-  check_same_dtype(input, "input", grad_output, "grad_output", op);
-  const Conv2dGeometry g = check_conv2d(op, input.sizes(), "input", weight_size, "weight_size",
-                                        stride, padding, dilation, groups);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-  if (is_channels_last(input)) {
-    return conv2d_grad_weight_channels_last(
-        input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& grad_output,
+                              const Conv2dGeometry& g) {
+  switch (select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
+                               is_channels_last(input), cpu_capability())) {
+    case Conv2dKernel::Direct:
+      return conv2d_grad_weight_direct(
+          input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+    case Conv2dKernel::NhwcGemm:
+      return conv2d_grad_weight_channels_last(
+          input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+    case Conv2dKernel::NchwGemm:
+      break;  // below
   }
 
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
-  const int64_t n_threads = g.N >= at::get_num_threads() ? at::get_num_threads() : 1;
-  at::Tensor dw_t_per_thread = at::zeros({n_threads, g.groups, g.K(), g.O_g()}, x.options());
+  // one slot per thread when the samples are spread over threads (see for_each_sample)
+  const PerThreadSum dw_t_sum(g.N >= at::get_num_threads() ? at::get_num_threads() : 1,
+                              {g.groups, g.K(), g.O_g()}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
-      // This thread's accumulator (the clamp only matters if called nested in a parallel region).
-      scalar_t* dw_t = dw_t_per_thread.mutable_data_ptr<scalar_t>() +
-                       std::min<int64_t>(at::get_thread_num(), n_threads - 1) * g.groups * K * Og;
+      scalar_t* dw_t = dw_t_sum.mine<scalar_t>();
       at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, x.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
@@ -358,8 +335,7 @@ at::Tensor conv2d_grad_weight(const at::Tensor& input, const at::Tensor& grad_ou
       }
     });
   });
-  const at::Tensor dw_t = n_threads > 1 ? dw_t_per_thread.sum(0) : dw_t_per_thread[0];
-  return dw_t.transpose(1, 2).contiguous().view(weight_size);
+  return dw_t_sum.total().transpose(1, 2).contiguous().view({g.O, g.C_g(), g.kH, g.kW});
 }
 
 }  // namespace manualconv

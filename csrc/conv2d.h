@@ -1,45 +1,43 @@
-// conv2d's geometry and shape check, shared by the NCHW kernels (conv2d.cpp) and the
-// channels-last ones (conv2d_channels_last.cpp).
+// conv2d's CPU kernels: which one runs for a call (select_conv2d_kernel, defined in conv2d.cpp), and
+// the kernels conv2d.cpp's entry points hand their tensors to. Geometry and checks: geometry.h.
 #pragma once
 
 #include "manualconv.h"
 
-#include <vector>
-
 namespace manualconv {
 
-// Every size a conv2d kernel needs, validated once by check_conv2d.
-struct Conv2dGeometry {
-  int64_t N, C, H, W;       // input (N, C, H, W)
-  int64_t O, kH, kW;        // weight (O, C/groups, kH, kW)
-  int64_t sH, sW, pH, pW, dH, dW, groups;
-  int64_t H_out, W_out;
-  // valid_i[a] / valid_j[b]: the output rows i / columns j whose kernel row a / column b reads
-  // inside the image (input row i·sH − pH + a·dH, column j·sW − pW + b·dW); the others read
-  // the zero padding. Precomputed once: im2col and col2im need them for every (sample, c, a, b).
-  std::vector<Range> valid_i, valid_j;
+// The three products of a conv layer (the kernels of each pass are separate functions).
+enum class Conv2dPass { Forward, GradInput, GradWeight };
 
-  int64_t C_g() const { return C / groups; }             // input channels per group
-  int64_t O_g() const { return O / groups; }             // output channels per group
-  int64_t K() const { return C_g() * kH * kW; }          // rows of im2col(x[g])
-  int64_t L() const { return H_out * W_out; }            // columns of im2col(x[g])
-  // A 1×1 kernel with stride 1 and no padding reads each pixel once, in order:
-  // im2col(x[g]) is x[g] itself, viewed as a (C/G) × (H·W) matrix.
-  bool is_pointwise() const {
-    return kH == 1 && kW == 1 && sH == 1 && sW == 1 && pH == 0 && pW == 0;
-  }
-  std::vector<int64_t> output_size() const { return {N, O, H_out, W_out}; }
+// The conv2d kernels of the CPU.
+enum class Conv2dKernel {
+  NchwGemm,  // conv2d.cpp: im2col + GEMM per sample and group, NCHW
+  NhwcGemm,  // conv2d_channels_last.cpp: im2col + GEMM per block of samples, channels-last
+  Direct,    // conv2d_direct.cpp: register tiles straight from the padded input, channels-last
 };
 
-// The one shape check for conv2d, shared by the forward and both backward kernels.
-// input_name / weight_name say where the shapes came from (a tensor or a size list).
-Conv2dGeometry check_conv2d(const char* op, at::IntArrayRef input_size, const char* input_name,
-                            at::IntArrayRef weight_size, const char* weight_name,
-                            at::IntArrayRef stride, at::IntArrayRef padding,
-                            at::IntArrayRef dilation, int64_t groups);
+// The instruction sets a kernel can be compiled for, in increasing order.
+enum class CpuCapability { Default, Avx2 };
 
-// The channels-last kernels (conv2d_channels_last.cpp). Arguments are already checked; x / dy are
-// channels-last, weight any layout; bias may be undefined.
+// What this CPU supports, detected once (conv2d_direct.cpp).
+CpuCapability cpu_capability();
+
+// The kernel that computes `pass` of a conv with geometry g on tensors of `dtype`, channels-last
+// or NCHW, on a CPU with `capability`. Every path and the reason for it is in this one function.
+Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
+                                  bool channels_last, CpuCapability capability);
+
+// The direct kernels' register tile (AVX2: 16 registers of 8 floats). A forward / input-gradient
+// tile is kDirectTilePixels output pixels × one or two vectors of output channels; a
+// weight-gradient tile is one or two vectors of output channels × kDirectTileColumns weight
+// columns (a, b, c). Both hold 12 accumulators, in registers named for these sizes.
+constexpr int64_t kDirectLanes = 8;                         // floats per AVX register
+constexpr int64_t kDirectBlockChannels = 2 * kDirectLanes;  // output channels of a full tile
+constexpr int64_t kDirectTilePixels = 6;
+constexpr int64_t kDirectTileColumns = 6;
+
+// The channels-last GEMM kernels (conv2d_channels_last.cpp). Arguments are already checked;
+// x / dy are channels-last, weight any layout; bias may be undefined.
 at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
@@ -47,17 +45,15 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g);
 
-// Direct channels-last float32 kernels (conv2d_direct.cpp), used by the channels-last kernels
-// where they apply: float32, one group, a CPU with AVX2 + FMA, and for the forward a multiple
-// of 8 up to 64 output channels; for the input gradient stride 1 and a multiple of 8 up to 64
-// input channels; for the weight gradient 8 or 16 output channels.
-bool conv2d_direct_forward_applies(const Conv2dGeometry& g, at::ScalarType dtype);
-bool conv2d_direct_grad_input_applies(const Conv2dGeometry& g, at::ScalarType dtype);
+// The direct kernels (conv2d_direct.cpp), for the geometries select_conv2d_kernel gives them:
+// float32, channels-last x / dy, one group, an AVX2 + FMA CPU, and for the forward a multiple of
+// kDirectLanes output channels; for the input gradient stride 1, padding p ≤ d·(k − 1) and a
+// multiple of kDirectLanes input channels; for the weight gradient a multiple of kDirectLanes
+// output channels and at least kDirectTileColumns weight columns K.
 at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
                                     const Conv2dGeometry& g);
-bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType dtype);
 at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
                                      const Conv2dGeometry& g);
 

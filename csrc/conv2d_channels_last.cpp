@@ -32,8 +32,6 @@ namespace {
 constexpr int64_t kTargetRows = 256;              // GEMM rows per block, at least
 constexpr int64_t kMaxColumnBytes = 8 << 20;     // a block's column buffer, at most (unless one sample needs more)
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 struct Blocks {
   int64_t size;   // samples per block (the last may have fewer)
   int64_t count;  // number of blocks
@@ -42,7 +40,7 @@ struct Blocks {
 Blocks sample_blocks(const Conv2dGeometry& g, int64_t element_size) {
   int64_t size = ceil_div(kTargetRows, g.L());
   size = std::min(size, std::max<int64_t>(1, kMaxColumnBytes / (g.L() * g.K() * element_size)));
-  size = std::max<int64_t>(1, std::min(size, ceil_div(g.N, at::get_num_threads())));
+  size = std::max<int64_t>(1, std::min(size, ceil_div<int64_t>(g.N, at::get_num_threads())));
   return {size, g.N == 0 ? 0 : ceil_div(g.N, size)};
 }
 
@@ -168,9 +166,6 @@ const scalar_t* block_columns(const scalar_t* x, const Conv2dGeometry& g, int64_
 // Y[g] = im2col(x[g]) · W[g]ᵀ + b[g]   (per block of samples)
 at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const Conv2dGeometry& g) {
-  if (conv2d_direct_forward_applies(g, x.scalar_type())) {
-    return conv2d_forward_direct(x, weight, bias, g);
-  }
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -203,9 +198,6 @@ at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& w
 // 180°-rotated kernel, per block of samples)
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
                                            const Conv2dGeometry& g) {
-  if (conv2d_direct_grad_input_applies(g, dy.scalar_type())) {
-    return conv2d_grad_input_direct(dy, weight, g);
-  }
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -244,19 +236,13 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 // returned channels-last, the layout the accumulator already has)
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g) {
-  if (conv2d_direct_grad_weight_applies(g, x.scalar_type())) {
-    return conv2d_grad_weight_direct(x, dy, g);
-  }
   const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
-  const int64_t threads = at::get_num_threads();
-  at::Tensor dw_per_thread = at::zeros({threads, O, K}, x.options());
+  const PerThreadSum dw_sum(at::get_num_threads(), {O, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_channels_last", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     for_each_block(g, x.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
-      // this thread's accumulator (the clamp only matters if called nested in a parallel region)
-      scalar_t* dw = dw_per_thread.mutable_data_ptr<scalar_t>() +
-                     std::min<int64_t>(at::get_thread_num(), threads - 1) * O * K;
+      scalar_t* dw = dw_sum.mine<scalar_t>();
       const int64_t rows = (n_end - n_begin) * L;
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         int64_t ld;
@@ -266,8 +252,7 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
       }
     });
   });
-  const at::Tensor dw = threads > 1 ? dw_per_thread.sum(0) : dw_per_thread[0];
-  return dw.view({O, g.kH, g.kW, g.C_g()}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
+  return dw_sum.total().view({O, g.kH, g.kW, g.C_g()}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
 }
 
 }  // namespace manualconv

@@ -1,4 +1,5 @@
-// Direct channels-last float32 convolution for layers with up to 64 channels (AVX2 + FMA).
+// Direct channels-last float32 convolution (AVX2 + FMA), for the layers select_conv2d_kernel
+// (conv2d.cpp) gives it: up to 64 channels (8 or 16 output channels for the weight gradient).
 //
 // CIFAR-size layers (8 to 64 output channels, 8² to 32² maps) give an im2col GEMM few columns,
 // which BLAS runs well below its peak, and im2col itself costs a pass over memory. Here each
@@ -32,24 +33,20 @@
 namespace manualconv {
 namespace {
 
-// Above these channel counts the GEMM path measured faster (forward / input gradient: the
-// channels the tiles run over; weight gradient: the output channels).
-constexpr int64_t kMaxDirectChannels = 64;
-constexpr int64_t kMaxDirectGradWeightChannels = 16;
+// The tiles below keep their accumulators in registers named for the tile sizes of conv2d.h.
+static_assert(kDirectLanes == 8, "the tiles hold __m256 vectors of 8 floats");
+static_assert(kDirectBlockChannels == 2 * kDirectLanes, "tile_6x16 holds two vectors per pixel");
+static_assert(kDirectTilePixels == 6, "tile_6x16 / tile_6x8 name 6 pixels' accumulators");
+static_assert(kDirectTileColumns == 6, "grad_weight_tile names 6 columns' accumulators");
 
 // One direct convolution: `in` is one sample, already zero-padded, (Hp, Wp, C_in) with the
-// padding of the conv folded in; the weights are (kH, kW, C_in, C_out), packed in blocks of 16
-// output channels (pack_weight_blocks); out is (H_out, W_out, C_out).
+// padding of the conv folded in; the weights are (kH, kW, C_in, C_out), packed in blocks of
+// kDirectBlockChannels output channels (pack_weight_blocks); out is (H_out, W_out, C_out).
 struct DirectConv {
   int64_t Hp, Wp, C_in, C_out, kH, kW, sH, sW, dH, dW, H_out, W_out;
 };
 
 #ifdef MANUALCONV_HAVE_AVX2_KERNEL
-
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 // A tile is 6 consecutive output pixels of one sample, in row-major order (so a tile may wrap
 // from one output row to the next: rows whose width 6 does not divide waste nothing), × 16 or
@@ -72,12 +69,12 @@ __attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const fl
                                                    const float* wt, const float* bias,
                                                    int64_t o0, float* y) {
   const __m256 b0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
-  const __m256 b1 = bias ? _mm256_loadu_ps(bias + o0 + 8) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + o0 + kDirectLanes) : _mm256_setzero_ps();
   __m256 y00 = b0, y01 = b1, y10 = b0, y11 = b1, y20 = b0, y21 = b1;
   __m256 y30 = b0, y31 = b1, y40 = b0, y41 = b1, y50 = b0, y51 = b1;
   const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
-  MANUALCONV_TAPS(16, {
-    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+  MANUALCONV_TAPS(kDirectBlockChannels, {
+    const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + kDirectLanes);
     __m256 v = _mm256_broadcast_ss(p0 + c);
     y00 = _mm256_fmadd_ps(v, w0, y00), y01 = _mm256_fmadd_ps(v, w1, y01);
     v = _mm256_broadcast_ss(p1 + c);
@@ -93,12 +90,13 @@ __attribute__((target("avx2,fma"))) void tile_6x16(const DirectConv& s, const fl
   })
   const int64_t O = s.C_out;
   y += o0;
-  _mm256_storeu_ps(y, y00), _mm256_storeu_ps(y + 8, y01);
-  _mm256_storeu_ps(y + O, y10), _mm256_storeu_ps(y + O + 8, y11);
-  _mm256_storeu_ps(y + 2 * O, y20), _mm256_storeu_ps(y + 2 * O + 8, y21);
-  _mm256_storeu_ps(y + 3 * O, y30), _mm256_storeu_ps(y + 3 * O + 8, y31);
-  _mm256_storeu_ps(y + 4 * O, y40), _mm256_storeu_ps(y + 4 * O + 8, y41);
-  _mm256_storeu_ps(y + 5 * O, y50), _mm256_storeu_ps(y + 5 * O + 8, y51);
+  constexpr int64_t V = kDirectLanes;  // the second vector of a pixel
+  _mm256_storeu_ps(y, y00), _mm256_storeu_ps(y + V, y01);
+  _mm256_storeu_ps(y + O, y10), _mm256_storeu_ps(y + O + V, y11);
+  _mm256_storeu_ps(y + 2 * O, y20), _mm256_storeu_ps(y + 2 * O + V, y21);
+  _mm256_storeu_ps(y + 3 * O, y30), _mm256_storeu_ps(y + 3 * O + V, y31);
+  _mm256_storeu_ps(y + 4 * O, y40), _mm256_storeu_ps(y + 4 * O + V, y41);
+  _mm256_storeu_ps(y + 5 * O, y50), _mm256_storeu_ps(y + 5 * O + V, y51);
 }
 
 // 6 pixels × 8 output channels (the last block when C_out is an odd multiple of 8)
@@ -108,7 +106,7 @@ __attribute__((target("avx2,fma"))) void tile_6x8(const DirectConv& s, const flo
   const __m256 b0 = bias ? _mm256_loadu_ps(bias + o0) : _mm256_setzero_ps();
   __m256 y0 = b0, y1 = b0, y2 = b0, y3 = b0, y4 = b0, y5 = b0;
   const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
-  MANUALCONV_TAPS(8, {
+  MANUALCONV_TAPS(kDirectLanes, {
     const __m256 w0 = _mm256_loadu_ps(w);
     y0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + c), w0, y0);
     y1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + c), w0, y1);
@@ -144,10 +142,10 @@ __attribute__((target("avx2,fma"))) void direct_sample(const DirectConv& s, cons
                                                        const float* wt, const float* bias,
                                                        float* out) {
   const int64_t pixels = s.H_out * s.W_out, K = s.kH * s.kW * s.C_in;
-  const int64_t tile = pixels < 6 ? 1 : 6;
-  const float* px[6];
-  for (int64_t o0 = 0; o0 < s.C_out; o0 += 16) {
-    const bool wide = o0 + 16 <= s.C_out;
+  const int64_t tile = pixels < kDirectTilePixels ? 1 : kDirectTilePixels;
+  const float* px[kDirectTilePixels];
+  for (int64_t o0 = 0; o0 < s.C_out; o0 += kDirectBlockChannels) {
+    const bool wide = o0 + kDirectBlockChannels <= s.C_out;
     const float* w = wt + o0 * K;
     for (int64_t q = 0; q < pixels; q += tile) {
       const int64_t q0 = std::min(q, pixels - tile);
@@ -157,10 +155,11 @@ __attribute__((target("avx2,fma"))) void direct_sample(const DirectConv& s, cons
       }
       float* y = out + q0 * s.C_out;
       if (tile == 1) {
-        if (wide) {  // the two halves of a 16-wide block
-          tile_1x8<16>(s, px, w, bias, o0, y), tile_1x8<16>(s, px, w + 8, bias, o0 + 8, y);
+        if (wide) {  // the two halves of a full block
+          tile_1x8<kDirectBlockChannels>(s, px, w, bias, o0, y);
+          tile_1x8<kDirectBlockChannels>(s, px, w + kDirectLanes, bias, o0 + kDirectLanes, y);
         } else {
-          tile_1x8<8>(s, px, w, bias, o0, y);
+          tile_1x8<kDirectLanes>(s, px, w, bias, o0, y);
         }
       } else if (wide) {
         tile_6x16(s, px, w, bias, o0, y);
@@ -192,7 +191,7 @@ __attribute__((target("avx2,fma"))) void grad_weight_tile(const DirectConv& s, c
     const float* d = dy + i * s.W_out * O + o0;
     for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
       const __m256 d0 = _mm256_loadu_ps(d);
-      const __m256 d1 = kVectors == 2 ? _mm256_loadu_ps(d + 8) : d0;
+      const __m256 d1 = kVectors == 2 ? _mm256_loadu_ps(d + kDirectLanes) : d0;
       // column k: its input value at this pixel times the pixel's δy vectors
 #define MANUALCONV_COLUMN(k)                                        \
   {                                                                 \
@@ -205,15 +204,16 @@ __attribute__((target("avx2,fma"))) void grad_weight_tile(const DirectConv& s, c
 #undef MANUALCONV_COLUMN
     }
   }
-  alignas(32) float sums[6][16];
-  _mm256_store_ps(sums[0], a00), _mm256_store_ps(sums[0] + 8, a01);
-  _mm256_store_ps(sums[1], a10), _mm256_store_ps(sums[1] + 8, a11);
-  _mm256_store_ps(sums[2], a20), _mm256_store_ps(sums[2] + 8, a21);
-  _mm256_store_ps(sums[3], a30), _mm256_store_ps(sums[3] + 8, a31);
-  _mm256_store_ps(sums[4], a40), _mm256_store_ps(sums[4] + 8, a41);
-  _mm256_store_ps(sums[5], a50), _mm256_store_ps(sums[5] + 8, a51);
-  for (int64_t k = skip; k < 6; ++k) {
-    for (int64_t v = 0; v < 8 * kVectors; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  constexpr int64_t V = kDirectLanes;  // the second vector of a column
+  alignas(32) float sums[kDirectTileColumns][kDirectBlockChannels];
+  _mm256_store_ps(sums[0], a00), _mm256_store_ps(sums[0] + V, a01);
+  _mm256_store_ps(sums[1], a10), _mm256_store_ps(sums[1] + V, a11);
+  _mm256_store_ps(sums[2], a20), _mm256_store_ps(sums[2] + V, a21);
+  _mm256_store_ps(sums[3], a30), _mm256_store_ps(sums[3] + V, a31);
+  _mm256_store_ps(sums[4], a40), _mm256_store_ps(sums[4] + V, a41);
+  _mm256_store_ps(sums[5], a50), _mm256_store_ps(sums[5] + V, a51);
+  for (int64_t k = skip; k < kDirectTileColumns; ++k) {
+    for (int64_t v = 0; v < V * kVectors; ++v) dw[(o0 + v) * K + k] += sums[k][v];
   }
 }
 
@@ -223,10 +223,10 @@ __attribute__((target("avx2,fma"))) void grad_weight_sample(const DirectConv& s,
                                                             const float* dy, const int64_t* col,
                                                             float* dw) {
   const int64_t K = s.kH * s.kW * s.C_in;
-  for (int64_t k = 0; k < K; k += 6) {
-    const int64_t k0 = std::min(k, K - 6);
+  for (int64_t k = 0; k < K; k += kDirectTileColumns) {
+    const int64_t k0 = std::min(k, K - kDirectTileColumns);
     int64_t o0 = 0;
-    for (; o0 + 16 <= s.C_out; o0 += 16) {
+    for (; o0 + kDirectBlockChannels <= s.C_out; o0 += kDirectBlockChannels) {
       grad_weight_tile<2>(s, in, dy, col + k0, o0, k - k0, dw + k0, K);
     }
     if (o0 < s.C_out) grad_weight_tile<1>(s, in, dy, col + k0, o0, k - k0, dw + k0, K);
@@ -234,7 +234,6 @@ __attribute__((target("avx2,fma"))) void grad_weight_sample(const DirectConv& s,
 }
 
 #else
-bool cpu_has_avx2_fma() { return false; }
 void direct_sample(const DirectConv&, const float*, const float*, const float*, float*) {}
 void grad_weight_sample(const DirectConv&, const float*, const float*, const int64_t*, float*) {}
 #endif
@@ -246,8 +245,8 @@ at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out) {
   at::Tensor packed = at::empty_like(wt);
   const float* src = wt.const_data_ptr<float>();
   float* dst = packed.mutable_data_ptr<float>();
-  for (int64_t o0 = 0; o0 < C_out; o0 += 16) {
-    const int64_t width = std::min<int64_t>(16, C_out - o0);
+  for (int64_t o0 = 0; o0 < C_out; o0 += kDirectBlockChannels) {
+    const int64_t width = std::min<int64_t>(kDirectBlockChannels, C_out - o0);
     for (int64_t t = 0; t < K; ++t) std::copy_n(src + t * C_out + o0, width, dst + o0 * K + t * width);
   }
   return packed;
@@ -289,20 +288,15 @@ void direct_conv_batch(const DirectConv& s, int64_t N, const float* in_nhwc, int
 
 }  // namespace
 
-bool conv2d_direct_forward_applies(const Conv2dGeometry& g, at::ScalarType dtype) {
-  return dtype == at::kFloat && g.groups == 1 && g.O % 8 == 0 && g.O <= kMaxDirectChannels &&
-         cpu_has_avx2_fma();
-}
-
-bool conv2d_direct_grad_input_applies(const Conv2dGeometry& g, at::ScalarType dtype) {
-  return dtype == at::kFloat && g.groups == 1 && g.C % 8 == 0 && g.C <= kMaxDirectChannels &&
-         g.sH == 1 && g.sW == 1 && g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1) &&
-         cpu_has_avx2_fma();
-}
-
-bool conv2d_direct_grad_weight_applies(const Conv2dGeometry& g, at::ScalarType dtype) {
-  return dtype == at::kFloat && g.groups == 1 && g.O % 8 == 0 && g.O <= kMaxDirectGradWeightChannels &&
-         g.K() >= 6 && cpu_has_avx2_fma();
+CpuCapability cpu_capability() {
+#ifdef MANUALCONV_HAVE_AVX2_KERNEL
+  static const CpuCapability capability =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuCapability::Avx2
+                                                                       : CpuCapability::Default;
+  return capability;
+#else
+  return CpuCapability::Default;
+#endif
 }
 
 // y = x ⋆ W + b, computed directly (x channels-last float32)
@@ -347,18 +341,13 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
       for (int64_t c = 0; c < g.C; ++c) col[(a * g.kW + b) * g.C + c] = (a * g.dH * s.Wp + b * g.dW) * g.C + c;
     }
   }
-  const int64_t threads = at::get_num_threads();
-  at::Tensor dw_per_thread = at::zeros({threads, g.O, K}, x.options());
+  const PerThreadSum dw_sum(at::get_num_threads(), {g.O, K}, x.options());
   const float* dy_data = dy.const_data_ptr<float>();
   for_each_padded_sample(s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
                          [&](int64_t n, const float* padded) {
-    // this thread's accumulator (the clamp only matters if called nested in a parallel region)
-    float* dw = dw_per_thread.mutable_data_ptr<float>() +
-                std::min<int64_t>(at::get_thread_num(), threads - 1) * g.O * K;
-    grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dw);
+    grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dw_sum.mine<float>());
   });
-  const at::Tensor dw = threads > 1 ? dw_per_thread.sum(0) : dw_per_thread[0];
-  return dw.view({g.O, g.kH, g.kW, g.C}).permute({0, 3, 1, 2});  // (O, C, kH, kW), channels-last
+  return dw_sum.total().view({g.O, g.kH, g.kW, g.C}).permute({0, 3, 1, 2});  // (O, C, kH, kW), channels-last
 }
 
 }  // namespace manualconv

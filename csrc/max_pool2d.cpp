@@ -22,37 +22,6 @@
 namespace manualconv {
 namespace {
 
-// The one shape check of max_pool2d_forward; the backward only needs check_max_pool2d_backward
-// because the indices already encode the windows.
-Pool2dGeometry check_max_pool2d(const char* op, const at::Tensor& input,
-                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
-  check_tensor_4d(input, op, "input", "(N, C, H, W)");
-  return pool2d_geometry(op, input.sizes(), kernel_size, stride, padding, dilation, ceil_mode);
-}
-
-// Backward: grad_output and indices must be (N, C, H_out, W_out) of the same shape, and
-// input_size must be (N, C, H, W) with the same N and C.
-std::array<int64_t, 4> check_max_pool2d_backward(const char* op, const at::Tensor& grad_output,
-                                                 const at::Tensor& indices,
-                                                 at::IntArrayRef input_size) {
-  check_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  TORCH_CHECK(indices.defined() && indices.device().is_cpu(), op,
-              ": indices must be a CPU tensor");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.sizes() == grad_output.sizes(), op,
-              ": indices must have the same size as grad_output ", grad_output.sizes(), ", got ",
-              indices.sizes());
-  const auto in = as_size4(input_size, op, "input_size", "(N, C, H, W)");
-  TORCH_CHECK(in[0] == grad_output.size(0) && in[1] == grad_output.size(1), op,
-              ": input_size ", input_size, " must have the batch and channel sizes of grad_output ",
-              grad_output.sizes());
-  TORCH_CHECK(in[2] > 0 && in[3] > 0, op, ": input_size must have non-zero height and width, got ",
-              input_size);
-  return in;
-}
-
 // Running maximum over one window offset for a run of outputs: output j (lo ≤ j < hi) reads
 // position p = start + j·stride; it takes the value if it is larger than the best so far or NaN.
 // (__restrict: the three arrays never overlap, which lets the compiler vectorise the loop.)
@@ -79,10 +48,6 @@ template <typename scalar_t, typename index_t>
 void max_pool2d_forward_plane(const scalar_t* x, const Pool2dGeometry& g, scalar_t* y,
                               int64_t* idx, index_t* best_pos) {
   const int64_t H = g.H, W = g.W, W_out = g.W_out;
-  // First window start ≥ 0 along a dimension (the start steps over the padding in dilation steps).
-  auto first_inside = [](int64_t start, int64_t dil) {
-    return start >= 0 ? start : start + (-start + dil - 1) / dil * dil;
-  };
   for (int64_t i = 0; i < g.H_out; ++i) {
     scalar_t* y_row = y + i * W_out;
     const int64_t h_start = i * g.sH - g.pH;
@@ -128,7 +93,8 @@ bool max_pool2d_backward_plane(const scalar_t* dy, const int64_t* idx, int64_t o
 
 // Channels-last: one output pixel of one sample, all channels at once. y_px and best_pos hold C
 // entries; every window position (h, w) updates them with the C contiguous values x[h, w, :],
-// in row-major window order, so each channel gets exactly the plane scan's result.
+// in row-major window order, so each channel gets exactly the plane scan's result. A window
+// with no position inside the image gives the plane scan's (−∞, first tap at or past the corner).
 template <typename scalar_t, typename index_t>
 void max_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeometry& g,
                                             int64_t i, int64_t j, scalar_t* __restrict y_px,
@@ -155,6 +121,12 @@ void max_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeome
         best_pos[c] = take ? p : best_pos[c];
       }
     }
+  }
+  if (first) {  // the window lies entirely in the padding
+    const int64_t p = first_inside(i * g.sH - g.pH, g.dH) * g.W + first_inside(j * g.sW - g.pW, g.dW);
+    std::fill_n(y_px, C, -std::numeric_limits<scalar_t>::infinity());
+    std::fill_n(idx_px, C, p);
+    return;
   }
   std::copy(best_pos, best_pos + C, idx_px);
 }
@@ -201,17 +173,8 @@ bool max_pool2d_backward_sample_channels_last(const scalar_t* dy, const int64_t*
 }  // namespace
 
 // y = max over each window of x;  indices = argmax (flattened h·W + w in its plane)
-std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
-                                                      at::IntArrayRef kernel_size,
-                                                      at::IntArrayRef stride,
-                                                      at::IntArrayRef padding,
-                                                      at::IntArrayRef dilation, bool ceil_mode) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::max_pool2d_forward";
-  const Pool2dGeometry g =
-      check_max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode);
-
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(Cpu, const at::Tensor& input,
+                                                      const Pool2dGeometry& g) {
   if (is_channels_last(input) && g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     const auto layout = input.options().memory_format(at::MemoryFormat::ChannelsLast);
     at::Tensor y = at::empty(g.output_size(), layout);
@@ -248,23 +211,22 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(const at::Tensor& input,
       }
     });
   });
-  return {y, indices};
+  // (a channels-last input lands here only with planes of over 2³¹ pixels: the layout rule holds)
+  const at::MemoryFormat layout = output_layout(input);
+  return {y.contiguous(layout), indices.contiguous(layout)};
 }
 
 // δx[idx] += δy   (scatter of each output gradient to the position of its maximum)
-at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices,
+at::Tensor max_pool2d_backward(Cpu, const at::Tensor& grad_output, const at::Tensor& indices,
                                at::IntArrayRef input_size) {
-  // this kernel's own ATen calls (BLAS, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
   constexpr const char* op = "manualconv::max_pool2d_backward";
-  check_max_pool2d_backward(op, grad_output, indices, input_size);
 
   const int64_t planes = input_size[0] * input_size[1];
   const int64_t in_plane = input_size[2] * input_size[3];
   const int64_t out_plane = grad_output.size(2) * grad_output.size(3);
   std::atomic<bool> all_in_range{true};
 
-  if (is_channels_last(grad_output) && is_channels_last(indices)) {
+  if (output_layout(grad_output, indices) == at::MemoryFormat::ChannelsLast) {
     at::Tensor dx =
         at::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     const int64_t C = input_size[1];

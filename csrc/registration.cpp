@@ -1,13 +1,15 @@
-// Operator schemas (torch.ops.manualconv.*) and their CPU kernels.
+// Operator schemas (torch.ops.manualconv.*) and their CPU kernels (the CUDA ones: cuda/registration.cu).
 //
-// The schemas are the contract with the Python side (manualconv/): all tensors are 4-D NCHW,
-// padding is symmetric, input_size is (N, C, H, W), weight_size is (O, C/groups, kH, kW).
+// The schemas are the contract with the Python side (manualconv/): all tensors are 4-D, (N, C, H, W)
+// in shape (NCHW or channels-last in memory: see geometry.h's output_layout), padding is symmetric,
+// input_size is (N, C, H, W), weight_size is (O, C/groups, kH, kW).
 
 #include <Python.h>
 
 #include <torch/library.h>
 
-#include "manualconv.h"
+#include "low_precision.h"
+#include "operators.h"
 
 TORCH_LIBRARY(manualconv, m) {
   m.def(
@@ -35,18 +37,14 @@ TORCH_LIBRARY(manualconv, m) {
   m.def("adaptive_avg_pool2d_backward(Tensor grad_output, int[4] input_size) -> Tensor");
 }
 
+#ifndef MANUALCONV_EMULATE_ON_HOST  // (that build binds the CUDA kernels to the CPU key instead)
 TORCH_LIBRARY_IMPL(manualconv, CPU, m) {
-  m.impl("conv2d_forward", &manualconv::conv2d_forward);
-  m.impl("conv2d_grad_input", &manualconv::conv2d_grad_input);
-  m.impl("conv2d_grad_weight", &manualconv::conv2d_grad_weight);
-  m.impl("max_pool2d_forward", &manualconv::max_pool2d_forward);
-  m.impl("max_pool2d_backward", &manualconv::max_pool2d_backward);
-  m.impl("avg_pool2d_forward", &manualconv::avg_pool2d_forward);
-  m.impl("avg_pool2d_backward", &manualconv::avg_pool2d_backward);
-  m.impl("adaptive_max_pool2d_forward", &manualconv::adaptive_max_pool2d_forward);
-  m.impl("adaptive_avg_pool2d_forward", &manualconv::adaptive_avg_pool2d_forward);
-  m.impl("adaptive_avg_pool2d_backward", &manualconv::adaptive_avg_pool2d_backward);
+#define MANUALCONV_REGISTER_CPU(name) \
+  m.impl(#name, TORCH_FN(manualconv::InFloat32<&manualconv::Operators<manualconv::Cpu>::name>::call));
+  MANUALCONV_OPS(MANUALCONV_REGISTER_CPU)
+#undef MANUALCONV_REGISTER_CPU
 }
+#endif
 
 // `import manualconv._C` loads this library, which runs the registrations above.
 // The module itself has no methods: everything is reached through torch.ops.manualconv.

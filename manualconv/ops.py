@@ -2,7 +2,8 @@
 
 Importing this module loads the extension (if it was built) and registers a fake kernel for
 each operator, so ``torch.compile`` and ``torch.library.opcheck`` can trace them: a fake kernel
-runs the op's shape check and returns an empty tensor of the output's size.
+runs the op's shape check and returns an empty tensor of the output's size, dtype and layout
+(the input's dtype: float16 and bfloat16 included, which the CPU kernels compute in float32).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 
 import torch
 
+from .precision import AUTOCAST_OPERATORS, register_autocast
 from .checks import check_adaptive_pool2d, check_avg_pool2d, check_conv2d, check_grad_output, check_pool2d
 
 try:
@@ -29,8 +31,9 @@ def _empty(like: torch.Tensor, size, channels_last: bool = False) -> torch.Tenso
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
-    """The kernels' layout rule (csrc/manualconv.h): a 4-D tensor that is channels-last (NHWC) and
-    not also NCHW-contiguous runs the channels-last kernels, which return channels-last tensors."""
+    """The kernels' layout rule on every device (csrc/geometry.h, ``output_layout``): a 4-D tensor
+    that is channels-last (NHWC) and not also NCHW-contiguous gives channels-last outputs from the
+    conv and max-pool kernels; the avg and adaptive pools return NCHW-contiguous outputs."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -91,3 +94,16 @@ if AVAILABLE:
         out_size = check_adaptive_pool2d("adaptive_avg_pool2d", input_size, grad_output.shape[2:])
         check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
         return _empty(grad_output, input_size)
+
+
+if AVAILABLE:
+    # torch.autocast: the conv operators cast their inputs to the autocast dtype (bfloat16 on CPU,
+    # float16 on CUDA by default) as torch.nn's conv does; the pooling operators fall through
+    # (run in their input's dtype), as torch's pools do. Policy: precision.py.
+    _autocast_library = torch.library.Library("manualconv", "IMPL")
+    for _name in AUTOCAST_OPERATORS:
+        for _device_type in ("cpu", "cuda"):
+            register_autocast(_autocast_library, _name, _device_type)
+
+if AVAILABLE and hasattr(torch.ops.manualconv, "batch_norm_apply"):  # fake kernels of csrc/batch_norm.cpp, csrc/layer_norm.cpp
+    from . import ops_norm  # noqa: E402,F401

@@ -132,7 +132,14 @@ def _pool_taps(size: int, out: int, kernel: int, stride: int, pad: int, dilation
         yield pos.clamp(0, size - 1), (pos >= 0) & (pos < size)
 
 
-def _window_max(input, out_size, row_taps, col_taps):
+def _first_inside(out: int, stride: int, pad: int, dilation: int) -> torch.Tensor:
+    """Each window's first tap at or past 0 (i·s − p moved on by whole dilations): torch's index of
+    a window lying entirely in the padding (its max stays −∞)."""
+    start = torch.arange(out) * stride - pad
+    return torch.where(start >= 0, start, start + (-start + dilation - 1) // dilation * dilation)
+
+
+def _window_max(input, out_size, row_taps, col_taps, default_index=None):
     """y = max of each window over its taps (lists of (positions, inside) per dim); the argmax as
     a flat index h·W + w. Ties keep the first maximum in row-major order; a NaN wins over
     numbers (torch's rule: take v when v > best or v is NaN)."""
@@ -140,6 +147,8 @@ def _window_max(input, out_size, row_taps, col_taps):
     x = input.reshape(n, c, h * w)
     best = input.new_full((n, c) + tuple(out_size), float("-inf"))
     best_index = torch.zeros((n, c) + tuple(out_size), dtype=torch.long, device=input.device)
+    if default_index is not None:  # what a window with no tap inside the image reports
+        best_index = best_index + default_index.to(input.device)
     seen = torch.zeros(tuple(out_size), dtype=torch.bool, device=input.device)
     for rows, row_ok in row_taps:
         for cols, col_ok in col_taps:
@@ -160,7 +169,9 @@ def max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode)
     h, w = input.shape[2:]
     rows = list(_pool_taps(h, h_out, kernel_size[0], stride[0], padding[0], dilation[0]))
     cols = list(_pool_taps(w, w_out, kernel_size[1], stride[1], padding[1], dilation[1]))
-    return _window_max(input, (h_out, w_out), rows, cols)
+    first = _first_inside(h_out, stride[0], padding[0], dilation[0])[:, None] * w \
+        + _first_inside(w_out, stride[1], padding[1], dilation[1])[None, :]
+    return _window_max(input, (h_out, w_out), rows, cols, first)
 
 
 @in_float32

@@ -1,5 +1,5 @@
 // conv2d on CUDA: forward, input gradient and weight gradient as im2col / GEMM / col2im steps,
-// the same formulation as conv2d.cpp (see its notation):
+// the same formulation as conv2d.cpp (see its notation), with the same checks (geometry.h):
 //
 //   forward        y[g]     = W[g] · im2col(x[g]) + b[g]
 //   input grad     δx[g]    = col2im(W[g]ᵀ · δy[g])
@@ -196,36 +196,15 @@ at::Tensor per_sample(const at::Tensor& w, int64_t B) {
 }  // namespace
 }  // namespace gpu
 
-using gpu::Conv2dGeometry;
-
 // y = W · im2col(x) + b   (per sample and group)
-at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                               at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups) {
-  // this kernel's own ATen calls (GEMMs, empty, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_forward";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  gpu::check_cuda_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
-  check_same_dtype(input, "input", weight, "weight", op);
-  gpu::check_same_device(input, "input", weight, "weight", op);
-  const Conv2dGeometry g = gpu::check_conv2d(op, input.sizes(), "input", weight.sizes(),
-                                             "weight", stride, padding, dilation, groups);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    gpu::check_same_device(input, "input", *bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.O, op,
-                ": bias must be 1-D of size out_channels = ", g.O, ", got ", bias->sizes());
-    check_same_dtype(input, "input", *bias, "bias", op);
-  }
-  const gpu::DeviceGuard device_guard(input.device());
-
+at::Tensor conv2d_forward(Cuda, const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& bias, const Conv2dGeometry& g) {
+  const bool has_bias = bias.defined();
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
-  const at::Tensor b = has_bias ? bias->contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
+  const at::Tensor b = has_bias ? bias.contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
   at::Tensor y = at::empty(g.output_size(), x.options());
-  if (g.N == 0) return y;
+  if (g.N == 0) return y.contiguous(output_layout(input));
   // y as per-sample, per-group (O/G) × L matrices
   const at::Tensor y_groups = y.view({g.N, g.groups, g.O_g(), g.L()});
 
@@ -258,30 +237,16 @@ at::Tensor conv2d_forward_cuda(const at::Tensor& input, const at::Tensor& weight
       at::bmm_out(y_all, w_chunk, cols);
     }
   }
-  return y;
+  return y.contiguous(output_layout(input));
 }
 
 // δx = col2im(Wᵀ · δy)   (per sample and group)
-at::Tensor conv2d_grad_input_cuda(const at::Tensor& grad_output, const at::Tensor& weight,
-                                  at::IntArrayRef input_size, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups) {
-  // this kernel's own ATen calls (GEMMs, empty, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_grad_input";
-  gpu::check_cuda_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
-  gpu::check_cuda_tensor_4d(weight, op, "weight", "(out_channels, in_channels/groups, kH, kW)");
-  check_same_dtype(grad_output, "grad_output", weight, "weight", op);
-  gpu::check_same_device(grad_output, "grad_output", weight, "weight", op);
-  const Conv2dGeometry g = gpu::check_conv2d(op, input_size, "input_size", weight.sizes(),
-                                             "weight", stride, padding, dilation, groups);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-  const gpu::DeviceGuard device_guard(grad_output.device());
-
+at::Tensor conv2d_grad_input(Cuda, const at::Tensor& grad_output, const at::Tensor& weight,
+                             const Conv2dGeometry& g) {
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
-  at::Tensor dx = at::empty(input_size, dy.options());
-  if (g.N == 0) return dx;
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
+  if (g.N == 0) return dx.contiguous(output_layout(grad_output));
 
   const int64_t B = g.is_pointwise() ? g.N
                                      : gpu::chunk_samples(g.N, g.groups * g.K() * g.L(),
@@ -291,7 +256,7 @@ at::Tensor conv2d_grad_input_cuda(const at::Tensor& grad_output, const at::Tenso
     // col2im is the identity for a pointwise kernel: δx[n, g] = W[g]ᵀ · δy[n, g]
     at::Tensor dx_all = dx.view({g.N * g.groups, g.C_g(), g.L()});
     at::bmm_out(dx_all, w_t_all, dy.view({g.N * g.groups, g.O_g(), g.L()}));
-    return dx;
+    return dx.contiguous(output_layout(grad_output));
   }
   at::Tensor buffer = at::empty({B * g.groups, g.K(), g.L()}, dy.options());
   for (int64_t n0 = 0; n0 < g.N; n0 += B) {
@@ -303,7 +268,7 @@ at::Tensor conv2d_grad_input_cuda(const at::Tensor& grad_output, const at::Tenso
     // δx[n0 : n0 + nb] = col2im(cols)
     gpu::col2im(cols, g, n0, nb, dx);
   }
-  return dx;
+  return dx.contiguous(output_layout(grad_output));
 }
 
 // ∂J/∂W = Σ_n δy · im2col(x)ᵀ   (per group; one batched GEMM over the groups per chunk)
@@ -311,22 +276,8 @@ at::Tensor conv2d_grad_input_cuda(const at::Tensor& grad_output, const at::Tenso
 // δy[n0 : n0 + B, g], permuted to (O/G) × (B·L), its partner: one GEMM sums over the B samples.
 // The chunks are added into one accumulator in order (float for half/bfloat16, so the sum over
 // chunks is not rounded to half precision at every step), cast to the weight dtype at the end.
-at::Tensor conv2d_grad_weight_cuda(const at::Tensor& input, const at::Tensor& grad_output,
-                                   at::IntArrayRef weight_size, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   int64_t groups) {
-  // this kernel's own ATen calls (GEMMs, zeros, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::conv2d_grad_weight";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  gpu::check_cuda_tensor_4d(grad_output, op, "grad_output", "(N, out_channels, H_out, W_out)");
-  check_same_dtype(input, "input", grad_output, "grad_output", op);
-  gpu::check_same_device(input, "input", grad_output, "grad_output", op);
-  const Conv2dGeometry g = gpu::check_conv2d(op, input.sizes(), "input", weight_size,
-                                             "weight_size", stride, padding, dilation, groups);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-  const gpu::DeviceGuard device_guard(input.device());
-
+at::Tensor conv2d_grad_weight(Cuda, const at::Tensor& input, const at::Tensor& grad_output,
+                              const Conv2dGeometry& g) {
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
   const at::ScalarType dtype = x.scalar_type();
@@ -361,7 +312,7 @@ at::Tensor conv2d_grad_weight_cuda(const at::Tensor& input, const at::Tensor& gr
       dw.baddbmm_(dy_chunk, cols.transpose(1, 2));
     }
   }
-  return dw.view(weight_size).to(dtype);
+  return dw.view({g.O, g.C_g(), g.kH, g.kW}).to(dtype).contiguous(output_layout(input));
 }
 
 }  // namespace manualconv

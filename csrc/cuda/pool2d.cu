@@ -1,5 +1,5 @@
 // 2-D pooling on CUDA: max, average and adaptive pooling, with the window rules of the CPU
-// kernels (max_pool2d.cpp, avg_pool2d.cpp, adaptive_pool2d.cpp):
+// kernels (max_pool2d.cpp, avg_pool2d.cpp, adaptive_pool2d.cpp) and their checks (geometry.h):
 //
 //   max_pool2d          y[i, j] = max_{window(i, j)} x,  idx[i, j] = argmax as h·W + w
 //   max_pool2d backward δx[h, w] = Σ_{(i, j) : idx[i, j] = h·W + w} δy[i, j]
@@ -31,7 +31,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
+#ifndef MANUALCONV_EMULATE_ON_HOST
 #include <ATen/cuda/Atomic.cuh>
+#endif
 
 #include <algorithm>
 
@@ -56,13 +58,6 @@ struct AdaptiveArgs {
   explicit AdaptiveArgs(const AdaptiveGeometry& g)
       : H(g.H), W(g.W), H_out(g.H_out), W_out(g.W_out) {}
 };
-
-// First position ≥ 0 of a window that starts at `start` and steps by `dil` (it steps over the
-// padding in dilation steps); the argmax reported when no element beats −∞.
-template <typename index_t>
-__host__ __device__ __forceinline__ index_t first_inside(index_t start, index_t dil) {
-  return start >= 0 ? start : start + (-start + dil - 1) / dil * dil;
-}
 
 // Adaptive window [start, end) of output i along a dimension of `in` inputs and `out` outputs.
 template <typename index_t>
@@ -348,20 +343,8 @@ bool pool_fits_int32(int64_t planes, int64_t H, int64_t W, int64_t H_out, int64_
 }  // namespace gpu
 
 // y = max over each window of x;  indices = argmax (flattened h·W + w in its plane)
-std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& input,
-                                                           at::IntArrayRef kernel_size,
-                                                           at::IntArrayRef stride,
-                                                           at::IntArrayRef padding,
-                                                           at::IntArrayRef dilation,
-                                                           bool ceil_mode) {
-  // this kernel's own ATen calls (empty, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::max_pool2d_forward";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const Pool2dGeometry g =
-      pool2d_geometry(op, input.sizes(), kernel_size, stride, padding, dilation, ceil_mode);
-  const gpu::DeviceGuard device_guard(input.device());
-
+std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(Cuda, const at::Tensor& input,
+                                                      const Pool2dGeometry& g) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(g.output_size(), x.options());
   at::Tensor indices = at::empty(g.output_size(), x.options().dtype(at::kLong));
@@ -378,37 +361,20 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward_cuda(const at::Tensor& inp
                               y.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>()});
     });
   });
-  return {y, indices};
+  const at::MemoryFormat layout = output_layout(input);
+  return {y.contiguous(layout), indices.contiguous(layout)};
 }
 
 // δx[idx] += δy   (scatter of each output gradient to the position of its maximum)
-at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& indices,
-                                    at::IntArrayRef input_size) {
-  // this kernel's own ATen calls (zeros, index_put_, ...) skip autograd
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::max_pool2d_backward";
-  gpu::check_cuda_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  TORCH_CHECK(indices.defined(), op, ": indices must be a defined tensor");
-  gpu::check_same_device(grad_output, "grad_output", indices, "indices", op);
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.sizes() == grad_output.sizes(), op,
-              ": indices must have the same size as grad_output ", grad_output.sizes(), ", got ",
-              indices.sizes());
-  const auto in = as_size4(input_size, op, "input_size", "(N, C, H, W)");
-  TORCH_CHECK(in[0] == grad_output.size(0) && in[1] == grad_output.size(1), op,
-              ": input_size ", input_size, " must have the batch and channel sizes of grad_output ",
-              grad_output.sizes());
-  TORCH_CHECK(in[2] > 0 && in[3] > 0, op, ": input_size must have non-zero height and width, got ",
-              input_size);
-  const gpu::DeviceGuard device_guard(grad_output.device());
-
+at::Tensor max_pool2d_backward(Cuda, const at::Tensor& grad_output, const at::Tensor& indices,
+                               at::IntArrayRef input_size) {
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor idx = indices.contiguous();
-  const int64_t in_plane = in[2] * in[3];
+  const int64_t in_plane = input_size[2] * input_size[3];
   const int64_t out_plane = dy.size(2) * dy.size(3);
   const int64_t total = dy.numel();
-  const int64_t numel = in[0] * in[1] * in_plane;
+  const int64_t numel = input_size[0] * input_size[1] * in_plane;
+  const at::MemoryFormat layout = output_layout(grad_output, indices);
 
   if (at::globalContext().deterministicAlgorithms()) {
     // Deterministic: δx.flatten()[p·H·W + idx] += δy, a sorted scatter (index_put_, accumulate)
@@ -423,7 +389,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
       positions.push_back(flat);
       dx_flat.index_put_(positions, dy.view({total}), /*accumulate=*/true);
     }
-    return dx_flat.narrow(0, 0, numel).view(input_size);
+    return dx_flat.narrow(0, 0, numel).view(input_size).contiguous(layout);
   }
 
   // Default: δx = 0, then δx[p, idx] += δy with atomicAdd
@@ -439,7 +405,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                               dx.mutable_data_ptr<scalar_t>()});
     });
   });
-  return dx;
+  return dx.contiguous(layout);
 }
 
 namespace gpu {
@@ -464,18 +430,8 @@ bool avg_pool_fits_int32(const Pool2dGeometry& g, std::optional<int64_t> divisor
 }  // namespace gpu
 
 // y = Σ window x / D
-at::Tensor avg_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                   bool ceil_mode, bool count_include_pad,
-                                   std::optional<int64_t> divisor_override) {
-  // this kernel's own ATen calls (empty, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::avg_pool2d_forward";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const Pool2dGeometry g = gpu::check_avg_pool2d(op, input.sizes(), kernel_size, stride, padding,
-                                                 ceil_mode, divisor_override);
-  const gpu::DeviceGuard device_guard(input.device());
-
+at::Tensor avg_pool2d_forward(Cuda, const at::Tensor& input, const Pool2dGeometry& g,
+                              bool count_include_pad, std::optional<int64_t> divisor_override) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(g.output_size(), x.options());
   const bool use_int32 = gpu::avg_pool_fits_int32(g, divisor_override);
@@ -494,23 +450,10 @@ at::Tensor avg_pool2d_forward_cuda(const at::Tensor& input, at::IntArrayRef kern
 }
 
 // δx[h, w] = Σ over the windows containing (h, w) of δy / D
-at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, at::IntArrayRef input_size,
-                                    at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, bool ceil_mode,
-                                    bool count_include_pad,
-                                    std::optional<int64_t> divisor_override) {
-  // this kernel's own ATen calls (empty, ...) skip autograd: inputs may require grad
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::avg_pool2d_backward";
-  gpu::check_cuda_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  as_size4(input_size, op, "input_size", "(N, C, H, W)");
-  const Pool2dGeometry g = gpu::check_avg_pool2d(op, input_size, kernel_size, stride, padding,
-                                                 ceil_mode, divisor_override);
-  check_sizes(grad_output, "grad_output", g.output_size(), op);
-  const gpu::DeviceGuard device_guard(grad_output.device());
-
+at::Tensor avg_pool2d_backward(Cuda, const at::Tensor& grad_output, const Pool2dGeometry& g,
+                               bool count_include_pad, std::optional<int64_t> divisor_override) {
   const at::Tensor dy = grad_output.contiguous();
-  at::Tensor dx = at::empty(input_size, dy.options());
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
   const bool use_int32 = gpu::avg_pool_fits_int32(g, divisor_override);
   MANUALCONV_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_avg_pool2d_backward_cuda", [&] {
     gpu::dispatch_index_type(use_int32, [&](auto index_tag) {
@@ -527,14 +470,8 @@ at::Tensor avg_pool2d_backward_cuda(const at::Tensor& grad_output, at::IntArrayR
 }
 
 // y[i,j] = max over the adaptive window; ties keep the first maximum, a NaN wins
-std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward_cuda(const at::Tensor& input,
-                                                                    at::IntArrayRef output_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::adaptive_max_pool2d_forward";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const gpu::AdaptiveGeometry g = gpu::check_adaptive_pool2d(op, input.sizes(), output_size);
-  const gpu::DeviceGuard device_guard(input.device());
-
+std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cuda, const at::Tensor& input,
+                                                               const AdaptiveGeometry& g) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
   at::Tensor indices = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options().dtype(at::kLong));
@@ -554,14 +491,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward_cuda(const at::Te
 }
 
 // y[i,j] = (Σ_window x) / area(i,j)
-at::Tensor adaptive_avg_pool2d_forward_cuda(const at::Tensor& input,
-                                            at::IntArrayRef output_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::adaptive_avg_pool2d_forward";
-  gpu::check_cuda_tensor_4d(input, op, "input", "(N, C, H, W)");
-  const gpu::AdaptiveGeometry g = gpu::check_adaptive_pool2d(op, input.sizes(), output_size);
-  const gpu::DeviceGuard device_guard(input.device());
-
+at::Tensor adaptive_avg_pool2d_forward(Cuda, const at::Tensor& input, const AdaptiveGeometry& g) {
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
   const bool use_int32 = gpu::pool_fits_int32(g.planes(), g.H, g.W, g.H_out, g.W_out);
@@ -579,18 +509,8 @@ at::Tensor adaptive_avg_pool2d_forward_cuda(const at::Tensor& input,
 }
 
 // δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / area(i,j)
-at::Tensor adaptive_avg_pool2d_backward_cuda(const at::Tensor& grad_output,
-                                             at::IntArrayRef input_size) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  constexpr const char* op = "manualconv::adaptive_avg_pool2d_backward";
-  gpu::check_cuda_tensor_4d(grad_output, op, "grad_output", "(N, C, H_out, W_out)");
-  const gpu::AdaptiveGeometry g =
-      gpu::check_adaptive_pool2d(op, input_size, grad_output.sizes().slice(2));
-  TORCH_CHECK(grad_output.size(0) == g.N && grad_output.size(1) == g.C, op,
-              ": grad_output must have the input's batch and channels ", input_size, ", got ",
-              grad_output.sizes());
-  const gpu::DeviceGuard device_guard(grad_output.device());
-
+at::Tensor adaptive_avg_pool2d_backward(Cuda, const at::Tensor& grad_output,
+                                        const AdaptiveGeometry& g) {
   const at::Tensor dy = grad_output.contiguous();
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
   if (g.H_out == 0 || g.W_out == 0) return dx.zero_();  // no window: no gradient
