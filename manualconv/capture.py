@@ -1,7 +1,7 @@
 """Functional capture: torch and torch.nn.functional calls routed to manualconv.
 
     with manualconv.capture():
-        y = F.relu(F.conv2d(x, w)).softmax(1)   # manualconv.functional's conv2d, relu, softmax
+        y = model_code(x)   # its F.conv2d / F.relu / x.softmax(1) calls run manualconv.functional's
     model = manualconv.convert(torchvision_model)  # its forward runs under capture
 
 A ``torch.overrides.TorchFunctionMode`` sees every torch function call. A covered one (the
@@ -236,7 +236,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
-    """torch.batch_norm's argument order (weight and bias first)."""
+    """The torch-namespace spelling's argument order (weight and bias before the running statistics)."""
     return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
