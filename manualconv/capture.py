@@ -1,7 +1,7 @@
 """Functional capture: torch and torch.nn.functional calls routed to manualconv.
 
     with manualconv.capture():
-        y = model_code(x)   # its F.conv2d / F.relu / x.softmax(1) calls run manualconv.functional's
+        y = model_code(x)   # its torch conv / relu / softmax calls run manualconv.functional's
     model = manualconv.convert(torchvision_model)  # its forward runs under capture
 
 A ``torch.overrides.TorchFunctionMode`` sees every torch function call. A covered one (the
