@@ -320,12 +320,18 @@ for _route, _spelled in [
         ROUTES[_function] = _route
 
 
+# manualconv modules that hold model code, written as a user writes it (F.relu in a forward):
+# their calls are routed like any user's
+MODEL_CODE = {"manualconv.models"}
+
+
 def called_from_manualconv(frame) -> bool:
-    """Whether the innermost caller outside torch (and outside this module) is manualconv's own code."""
+    """Whether the innermost caller outside torch (and outside this module) is manualconv's own
+    layer code (its functional, modules, autograd and kernels; not MODEL_CODE)."""
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module != __name__ and module != "torch" and not module.startswith("torch."):
-            return module.startswith("manualconv.") or module == "manualconv"
+            return (module.startswith("manualconv.") or module == "manualconv") and module not in MODEL_CODE
         frame = frame.f_back
     return False
 

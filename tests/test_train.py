@@ -213,6 +213,22 @@ def test_models_native_and_manual_are_identical():
         assert torch.allclose(manual(x), native(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("argv", [AIRBENCH, ["--model", "resnet20"], ["--model", "lenet5"]],
+                         ids=["airbench", "resnet20", "lenet5"])
+def test_manual_backend_hand_derives_every_layer(argv):
+    """train.py --backend manual: the backward graph of forward + train.py's loss holds only
+    manualconv Functions and tensor glue (the F.relu calls inside manualconv.models' forwards are
+    captured like a user's: they once ran as torch's ReluBackward0)."""
+    from manualconv.verify import native_backward_nodes
+
+    data = dict(train_x=torch.from_numpy(random_images(16, 2)).permute(0, 3, 1, 2).contiguous(), classes=list("abcdefghij"))
+    args = train.parse_args(argv + ["--backend", "manual"])
+    model = train.build_model(args, data, seed=3).train()
+    logits = model(torch.randn(4, 3, 32, 32))
+    loss = manualconv.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")(logits, torch.tensor([0, 1, 2, 3]))
+    assert native_backward_nodes(loss) == []
+
+
 @pytest.mark.parametrize("model", [AIRBENCH, ["--model", "lenet5", "--batch-size", "8", "--threads", "1",
                                                "--quiet", "--no-download"]], ids=["airbench", "lenet5"])
 def test_native_and_manual_first_batch_loss_match(folder_data, tmp_path, model):
