@@ -18,7 +18,8 @@ from torch.autograd import Function
 
 from .backend import kernels
 from .checks import check_conv2d
-from .reference import conv2d_grad_bias, max_pool2d_gather
+from .reference import (GELU_TANH_KAPPA, SQRT_2_OVER_PI, conv2d_grad_bias, gelu_tanh_inner, max_pool2d_gather,
+                        normal_pdf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1001,45 +1002,27 @@ class DropoutFunction(Function):
 # 0·inf = NaN). The branch conditions are torch's, so the derivative at a breakpoint and at NaN
 # is torch's. Every backward is differentiable tensor algebra: double backward works.
 
-import math  # noqa: E402
 
-SQRT1_2 = math.sqrt(0.5)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-GELU_TANH_KAPPA = 0.044715
 # torch's hardsigmoid backward multiplies by 1/6 rounded to float32, also for float64 tensors
 # (0.1666666716337204); manualconv uses the same constant, so float64 gradients equal torch's
 HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
 
 
-def normal_cdf(x):
-    """Φ(x) = ½(1 + erf(x/√2))."""
-    return 0.5 * (1 + torch.erf(x * SQRT1_2))
+def elementwise_kernels(backend: str, input: torch.Tensor):
+    """The kernels of an elementwise op with only CPU kernels in csrc (GELU): a CUDA tensor takes
+    the reference formulas (torch's elementwise CUDA math)."""
+    return kernels(backend if input.device.type == "cpu" else "reference")
 
 
-def normal_pdf(x):
-    """φ(x) = e^(−x²/2) / √(2π)."""
-    return torch.exp(-0.5 * x * x) * INV_SQRT_2PI
-
-
-def gelu_tanh_inner(x):
-    """u(x) = √(2/π)·(x + κx³), κ = 0.044715."""
-    return SQRT_2_OVER_PI * (x + GELU_TANH_KAPPA * x * x * x)
-
-
-def gelu(x, approximate):
-    """GELU(x) = x·Φ(x); 'tanh': ½x(1 + tanh u(x))."""
-    if approximate == "tanh":
-        return 0.5 * x * (1 + torch.tanh(gelu_tanh_inner(x)))
-    return x * normal_cdf(x)
-
-
-def gelu_derivative(x, approximate):
-    """GELU′(x) = Φ(x) + x·φ(x); 'tanh': ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3κx²), t = tanh u(x)."""
+def gelu_second_derivative(x, approximate):
+    """GELU″(x) = φ(x)(2 − x²); 'tanh': (1 − t²)(u′ − x·t·u′² + ½x·u″), t = tanh u(x),
+    u′ = √(2/π)(1 + 3κx²), u″ = 6κ√(2/π)·x (differentiable tensor code: third derivatives work)."""
     if approximate == "tanh":
         t = TanhFunction.apply(gelu_tanh_inner(x), 1.0, 1.0)  # hand-derived derivative of tanh too
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_KAPPA * x * x)
-    return normal_cdf(x) + x * normal_pdf(x)
+        du = SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_KAPPA * x * x)
+        ddu = 6 * GELU_TANH_KAPPA * SQRT_2_OVER_PI * x
+        return (1 - t * t) * (du - x * t * du * du + 0.5 * x * ddu)
+    return normal_pdf(x) * (2 - x * x)
 
 
 def silu(x):
@@ -1122,11 +1105,11 @@ class ElementwiseRules:
 
 
 class GELUFunction(ElementwiseRules, Function):
-    """y = GELU(x) ('none' or 'tanh'); δx = δy ⊙ GELU′(x)."""
+    """y = GELU(x) ('none' or 'tanh'); δx = δy ⊙ GELU′(x) (GELUBackwardFunction)."""
 
     @staticmethod
-    def forward(input, approximate):
-        return gelu(input, approximate)
+    def forward(input, approximate, backend):
+        return elementwise_kernels(backend, input).gelu_forward(input, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1135,13 +1118,54 @@ class GELUFunction(ElementwiseRules, Function):
         ctx.save_for_forward(input)  # jvp
 
     @staticmethod
-    def input_grad(input, delta, approximate):
-        return delta * gelu_derivative(input, approximate)
+    def input_grad(input, delta, approximate, backend):
+        return GELUBackwardFunction.apply(delta, input, approximate, backend)
 
     @staticmethod
     def backward(ctx, delta):
         (input,) = ctx.saved_tensors
-        return GELUFunction.input_grad(input, delta, *ctx.args), None
+        return GELUFunction.input_grad(input, delta, *ctx.args), None, None
+
+
+class GELUBackwardFunction(Function):
+    """δx = δy ⊙ GELU′(x) as a Function of (δy, x), so second derivatives are hand-derived too:
+    ∂δx/∂δy = GELU′(x) (this Function again), ∂δx/∂x = δy ⊙ GELU″(x)."""
+
+    @staticmethod
+    def forward(grad_output, input, approximate, backend):
+        return elementwise_kernels(backend, input).gelu_backward(grad_output, input, approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_output, input, ctx.approximate, ctx.backend = inputs
+        ctx.save_for_backward(grad_output, input)
+        ctx.save_for_forward(grad_output, input)  # jvp
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_output, input = ctx.saved_tensors
+        d_grad_output = d_input = None
+        if ctx.needs_input_grad[0]:  # g ⊙ GELU′(x)
+            d_grad_output = GELUBackwardFunction.apply(g, input, ctx.approximate, ctx.backend)
+        if ctx.needs_input_grad[1]:  # g ⊙ δy ⊙ GELU″(x)
+            d_input = g * grad_output * gelu_second_derivative(input, ctx.approximate)
+        return d_grad_output, d_input, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, approximate, backend):
+        # elementwise: both with the mapped dimension first (an unmapped one broadcast)
+        batch = info.batch_size
+        return GELUBackwardFunction.apply(_sample_first(grad_output, in_dims[0], batch),
+                                          _sample_first(input, in_dims[1], batch), approximate, backend), 0
+
+    @forward_mode_rule
+    def jvp(ctx, grad_output_t, input_t, *_):
+        # d(δy ⊙ GELU′(x)) = δẏ ⊙ GELU′(x) + δy ⊙ GELU″(x) ⊙ ẋ
+        grad_output, input = ctx.saved_tensors
+        return tangent_sum(
+            None if grad_output_t is None else GELUBackwardFunction.apply(grad_output_t, input, ctx.approximate, ctx.backend),
+            None if input_t is None else input_t * grad_output * gelu_second_derivative(input, ctx.approximate),
+        )
 
 
 class SiLUFunction(ElementwiseRules, Function):

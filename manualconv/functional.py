@@ -759,7 +759,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     _activation_input("gelu", input)
     if approximate not in ("none", "tanh"):
         raise RuntimeError("approximate argument must be either none or tanh.")
-    return GELUFunction.apply(input, approximate)
+    return GELUFunction.apply(input, approximate, get_backend())
 
 
 def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:

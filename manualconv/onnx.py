@@ -12,8 +12,8 @@ the same function: conv2d → Conv, conv2d's input gradient (conv_transpose2d's 
 ConvTranspose, max_pool2d → MaxPool with indices (made per-plane, as torch's), avg_pool2d →
 AveragePool, adaptive pools → GlobalAveragePool / AveragePool / MaxPool where the windows are
 uniform, else one ReduceMean/ReduceMax (and ArgMax) per window; the norms' statistics and
-normalisation → ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add. Linear, the activations and the
-loss are plain tensor code and export through torch's own translations (MatMul, Add, Clip, ...).
+normalisation → ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add; GELU → Erf (or Tanh), Mul, Add.
+Linear, the other activations and the loss are plain tensor code and export through torch's own translations (MatMul, Add, Clip, ...).
 With the 'reference' backend the graph is plain tensor code throughout.
 Exported graphs are for inference: the backward operators have no translation.
 Requires onnxscript (and onnx); onnxruntime runs the result.
@@ -21,6 +21,7 @@ Requires onnxscript (and onnx); onnxruntime runs the result.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -176,6 +177,18 @@ def layer_norm_forward(input, weight, bias, eps):
     return y, op.Squeeze(mean, [1]), op.Squeeze(invstd, [1])
 
 
+def gelu_forward(input, approximate):
+    # GELU(x) = x·½(1 + erf(x/√2)); 'tanh': ½x(1 + tanh(√(2/π)(x + κx³))) (opset 18 has no Gelu)
+    def c(value: float):
+        return _epsilon_like(value, input)
+
+    half_x = op.Mul(input, c(0.5))
+    if approximate == "tanh":
+        inner = op.Mul(c(math.sqrt(2.0 / math.pi)), op.Add(input, op.Mul(c(0.044715), op.Mul(input, op.Mul(input, input)))))
+        return op.Mul(half_x, op.Add(c(1.0), op.Tanh(inner)))
+    return op.Mul(half_x, op.Add(c(1.0), op.Erf(op.Mul(input, c(math.sqrt(0.5))))))
+
+
 _FORWARD_OPERATORS: Dict[str, Callable] = {
     "conv2d_forward": conv2d_forward,
     "conv2d_grad_input": conv2d_grad_input,
@@ -186,6 +199,7 @@ _FORWARD_OPERATORS: Dict[str, Callable] = {
     "batch_norm_statistics": batch_norm_statistics,
     "batch_norm_apply": batch_norm_apply,
     "layer_norm_forward": layer_norm_forward,
+    "gelu_forward": gelu_forward,
 }
 
 

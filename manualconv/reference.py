@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -388,3 +390,47 @@ def layer_norm_backward(grad_output, input, mean, invstd, weight):
     if weight is None:
         return grad_input, grad_output.new_empty(0), grad_output.new_empty(0)
     return grad_input, (grad_output * x_hat).sum(dim=0), grad_output.sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU (docs/derivation.md, "Activations"); the cpp kernels: csrc/gelu.cpp
+
+SQRT1_2 = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_KAPPA = 0.044715
+
+
+def normal_cdf(x):
+    """Φ(x) = ½(1 + erf(x/√2))."""
+    return 0.5 * (1 + torch.erf(x * SQRT1_2))
+
+
+def normal_pdf(x):
+    """φ(x) = e^(−x²/2) / √(2π)."""
+    return torch.exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
+def gelu_tanh_inner(x):
+    """u(x) = √(2/π)·(x + κx³), κ = 0.044715."""
+    return SQRT_2_OVER_PI * (x + GELU_TANH_KAPPA * x * x * x)
+
+
+def gelu_forward(input, approximate: str):
+    # GELU(x) = x·Φ(x); 'tanh': ½x(1 + tanh u(x))
+    if approximate == "tanh":
+        return 0.5 * input * (1 + torch.tanh(gelu_tanh_inner(input)))
+    return input * normal_cdf(input)
+
+
+def gelu_derivative(x, approximate: str):
+    """GELU′(x) = Φ(x) + x·φ(x); 'tanh': ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3κx²), t = tanh u(x)."""
+    if approximate == "tanh":
+        t = torch.tanh(gelu_tanh_inner(x))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_KAPPA * x * x)
+    return normal_cdf(x) + x * normal_pdf(x)
+
+
+def gelu_backward(grad_output, input, approximate: str):
+    # δx = δy ⊙ GELU′(x)
+    return grad_output * gelu_derivative(input, approximate)

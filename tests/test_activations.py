@@ -66,7 +66,7 @@ def value_and_grad(function, x, delta, **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_activation_matches_torch(name, dtype):
+def test_activation_matches_torch(name, dtype, backend):
     ours, theirs, kwargs = ACTIVATIONS[name]
     x = special_and_random(dtype)
     delta = torch.randn_like(x)
@@ -79,7 +79,7 @@ def test_activation_matches_torch(name, dtype):
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_derivative_selects_at_inf_and_nan_deltas(name):
+def test_derivative_selects_at_inf_and_nan_deltas(name, backend):
     """Where f′ is 0, torch gives 0 even for an inf or NaN upstream delta (it selects, issue 12 #4)."""
     ours, theirs, kwargs = ACTIVATIONS[name]
     x = special_and_random(torch.float64)
@@ -104,7 +104,7 @@ def test_breakpoint_conventions_are_torchs():
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-def test_gradcheck_and_gradgradcheck(name):
+def test_gradcheck_and_gradgradcheck(name, backend):
     ours, _, kwargs = ACTIVATIONS[name]
     torch.manual_seed(1)
     x = 4 * torch.randn(3, 7, dtype=torch.float64)
@@ -116,7 +116,7 @@ def test_gradcheck_and_gradgradcheck(name):
     assert torch.autograd.gradgradcheck(lambda t: ours(t, **kwargs), (x,))
 
 
-def test_double_backward_matches_torch():
+def test_double_backward_matches_torch(backend):
     """Second derivatives equal torch's (GELU, tanh-GELU, SiLU, ELU: smooth where tested)."""
     torch.manual_seed(2)
     x = torch.randn(50, dtype=torch.float64)
@@ -129,6 +129,46 @@ def test_double_backward_matches_torch():
             (gg,) = torch.autograd.grad(g.pow(3).sum(), leaf)
             results.append(gg)
         torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+GELU_KERNEL_INPUTS = {  # the layouts csrc/gelu.cpp walks as they are or copies first
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "transposed": lambda x: x.transpose(1, 3),  # dense, other strides
+    "strided": lambda x: x[:, :, ::2],  # not dense: walked as a contiguous copy
+}
+
+
+@pytest.mark.parametrize("layout", list(GELU_KERNEL_INPUTS))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gelu_kernels_opcheck_and_layout(layout, approximate, dtype, cpp):
+    """csrc/gelu.cpp: opcheck (schema, fake kernel, strides) and the output's strides equal the
+    input's where torch's do (a dense input); more entries than one chunk (kChunk = 32768), so the
+    chunk loop and its remainder run. δy in another layout than x takes the copying path."""
+    torch.manual_seed(0)
+    x = GELU_KERNEL_INPUTS[layout](4 * torch.randn(2, 9, 50, 80).to(dtype))
+    delta = torch.randn(x.shape).to(dtype)
+    for op, args in ((torch.ops.manualconv.gelu_forward, (x, approximate)),
+                     (torch.ops.manualconv.gelu_backward, (delta, x, approximate))):
+        torch.library.opcheck(op, args)
+    y = torch.ops.manualconv.gelu_forward(x, approximate)
+    assert y.stride() == F.gelu(x, approximate=approximate).stride()
+    expected = F.gelu(x.double(), approximate=approximate)
+    # bfloat16: computed in float32 and rounded once: within one bfloat16 ulp (2⁻⁸ relative) of
+    # the float64 result; float32 / float64: the tolerances of test_activation_matches_torch
+    tol = dict(rtol=2**-8, atol=1e-6) if dtype == torch.bfloat16 else (F32 if dtype == torch.float32 else F64)
+    torch.testing.assert_close(y.double(), expected, **tol)
+
+
+def test_gelu_kernels_reject_bad_arguments(cpp):
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="approximate"):
+        torch.ops.manualconv.gelu_forward(x, "erf")
+    with pytest.raises(RuntimeError, match="grad_output must have the input's size"):
+        torch.ops.manualconv.gelu_backward(torch.randn(4, 3), x, "none")
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.manualconv.gelu_forward(torch.ones(3, dtype=torch.int64), "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +368,8 @@ def test_no_native_activation_ops_in_the_compute_path():
         total = total + MF.softmax(x, 1).pow(2).sum() + MF.log_softmax(x, 0).pow(2).sum()
         (g,) = torch.autograd.grad(total, x, create_graph=True)
         g.pow(2).sum().backward()
-    found = sorted(n for n in recorder.names if NATIVE_ACTIVATION.search(n))
-    assert not found, found
+    found = sorted(n for n in recorder.names if n.startswith("aten::") and NATIVE_ACTIVATION.search(n))
+    assert not found, found  # (manualconv::gelu_forward / gelu_backward are ours)
     # the audit can fail: torch's own activations are seen
     with RecordAtenOps() as recorder:
         F.gelu(x).sum().backward()

@@ -16,6 +16,7 @@ import copy
 import math
 
 import numpy as np
+import pytest
 import onnxruntime
 import torch
 
@@ -162,6 +163,20 @@ def test_converted_norms_export(cpp):
                                     (bn_bound, gn_bound.reshape(2, 6, 4, 5), ln_bound)):
         assert ((g.double() - e).abs() <= bound).all(), f"onnxruntime {name}: {(g.double() - e).abs().max():.3e}"
         assert ((o.double() - e).abs() <= bound).all(), f"manualconv {name}: {(o.double() - e).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_exports(cpp, approximate):
+    """gelu_forward (csrc/gelu.cpp) exports to Erf / Tanh, Mul, Add; onnxruntime's result equals
+    torch.nn's within float32 elementwise rounding (a few operations at 2⁻²⁴ relative, and the
+    cancellation of 1 + erf(x/√2) for x ≪ 0: absolute 1e-6, as tests/test_activations.py)."""
+    model = manualconv.convert(torch.nn.Sequential(torch.nn.GELU(approximate))).eval()
+    x = 4 * torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(4))
+    program = manualconv.onnx.export(model, (x,))
+    _assert_standard_onnx(program)
+    (got,) = _run_onnxruntime(program, x)
+    expected = torch.nn.functional.gelu(x.double(), approximate=approximate)
+    torch.testing.assert_close(torch.as_tensor(got).double(), expected, rtol=2e-6, atol=1e-6)
 
 
 class PoolsWithIndices(torch.nn.Module):
