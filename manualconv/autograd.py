@@ -819,6 +819,7 @@ class BatchNormFunction(Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, mean, invstd, training, eps, backend = inputs
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)  # jvp
         ctx.conf = (training, eps, backend)
 
     @staticmethod
@@ -837,6 +838,36 @@ class BatchNormFunction(Function):
         return (grad_input if ctx.needs_input_grad[0] else None,
                 grad_weight if ctx.needs_input_grad[1] else None,
                 grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, mean, invstd, training, eps, backend):
+        # each of the B samples is a batch norm of its own: sample b's channel c becomes channel
+        # b·C + c of one (n, B·C, H, W) map (the groups trick), whose per-channel statistics over
+        # (n, H, W) are exactly sample b's
+        batch = info.batch_size
+        channels = samples_into_channels(input, in_dims[0], batch)
+        vectors = [None if v is None else _sample_first(v, dim, batch).reshape(-1)  # (B·C)
+                   for v, dim in zip((weight, bias, mean, invstd), in_dims[1:5])]
+        y = BatchNormFunction.apply(channels, *vectors, training, eps, backend)
+        return channels_into_samples(y, batch), 0
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        # training: ẏ = γ·σ⁻¹·(ẋ − mean ẋ − x̂·mean(ẋ ⊙ x̂)) + γ̇·x̂ + β̇ (means per channel over n, H, W:
+        # the backward's self-adjoint projection, statistics recomputed from x in plain tensor code so
+        # the rule differentiates again); eval: ẏ = γ·σ⁻¹·ẋ + γ̇·x̂ + β̇. μ and σ⁻¹ get no tangent,
+        # as they get no gradient: the batch's are functions of x (above), the running ones are buffers
+        input, weight, mean, invstd = ctx.saved_tensors
+        training, eps, _ = ctx.conf
+        if training:
+            mean, invstd = _differentiable_batch_statistics(input, eps)
+        x_hat = _reference.normalized(input, mean, invstd, (1, -1, 1, 1))
+        x_hat_t = None
+        if input_t is not None:
+            x_hat_t, _, _ = _reference.batch_norm_backward(input_t, input, mean, invstd, weight, training)
+        channel = (1, -1, 1, 1)
+        return tangent_sum(x_hat_t, None if weight_t is None else x_hat * weight_t.reshape(channel),
+                           None if bias_t is None else bias_t.reshape(channel).expand(input.shape))
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:

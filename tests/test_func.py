@@ -172,6 +172,18 @@ def op_cases():
         cases.append((f"{name}-dim-1", name, [t(B, 2, 5)], (0,), dict(dim=-1)))
     cases.append(("layer_norm", "layer_norm", [t(B, 2, 3, 4), (3, 4), t(3, 4), t(3, 4)], (0, None, None, None), {}))
     cases.append(("layer_norm-affine", "layer_norm", [t(2, B, 6), (6,), t(B, 6), t(6, B)], (1, None, 0, 1), {}))
+    # batch norm: each mapped sample normalised with its own batch statistics (training), or
+    # with the shared running statistics (eval); 2-D / 3-D inputs as BatchNorm1d's
+    cases.append(("batch_norm-train", "batch_norm", [t(B, 4, 3, 5, 5), None, None, t(3), t(3)],
+                  (0, None, None, None, None), dict(training=True)))
+    cases.append(("batch_norm-train-affine", "batch_norm", [t(4, B, 3, 5, 5), None, None, t(B, 3), t(3, B)],
+                  (1, None, None, 0, 1), dict(training=True)))
+    cases.append(("batch_norm-train-1d", "batch_norm", [t(B, 6, 4), None, None, None, None],
+                  (0, None, None, None, None), dict(training=True)))
+    cases.append(("batch_norm-train-3d", "batch_norm", [t(5, 4, B, 7), None, None, t(4), None],
+                  (2, None, None, None, None), dict(training=True)))
+    cases.append(("batch_norm-eval", "batch_norm", [t(B, 4, 3, 5, 5), t(3), t(3).abs() + 0.5, t(3), t(3)],
+                  (0, None, None, None, None), dict(training=False)))
     cases.append(("group_norm", "group_norm", [t(B, 2, 6, 3, 3), 3, t(6), t(6)], (0, None, None, None), {}))
     cases.append(("group_norm-affine", "group_norm", [t(B, 2, 6, 3, 3), 3, t(B, 6), t(B, 6)], (0, None, 0, 0), {}))
     return cases
@@ -196,19 +208,26 @@ def test_vmap_rule_matches_torch(backend, case):
     assert_close(vmap(call(MF, name, kwargs), in_dims=in_dims)(*args), expected)
 
 
+JVP_CONSTANT_ARGS = {"batch_norm": (1, 2)}  # op → positions of arguments without a tangent
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_jvp_rule_matches_torch(backend, case):
     _, name, args, in_dims, kwargs = case
     args = [a if d is None else a.select(d, 0) for a, d in zip(args, in_dims)]  # one sample's arguments
-    primals = tuple(a for a in args if floating(a))
-    others = [a for a in args if not floating(a)]
+    # batch norm's running statistics are buffers, held constant: torch refuses them a gradient
+    # (reverse mode), manualconv gives them neither gradient nor tangent
+    constant = JVP_CONSTANT_ARGS.get(name, ())
+    varied = [floating(a) and i not in constant for i, a in enumerate(args)]
+    primals = tuple(a for a, v in zip(args, varied) if v)
+    others = [a for a, v in zip(args, varied) if not v]
     torch.manual_seed(3)
     tangents = tuple(torch.randn_like(p) for p in primals)
 
     def with_primals(namespace):
         def f(*floats):
             it, rest = iter(floats), iter(others)
-            full = [next(it) if floating(a) else next(rest) for a in args]
+            full = [next(it) if v else next(rest) for v in varied]
             return getattr(namespace, name)(*full, **kwargs)
         return f
     assert_close(jvp(with_primals(MF), primals, tangents), jvp(with_primals(F), primals, tangents))
@@ -272,3 +291,15 @@ def test_per_sample_grads_helper(backend):
     x, _, onehot = data(n=4)
     expected = vmap(grad(sample_loss(native, F.cross_entropy)), in_dims=(None, 0, 0))(params_of(native), x, onehot)
     assert_close(per_sample_grads(manual, MF.cross_entropy, x, onehot), expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_hessian_matches_torch(backend, training):
+    """hessian = jacfwd(jacrev): BatchNormFunction's jvp rule differentiates its backward again."""
+    torch.manual_seed(8)
+    x, w, b = t(3, 2, 3, 3), t(2), t(2)
+    stats = (None, None) if training else (t(2), t(2).abs() + 0.5)
+
+    def loss(namespace):
+        return lambda x_: namespace.batch_norm(x_, *stats, w, b, training=training).pow(3).sum()
+    assert_close(hessian(loss(MF))(x), hessian(loss(F))(x))
