@@ -426,9 +426,10 @@ def cross_entropy(
             raise RuntimeError(f"{op}: target must have size {list(expected)}, but got {list(target.shape)}")
         labels = target.reshape(-1).long()
         kept = labels != ignore_index
-        bad = kept & ((labels < 0) | (labels >= classes))
+        concrete = _concrete(labels)  # under torch.func: every mapped sample's labels
+        bad = (concrete != ignore_index) & ((concrete < 0) | (concrete >= classes))
         if bool(bad.any()):
-            raise IndexError(f"Target {int(labels[bad][0])} is out of bounds.")
+            raise IndexError(f"Target {int(concrete[bad][0])} is out of bounds.")
         safe = labels.masked_fill(~kept, 0)
         onehot = torch.zeros_like(logits).scatter(1, safe.unsqueeze(1), 1.0)
         rows = (1 - label_smoothing) * onehot * w + (label_smoothing / classes) * w
@@ -440,6 +441,15 @@ def cross_entropy(
     if reduction == "none":
         return loss.reshape(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else loss.reshape(())
     return loss
+
+
+def _concrete(t: torch.Tensor) -> torch.Tensor:
+    """The values behind torch.func's wrappers (vmap's batched tensors, grad's and jvp's tracked
+    ones), so that a check on the data (a class index in range) runs under vmap as torch's kernels
+    run theirs: on the real tensor, which holds every mapped sample's values."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def subsampling2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int) -> torch.Tensor:

@@ -162,6 +162,11 @@ def op_cases():
         cases.append((f"cross_entropy-{reduction}", "cross_entropy",
                       [t(B, 4, 5), torch.softmax(t(B, 4, 5), -1)], (0, 0), dict(reduction=reduction, label_smoothing=0.1)))
     cases.append(("cross_entropy-index", "cross_entropy", [t(B, 4, 5), torch.tensor([0, 4, 2, 1])], (0, None), {}))
+    # mapped class indices (DP-SGD's vmap(grad(loss)) over (sample, label) pairs), an ignored one too
+    cases.append(("cross_entropy-index-mapped", "cross_entropy", [t(B, 4, 5), torch.tensor([[0, 4, 2, 1], [3, 3, 0, 2], [1, 0, 4, 4]])],
+                  (0, 0), dict(label_smoothing=0.1)))
+    cases.append(("cross_entropy-index-mapped-ignored", "cross_entropy", [t(4, 5, B), torch.tensor([[0, -100, 2], [1, 3, 3], [4, 4, -100], [2, 0, 1]])],
+                  (2, 1), dict(reduction="mean")))
     # the activations, softmaxes and norms (elementwise rules, a shifted softmax dim, folded rows)
     for name, kwargs in (("gelu", {}), ("gelu", dict(approximate="tanh")), ("silu", {}), ("hardtanh", dict(min_val=-0.5)),
                          ("relu6", {}), ("hardswish", {}), ("hardsigmoid", {}), ("leaky_relu", dict(negative_slope=0.2)),
@@ -303,3 +308,12 @@ def test_batch_norm_hessian_matches_torch(backend, training):
     def loss(namespace):
         return lambda x_: namespace.batch_norm(x_, *stats, w, b, training=training).pow(3).sum()
     assert_close(hessian(loss(MF))(x), hessian(loss(F))(x))
+
+
+def test_cross_entropy_target_out_of_range_under_vmap(backend):
+    """The class-index check runs on every mapped sample's labels (torch's kernels check their
+    real tensor too): IndexError naming the target, as outside vmap (torch raises a RuntimeError
+    from its gather there)."""
+    targets = torch.tensor([[0, 1], [2, 7]])
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        vmap(grad(lambda a, b: MF.cross_entropy(a, b)))(t(2, 2, 4), targets)
