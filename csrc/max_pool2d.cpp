@@ -9,6 +9,7 @@
 // Each (n, c) plane is independent: planes are spread over threads, each plane is one thread.
 
 #include "manualconv.h"
+#include "pool_channels_last.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -114,12 +115,7 @@ void max_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeome
         first = false;
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t v = x_px[c];
-        const bool take = v > y_px[c] || std::isnan(v);
-        y_px[c] = take ? v : y_px[c];
-        best_pos[c] = take ? p : best_pos[c];
-      }
+      channels_running_max(x_px, p, C, y_px, best_pos);
     }
   }
   if (first) {  // the window lies entirely in the padding
