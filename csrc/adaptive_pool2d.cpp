@@ -101,18 +101,20 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cpu, const at::Te
       int64_t* idx_data = indices.mutable_data_ptr<int64_t>();
       // samples' output rows (n, i) are spread over threads
       at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-        std::vector<int32_t> best_pos(g.C);
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = r / g.H_out, i = r % g.H_out;
-          const int64_t h0 = window_start(i, g.H, g.H_out), h1 = window_end(i, g.H, g.H_out);
-          for (int64_t j = 0; j < g.W_out; ++j) {
-            const int64_t w0 = window_start(j, g.W, g.W_out), w1 = window_end(j, g.W, g.W_out);
-            const int64_t out = (r * g.W_out + j) * g.C;
-            adaptive_max_pool2d_forward_pixel_channels_last(x + n * g.H * g.W * g.C, g, h0, h1, w0,
-                                                            w1, y_data + out, idx_data + out,
-                                                            best_pos.data());
+        run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+          std::vector<int32_t> best_pos(g.C);
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = r / g.H_out, i = r % g.H_out;
+            const int64_t h0 = window_start(i, g.H, g.H_out), h1 = window_end(i, g.H, g.H_out);
+            for (int64_t j = 0; j < g.W_out; ++j) {
+              const int64_t w0 = window_start(j, g.W, g.W_out), w1 = window_end(j, g.W, g.W_out);
+              const int64_t out = (r * g.W_out + j) * g.C;
+              adaptive_max_pool2d_forward_pixel_channels_last(x + n * g.H * g.W * g.C, g, h0, h1, w0,
+                                                              w1, y_data + out, idx_data + out,
+                                                              best_pos.data());
+            }
           }
-        }
+        });
       });
     });
     return {y, indices};
@@ -166,17 +168,19 @@ at::Tensor adaptive_avg_pool2d_forward(Cpu, const at::Tensor& input, const Adapt
       scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
       // samples' output rows (n, i) are spread over threads
       at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> sum(g.C);
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = r / g.H_out, i = r % g.H_out;
-          const int64_t h0 = window_start(i, g.H, g.H_out), h1 = window_end(i, g.H, g.H_out);
-          for (int64_t j = 0; j < g.W_out; ++j) {
-            const int64_t w0 = window_start(j, g.W, g.W_out), w1 = window_end(j, g.W, g.W_out);
-            adaptive_avg_pool2d_forward_pixel_channels_last(x + n * g.H * g.W * g.C, g, h0, h1,
-                                                            w0, w1, sum.data(),
-                                                            y_data + (r * g.W_out + j) * g.C);
+        run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+          std::vector<scalar_t> sum(g.C);
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = r / g.H_out, i = r % g.H_out;
+            const int64_t h0 = window_start(i, g.H, g.H_out), h1 = window_end(i, g.H, g.H_out);
+            for (int64_t j = 0; j < g.W_out; ++j) {
+              const int64_t w0 = window_start(j, g.W, g.W_out), w1 = window_end(j, g.W, g.W_out);
+              adaptive_avg_pool2d_forward_pixel_channels_last(x + n * g.H * g.W * g.C, g, h0, h1,
+                                                              w0, w1, sum.data(),
+                                                              y_data + (r * g.W_out + j) * g.C);
+            }
           }
-        }
+        });
       });
     });
     return y;
@@ -218,12 +222,14 @@ at::Tensor adaptive_avg_pool2d_backward(Cpu, const at::Tensor& grad_output,
       scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
       // samples' input rows (n, h) are spread over threads (each row written by one thread only)
       at::parallel_for(0, g.N * g.H, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> share(g.C);
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t n = r / g.H, h = r % g.H;
-          adaptive_avg_pool2d_backward_row_channels_last(dy + n * g.H_out * g.W_out * g.C, g, h,
-                                                         share.data(), dx_data + r * g.W * g.C);
-        }
+        run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+          std::vector<scalar_t> share(g.C);
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t n = r / g.H, h = r % g.H;
+            adaptive_avg_pool2d_backward_row_channels_last(dy + n * g.H_out * g.W_out * g.C, g, h,
+                                                           share.data(), dx_data + r * g.W * g.C);
+          }
+        });
       });
     });
     return dx;

@@ -122,17 +122,19 @@ void avg_pool2d_forward_channels_last(const scalar_t* x, const Pool2dGeometry& g
                                       std::optional<int64_t> divisor_override, scalar_t* y) {
   const int64_t in_sample = g.H * g.W * g.C, out_row = g.W_out * g.C;
   at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> sum(g.C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / g.H_out, i = r % g.H_out;
-      const Window wh = window_1d(i * g.sH - g.pH, g.kH, g.H, g.pH);
-      for (int64_t j = 0; j < g.W_out; ++j) {
-        const Window ww = window_1d(j * g.sW - g.pW, g.kW, g.W, g.pW);
-        avg_pool2d_forward_pixel_channels_last(
-            x + n * in_sample, g, wh, ww, avg_divisor(wh, ww, count_include_pad, divisor_override),
-            sum.data(), y + r * out_row + j * g.C);
+    run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+      std::vector<scalar_t> sum(g.C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.H_out, i = r % g.H_out;
+        const Window wh = window_1d(i * g.sH - g.pH, g.kH, g.H, g.pH);
+        for (int64_t j = 0; j < g.W_out; ++j) {
+          const Window ww = window_1d(j * g.sW - g.pW, g.kW, g.W, g.pW);
+          avg_pool2d_forward_pixel_channels_last(
+              x + n * in_sample, g, wh, ww, avg_divisor(wh, ww, count_include_pad, divisor_override),
+              sum.data(), y + r * out_row + j * g.C);
+        }
       }
-    }
+    });
   });
 }
 
@@ -169,12 +171,14 @@ void avg_pool2d_backward_channels_last(const scalar_t* dy, const Pool2dGeometry&
                                        std::optional<int64_t> divisor_override, scalar_t* dx) {
   const int64_t out_sample = g.H_out * g.W_out * g.C, in_row = g.W * g.C;
   at::parallel_for(0, g.N * g.H, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> share(g.C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / g.H, h = r % g.H;
-      avg_pool2d_backward_row_channels_last(dy + n * out_sample, g, count_include_pad,
-                                            divisor_override, h, share.data(), dx + r * in_row);
-    }
+    run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+      std::vector<scalar_t> share(g.C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.H, h = r % g.H;
+        avg_pool2d_backward_row_channels_last(dy + n * out_sample, g, count_include_pad,
+                                              divisor_override, h, share.data(), dx + r * in_row);
+      }
+    });
   });
 }
 

@@ -36,4 +36,42 @@ inline void channels_running_max(const scalar_t* __restrict x, index_t p, int64_
   }
 }
 
+// ---------------------------------------------------------------------------
+// Two builds of each channels-last pool loop, chosen at run time from the CPU: for AVX-512 (F, BW,
+// DQ, VL: 16 float lanes) and for the baseline the extension is compiled for (SSE2 on x86-64,
+// whatever -march gives elsewhere). The AVX-512 build is the same code inlined whole (flatten)
+// into a function compiled for AVX-512. The channel loops are element-wise (no sums reordered, no
+// multiply-add to contract), so both builds give bit-identical results.
+// Why (measured, AMD EPYC Zen 4, float32, batch 128, one thread, CPU time against torch's
+// AVX-512 kernels): the NHWC max-pool forward went from 0.76-0.88 of torch's speed (SSE2) to 1.00.
+// ---------------------------------------------------------------------------
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+template <typename F>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), flatten)) void run_avx512(const F& f) {
+  f();
+}
+
+// Runs f() (one thread's share of a channels-last pool) in the build for this CPU.
+template <typename F>
+inline void run_for_cpu(const F& f) {
+  if (cpu_has_avx512()) {
+    run_avx512(f);
+  } else {
+    f();
+  }
+}
+#else
+template <typename F>
+inline void run_for_cpu(const F& f) {
+  f();
+}
+#endif
+
 }  // namespace manualconv
