@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 namespace manualconv {
 
@@ -47,9 +49,15 @@ inline void channels_running_max(const scalar_t* __restrict x, index_t p, int64_
 // ---------------------------------------------------------------------------
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+// Whether the AVX-512 build runs: the CPU has AVX-512 (F, BW, DQ, VL) and MANUALCONV_CPU_CAPABILITY
+// (issue 13's override), if set, asks for avx512 (any other value keeps the baseline build).
 inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  static const bool has = [] {
+    const char* requested = std::getenv("MANUALCONV_CPU_CAPABILITY");
+    if (requested != nullptr && std::string_view(requested) != "avx512") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  }();
   return has;
 }
 

@@ -225,3 +225,45 @@ def test_channels_last_pools_propagate_nan_and_inf(cpp, pool, value):
     torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13, equal_nan=True)  # (as above: float64 sums)
     if indices is not None:
         assert torch.equal(indices, getattr(F, name)(x, **kwargs, return_indices=True)[1])
+
+
+BUILDS_SCRIPT = """
+import sys, torch, manualconv
+import manualconv.functional as MF
+gen = torch.Generator().manual_seed(18)
+x = torch.randn(3, 19, 9, 8, generator=gen)
+x.view(-1)[::7] = float("nan")
+x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+results = []
+for name, kwargs in [("max_pool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+                     ("avg_pool2d", dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+                     ("adaptive_avg_pool2d", dict(output_size=(4, 3))), ("adaptive_max_pool2d", dict(output_size=(4, 3)))]:
+    y = getattr(MF, name)(x, **kwargs)
+    dy = torch.randn(y.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    results += [y, torch.autograd.grad(y, x, dy)[0]]
+    if "max" in name:
+        results.append(getattr(MF, name)(x, **kwargs, return_indices=True)[1])
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_channels_last_pool_builds_agree(tmp_path):
+    """The channels-last pool loops' two builds (pool_channels_last.h: AVX-512, which the CPU
+    chooses where it has it, and the baseline that MANUALCONV_CPU_CAPABILITY=default selects) give bit-identical
+    results: the loops are element-wise over channels. (On a CPU without AVX-512 both runs take
+    the baseline build.) 19 channels: full vectors and a remainder in either build."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for capability in ("chosen", "default"):  # (chosen: the variable unset, the CPU decides)
+        path = tmp_path / f"{capability}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "MANUALCONV_CPU_CAPABILITY"}
+        env.update(PYTHONPATH=root, **({"MANUALCONV_CPU_CAPABILITY": capability} if capability == "default" else {}))
+        subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(path)], env=env, check=True, cwd=root)
+        runs[capability] = torch.load(path)
+    for wide, base in zip(runs["chosen"], runs["default"]):
+        assert wide.stride() == base.stride() and torch.equal(wide.isnan(), base.isnan())
+        assert torch.equal(wide.nan_to_num(), base.nan_to_num()), "the builds differ"
