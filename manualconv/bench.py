@@ -5,8 +5,9 @@
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
 32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
 layout, 2×2 and 3×3 pools, then the rest of the layer family:
-adaptive pools, a transposed conv, a 1-D conv, a linear layer), native and manualconv steps are
-run alternately, so both see the same machine state; the median of the repeats is reported.
+adaptive pools, every pool again on channels-last input, a transposed conv, a 1-D conv, a linear
+layer), native and manualconv steps are run alternately, so both see the same machine state; the
+median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
 GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops, and
 their share of this machine's SGEMM rate (a square float32 matmul, measured first, all threads).
