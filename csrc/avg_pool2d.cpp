@@ -6,9 +6,13 @@
 // window(i, j) = rows [i·sH − pH, i·sH − pH + kH) × columns [j·sW − pW, j·sW − pW + kW), clipped
 // to the image (the padding contributes zeros). The divisor D(i, j) is divisor_override if given,
 // else the window size clipped to the padded image (count_include_pad) or to the image itself.
-// Windows with no pixel inside the image give y = 0. Planes are spread over threads.
+// Windows with no pixel inside the image give y = 0. NCHW: planes are spread over threads;
+// channels-last (the output keeps the input's layout, geometry.h's output_layout): the forward
+// spreads output rows (n, i), the backward input rows (n, h), each a whole row of pixels of C
+// contiguous channels, computed channel-vector at a time.
 
 #include "manualconv.h"
+#include "pool_channels_last.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -91,11 +95,107 @@ void avg_pool2d_backward_plane(const scalar_t* dy, const Pool2dGeometry& g, bool
   }
 }
 
+
+// Channels-last forward, one output pixel (i, j) of one sample, all channels:
+// y[i, j, :] = Σ_{(h, w) ∈ window(i, j)} x[h, w, :] / D(i, j), the positions summed in row-major
+// window order as the plane loop sums them. sum is a C-entry scratch.
+template <typename scalar_t>
+void avg_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeometry& g,
+                                            const Window& wh, const Window& ww, int64_t divisor,
+                                            scalar_t* sum, scalar_t* y_px) {
+  const int64_t C = g.C;
+  if (divisor == 0) {  // the window misses the image
+    std::fill_n(y_px, C, scalar_t(0));
+    return;
+  }
+  std::fill_n(sum, C, scalar_t(0));
+  for (int64_t h = wh.lo; h < wh.hi; ++h) {
+    for (int64_t w = ww.lo; w < ww.hi; ++w) channels_accumulate(x + (h * g.W + w) * C, C, sum);
+  }
+  channels_divide(sum, static_cast<scalar_t>(divisor), C, y_px);
+}
+
+// Channels-last forward: samples' output rows (n, i) are spread over threads.
+template <typename scalar_t>
+void avg_pool2d_forward_channels_last(const scalar_t* x, const Pool2dGeometry& g,
+                                      bool count_include_pad,
+                                      std::optional<int64_t> divisor_override, scalar_t* y) {
+  const int64_t in_sample = g.H * g.W * g.C, out_row = g.W_out * g.C;
+  at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+      std::vector<scalar_t> sum(g.C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.H_out, i = r % g.H_out;
+        const Window wh = window_1d(i * g.sH - g.pH, g.kH, g.H, g.pH);
+        for (int64_t j = 0; j < g.W_out; ++j) {
+          const Window ww = window_1d(j * g.sW - g.pW, g.kW, g.W, g.pW);
+          avg_pool2d_forward_pixel_channels_last(
+              x + n * in_sample, g, wh, ww, avg_divisor(wh, ww, count_include_pad, divisor_override),
+              sum.data(), y + r * out_row + j * g.C);
+        }
+      }
+    });
+  });
+}
+
+// Channels-last backward, one input row h of one sample, gathered from the outputs whose windows
+// hold it: δx[h, w, :] = Σ_{(i, j) : (h, w) ∈ window(i, j)} δy[i, j, :] / D(i, j).
+// Those are the rows i with i·sH − pH ≤ h < i·sH − pH + kH and, in each, the columns j whose
+// clipped window holds w. share is a C-entry scratch holding δy[i, j, :] / D(i, j).
+template <typename scalar_t>
+void avg_pool2d_backward_row_channels_last(const scalar_t* dy, const Pool2dGeometry& g,
+                                           bool count_include_pad,
+                                           std::optional<int64_t> divisor_override, int64_t h,
+                                           scalar_t* share, scalar_t* dx_row) {
+  const int64_t C = g.C;
+  std::fill_n(dx_row, g.W * C, scalar_t(0));
+  const int64_t i_lo = std::max<int64_t>(0, ceil_div<int64_t>(std::max<int64_t>(h + g.pH - g.kH + 1, 0), g.sH));
+  const int64_t i_hi = std::min(g.H_out, (h + g.pH) / g.sH + 1);
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const Window wh = window_1d(i * g.sH - g.pH, g.kH, g.H, g.pH);
+    for (int64_t j = 0; j < g.W_out; ++j) {
+      const Window ww = window_1d(j * g.sW - g.pW, g.kW, g.W, g.pW);
+      const int64_t divisor = avg_divisor(wh, ww, count_include_pad, divisor_override);
+      if (divisor == 0) continue;  // the window misses the image: it reaches no δx
+      channels_divide(dy + (i * g.W_out + j) * C, static_cast<scalar_t>(divisor), C, share);
+      for (int64_t w = ww.lo; w < ww.hi; ++w) channels_accumulate(share, C, dx_row + w * C);
+    }
+  }
+}
+
+// Channels-last backward: samples' input rows (n, h) are spread over threads (each row is
+// written by one thread only).
+template <typename scalar_t>
+void avg_pool2d_backward_channels_last(const scalar_t* dy, const Pool2dGeometry& g,
+                                       bool count_include_pad,
+                                       std::optional<int64_t> divisor_override, scalar_t* dx) {
+  const int64_t out_sample = g.H_out * g.W_out * g.C, in_row = g.W * g.C;
+  at::parallel_for(0, g.N * g.H, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+      std::vector<scalar_t> share(g.C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.H, h = r % g.H;
+        avg_pool2d_backward_row_channels_last(dy + n * out_sample, g, count_include_pad,
+                                              divisor_override, h, share.data(), dx + r * in_row);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // y = Σ window x / D
 at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry& g,
                               bool count_include_pad, std::optional<int64_t> divisor_override) {
+  if (is_channels_last(input)) {
+    at::Tensor y = at::empty(g.output_size(),
+                             input.options().memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_avg_pool2d_forward_cl", [&] {
+      avg_pool2d_forward_channels_last(input.const_data_ptr<scalar_t>(), g, count_include_pad,
+                                       divisor_override, y.mutable_data_ptr<scalar_t>());
+    });
+    return y;
+  }
 
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(g.output_size(), x.options());
@@ -117,6 +217,16 @@ at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry
 // δx[h, w] = Σ over the windows containing (h, w) of δy / D
 at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dGeometry& g,
                                bool count_include_pad, std::optional<int64_t> divisor_override) {
+  if (is_channels_last(grad_output)) {
+    at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+                              grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_avg_pool2d_backward_cl", [&] {
+      avg_pool2d_backward_channels_last(grad_output.const_data_ptr<scalar_t>(), g,
+                                        count_include_pad, divisor_override,
+                                        dx.mutable_data_ptr<scalar_t>());
+    });
+    return dx;
+  }
   const at::Tensor dy = grad_output.contiguous();
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;

@@ -147,9 +147,9 @@ inline bool is_channels_last(const at::Tensor& t) {
 
 // The layout of an output computed from `like`, as torch.nn's kernels choose it: channels-last
 // for a channels-last tensor, else NCHW-contiguous. The conv kernels follow it (forward and
-// input gradient: from input / grad_output; weight gradient: from input), and so does max
-// pooling (forward: from input; backward: from grad_output and indices, below). The avg and
-// adaptive pools return NCHW-contiguous outputs for any input.
+// input gradient: from input / grad_output; weight gradient: from input), and so do the pools
+// (forwards: from input; avg and adaptive avg backward: from grad_output; max backward: from
+// grad_output and indices, below).
 inline at::MemoryFormat output_layout(const at::Tensor& like) {
   return is_channels_last(like) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }

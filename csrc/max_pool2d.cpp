@@ -9,6 +9,7 @@
 // Each (n, c) plane is independent: planes are spread over threads, each plane is one thread.
 
 #include "manualconv.h"
+#include "pool_channels_last.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -114,12 +115,7 @@ void max_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeome
         first = false;
         continue;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t v = x_px[c];
-        const bool take = v > y_px[c] || std::isnan(v);
-        y_px[c] = take ? v : y_px[c];
-        best_pos[c] = take ? p : best_pos[c];
-      }
+      channels_running_max(x_px, p, C, y_px, best_pos);
     }
   }
   if (first) {  // the window lies entirely in the padding
@@ -137,15 +133,17 @@ void max_pool2d_forward_channels_last(const scalar_t* x, const Pool2dGeometry& g
                                       int64_t* idx) {
   const int64_t in_sample = g.H * g.W * g.C, out_row = g.W_out * g.C;
   at::parallel_for(0, g.N * g.H_out, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> best_pos(g.C);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / g.H_out, i = r % g.H_out;
-      for (int64_t j = 0; j < g.W_out; ++j) {
-        const int64_t out = r * out_row + j * g.C;
-        max_pool2d_forward_pixel_channels_last(x + n * in_sample, g, i, j, y + out, idx + out,
-                                               best_pos.data());
+    run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+      std::vector<int32_t> best_pos(g.C);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / g.H_out, i = r % g.H_out;
+        for (int64_t j = 0; j < g.W_out; ++j) {
+          const int64_t out = r * out_row + j * g.C;
+          max_pool2d_forward_pixel_channels_last(x + n * in_sample, g, i, j, y + out, idx + out,
+                                                 best_pos.data());
+        }
       }
-    }
+    });
   });
 }
 
@@ -235,13 +233,15 @@ at::Tensor max_pool2d_backward(Cpu, const at::Tensor& grad_output, const at::Ten
       const int64_t* idx_data = indices.const_data_ptr<int64_t>();
       scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, input_size[0], /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          if (!max_pool2d_backward_sample_channels_last(
-                  dy_data + n * out_plane * C, idx_data + n * out_plane * C, out_plane, in_plane,
-                  C, dx_data + n * in_plane * C)) {
-            all_in_range = false;
+        run_for_cpu([&] {  // the AVX-512 or the baseline build (pool_channels_last.h)
+          for (int64_t n = begin; n < end; ++n) {
+            if (!max_pool2d_backward_sample_channels_last(
+                    dy_data + n * out_plane * C, idx_data + n * out_plane * C, out_plane, in_plane,
+                    C, dx_data + n * in_plane * C)) {
+              all_in_range = false;
+            }
           }
-        }
+        });
       });
     });
     TORCH_CHECK(all_in_range, op, ": indices must lie in [0, H*W) = [0, ", in_plane,

@@ -5,8 +5,9 @@
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
 32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
 layout, 2×2 and 3×3 pools, then the rest of the layer family:
-adaptive pools, a transposed conv, a 1-D conv, a linear layer), native and manualconv steps are
-run alternately, so both see the same machine state; the median of the repeats is reported.
+adaptive pools, every pool again on channels-last input, a transposed conv, a 1-D conv, a linear
+layer), native and manualconv steps are run alternately, so both see the same machine state; the
+median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
 GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops, and
 their share of this machine's SGEMM rate (a square float32 matmul, measured first, all threads).
@@ -95,6 +96,19 @@ SUITE: List[Layer] = [
     # the layer family
     Layer("adaptive avgpool 256@8 -> 1", "pool", "adaptive_avg_pool2d", (256, 8, 8), dict(output_size=1)),
     Layer("adaptive maxpool 64@32 -> 7", "pool", "adaptive_max_pool2d", (64, 32, 32), dict(output_size=7)),
+    # every pool again on channels-last input (what a channels-last network feeds them)
+    Layer("NHWC maxpool 2x2 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=2), channels_last=True),
+    Layer("NHWC maxpool 3x3 s2 p1 64@32", "pool", "max_pool2d", (64, 32, 32), dict(kernel_size=3, stride=2, padding=1),
+          channels_last=True),
+    Layer("NHWC avgpool 2x2 64@32", "pool", "avg_pool2d", (64, 32, 32), dict(kernel_size=2), channels_last=True),
+    Layer("NHWC avgpool 3x3 s1 p1 64@16", "pool", "avg_pool2d", (64, 16, 16), dict(kernel_size=3, stride=1, padding=1),
+          channels_last=True),
+    Layer("NHWC adaptive avgpool 256@8 -> 1", "pool", "adaptive_avg_pool2d", (256, 8, 8), dict(output_size=1),
+          channels_last=True),
+    Layer("NHWC adaptive avgpool 64@32 -> 4", "pool", "adaptive_avg_pool2d", (64, 32, 32), dict(output_size=4),
+          channels_last=True),
+    Layer("NHWC adaptive maxpool 64@32 -> 7", "pool", "adaptive_max_pool2d", (64, 32, 32), dict(output_size=7),
+          channels_last=True),
     Layer("conv_transpose 32->16 s2 @16", "other", "conv_transpose2d", (32, 16, 16), dict(stride=2, padding=1, output_padding=1), (32, 16, 3, 3)),
     Layer("conv1d k3 64->64 L256", "other", "conv1d", (64, 256), dict(padding=1), (64, 64, 3)),
     Layer("linear 512->256", "other", "linear", (512,), {}, (256, 512)),

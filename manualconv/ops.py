@@ -33,7 +33,7 @@ def _empty(like: torch.Tensor, size, channels_last: bool = False) -> torch.Tenso
 def is_channels_last(t: torch.Tensor) -> bool:
     """The kernels' layout rule on every device (csrc/geometry.h, ``output_layout``): a 4-D tensor
     that is channels-last (NHWC) and not also NCHW-contiguous gives channels-last outputs from the
-    conv and max-pool kernels; the avg and adaptive pools return NCHW-contiguous outputs."""
+    conv and pooling kernels (as torch.nn's)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -72,28 +72,30 @@ if AVAILABLE:
     @torch.library.register_fake("manualconv::avg_pool2d_forward")
     def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
         size = check_avg_pool2d(input.shape, kernel_size, stride, padding, ceil_mode, divisor_override)
-        return _empty(input, size)
+        return _empty(input, size, is_channels_last(input))
 
     @torch.library.register_fake("manualconv::avg_pool2d_backward")
     def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
         out_size = check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override)
         check_grad_output("avg_pool2d_backward", grad_output.shape, out_size)
-        return _empty(grad_output, input_size)
+        return _empty(grad_output, input_size, is_channels_last(grad_output))
 
     @torch.library.register_fake("manualconv::adaptive_max_pool2d_forward")
     def _(input, output_size):
         size = check_adaptive_pool2d("adaptive_max_pool2d", input.shape, output_size)
-        return _empty(input, size), input.new_empty(size, dtype=torch.int64)
+        layout = is_channels_last(input)
+        return _empty(input, size, layout), _empty(input.new_empty((), dtype=torch.int64), size, layout)
 
     @torch.library.register_fake("manualconv::adaptive_avg_pool2d_forward")
     def _(input, output_size):
-        return _empty(input, check_adaptive_pool2d("adaptive_avg_pool2d", input.shape, output_size))
+        size = check_adaptive_pool2d("adaptive_avg_pool2d", input.shape, output_size)
+        return _empty(input, size, is_channels_last(input))
 
     @torch.library.register_fake("manualconv::adaptive_avg_pool2d_backward")
     def _(grad_output, input_size):
         out_size = check_adaptive_pool2d("adaptive_avg_pool2d", input_size, grad_output.shape[2:])
         check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
-        return _empty(grad_output, input_size)
+        return _empty(grad_output, input_size, is_channels_last(grad_output))
 
 
 if AVAILABLE:

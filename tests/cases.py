@@ -25,7 +25,7 @@ file). Its fields:
   one for a case whose ``padding_mode`` only the modules have; ``module_samples`` and
   ``module_errors`` feed test_modules' drop-in checks.
 - ``channels_last``: the cpp kernels return channels-last results for channels-last input, as
-  torch's do (test_ops checks it on the channels-last samples).
+  torch's do (conv and every pool) (test_ops checks it on the channels-last samples).
 
 A ``Case`` is one call of one op: valid samples (``error is None``) feed gradcheck,
 gradgradcheck and the float32 comparisons with torch.nn; error samples (``error`` set) feed the
@@ -192,6 +192,9 @@ def max_pool2d_cases() -> List[Case]:
         Case("channels-last-padding-dilation-ceil", "max_pool2d", (2, 3, 9, 9), dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True, return_indices=True), layout="channels_last"),
         Case("channels-last-ties-relu", "max_pool2d", (2, 3, 8, 8), dict(kernel_size=3, stride=1, return_indices=True), fill="relu", layout="channels_last"),
         Case("channels-last-nan", "max_pool2d", (2, 2, 6, 6), dict(kernel_size=3, stride=2, padding=1, return_indices=True), fill="nan", layout="channels_last"),
+        # C not a multiple of the vector width (a remainder loop), batch 1; ties at 0 everywhere
+        Case("channels-last-odd-channels-batch1", "max_pool2d", (1, 19, 7, 7), dict(kernel_size=3, stride=2, return_indices=True), layout="channels_last"),
+        Case("channels-last-ties-zeros", "max_pool2d", (2, 5, 6, 6), dict(kernel_size=3, stride=2, padding=1, return_indices=True), fill="zeros", layout="channels_last"),
         Case("non-contiguous", "max_pool2d", (2, 3, 7, 6), dict(kernel_size=3, stride=2, return_indices=True), layout="strided"),
     ]
     e = lambda name, input, error, **kw: Case(name, "max_pool2d", input, kw, error=error)  # noqa: E731
@@ -229,6 +232,14 @@ def avg_pool2d_cases() -> List[Case]:
         a("divisor-override-ceil", (1, 2, 7, 7), kernel_size=2, ceil_mode=True, divisor_override=3),
         a("unbatched", (2, 6, 6), kernel_size=2),
         Case("channels-last", "avg_pool2d", (2, 3, 6, 6), dict(kernel_size=2), layout="channels_last"),
+        # the channels-last kernels (csrc/avg_pool2d.cpp): every divisor rule, windows clipped by
+        # padding and ceil mode, overlapping and strided windows, C not a multiple of the vector
+        # width, batch 1
+        Case("channels-last-padding-exclude-ceil", "avg_pool2d", (2, 5, 9, 9), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), layout="channels_last"),
+        Case("channels-last-padding-include-ceil", "avg_pool2d", (2, 5, 8, 8), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), layout="channels_last"),
+        Case("channels-last-divisor-override-batch1", "avg_pool2d", (1, 17, 7, 7), dict(kernel_size=2, ceil_mode=True, divisor_override=3), layout="channels_last"),
+        Case("channels-last-nonsquare-overlap", "avg_pool2d", (2, 19, 7, 8), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1)), layout="channels_last"),
+        Case("channels-last-ceil-drop-last", "avg_pool2d", (2, 3, 5, 5), dict(kernel_size=2, stride=2, padding=1, ceil_mode=True), layout="channels_last"),
         Case("non-contiguous", "avg_pool2d", (2, 3, 7, 6), dict(kernel_size=3, stride=2, padding=1), layout="strided"),
     ]
     e = lambda name, input, error, **kw: Case(name, "avg_pool2d", input, kw, error=error)  # noqa: E731
@@ -302,6 +313,12 @@ def adaptive_pool_cases(op: str) -> List[Case]:
         a("none-entry", (1, 2, 6, 7), output_size=(None, 3)),
         a("unbatched", (2, 7, 7), output_size=3),
         Case("channels-last", op, (2, 3, 6, 6), dict(output_size=4), layout="channels_last"),
+        # the channels-last kernels (csrc/adaptive_pool2d.cpp): overlapping windows, windows of
+        # one pixel repeated (output larger than the input), C not a multiple of the vector
+        # width, batch 1
+        Case("channels-last-overlapping-windows", op, (2, 17, 7, 9), dict(output_size=(3, 4)), layout="channels_last"),
+        Case("channels-last-larger-than-input-batch1", op, (1, 5, 3, 5), dict(output_size=(5, 7)), layout="channels_last"),
+        Case("channels-last-one-row", op, (2, 9, 6, 7), dict(output_size=(1, 3)), layout="channels_last"),
     ]
     errors = [
         Case("rank2", op, (6, 6), dict(output_size=2), error=(RuntimeError, r"3D \(C, H, W\) or 4D")),
@@ -316,6 +333,9 @@ def adaptive_max_pool2d_cases() -> List[Case]:
         Case("ties-relu", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
         Case("nan", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="nan"),
         Case("return-indices", "adaptive_max_pool2d", (2, 2, 9, 5), dict(output_size=(4, 2), return_indices=True)),
+        Case("channels-last-ties-relu", "adaptive_max_pool2d", (2, 19, 7, 7), dict(output_size=3, return_indices=True), fill="relu", layout="channels_last"),
+        Case("channels-last-ties-zeros", "adaptive_max_pool2d", (1, 6, 6, 5), dict(output_size=(4, 3), return_indices=True), fill="zeros", layout="channels_last"),
+        Case("channels-last-nan", "adaptive_max_pool2d", (2, 3, 7, 7), dict(output_size=3, return_indices=True), fill="nan", layout="channels_last"),
     ]
 
 
@@ -715,12 +735,13 @@ _RECORDS = [
             KernelError("avg-backward-wrong-delta", "avg_pool2d_backward",
                         lambda: (torch.randn(1, 2, 3, 3), [1, 2, 8, 8], [2, 2], [2, 2], [0, 0], False, True, None), r"grad_output"),
         ),
-        opcheck=frozenset({"padding-exclude", "divisor-override-ceil"}),
+        opcheck=frozenset({"padding-exclude", "divisor-override-ceil", "channels-last-padding-exclude-ceil"}),
         cuda_gradcheck=frozenset({"ceil-mode-padding-exclude", "divisor-override"}),
         module_samples=(
             ModuleSample("avgpool", (3,), dict(stride=2, padding=1, count_include_pad=False), (2, 3, 8, 8)),
             ModuleSample("avgpool-divisor", (2,), dict(divisor_override=3, ceil_mode=True), (2, 3, 7, 7)),
         ),
+        channels_last=True,
     ),
     OpRecord(
         "conv1d", MF.conv1d, F.conv1d, ("input", "weight", "bias"), input_weight_bias(), tuple(conv1d_cases()),
@@ -738,12 +759,16 @@ _RECORDS = [
     _pool(
         "adaptive_max_pool2d", adaptive_max_pool2d_cases(), "max", whole_plane_reduction_length,
         ("adaptive_max_pool2d_forward", "max_pool2d_backward"), manualconv.AdaptiveMaxPool2d, torch.nn.AdaptiveMaxPool2d,
+        opcheck=frozenset({"channels-last-overlapping-windows"}),
         cuda_gradcheck=frozenset({"overlapping-windows"}),
+        channels_last=True,
     ),
     _pool(
         "adaptive_avg_pool2d", adaptive_avg_pool2d_cases(), "linear", whole_plane_reduction_length,
         ("adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward"), manualconv.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool2d,
+        opcheck=frozenset({"channels-last-overlapping-windows"}),
         cuda_gradcheck=frozenset({"overlapping-windows"}),
+        channels_last=True,
     ),
     OpRecord(
         "linear", MF.linear, F.linear, ("input", "weight", "bias"), input_weight_bias(), tuple(linear_cases()),

@@ -120,3 +120,150 @@ def test_cpu_kernels_compute_low_precision_in_float32(dtype, layout):
             assert out.dtype == rounded.dtype, f"{op}: dtype {out.dtype}, expected {rounded.dtype}"
             assert out.stride() == ref.stride(), f"{op}: layout differs from the float32 kernel's"
             assert torch.equal(out, rounded), f"{op} in {dtype}: not the float32 result rounded"
+
+
+# ---------------------------------------------------------------------------------------------
+# The channels-last pooling kernels (csrc/avg_pool2d.cpp, csrc/adaptive_pool2d.cpp,
+# csrc/max_pool2d.cpp) where the case table does not reach: layouts that are ambiguous (1×1
+# planes, one channel, batch 1), and NaN / ±∞ in the average pools.
+
+def _layout_of(t: torch.Tensor) -> str:
+    return "nchw" if t.is_contiguous() else "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+def _rule(t: torch.Tensor) -> str:
+    """csrc/geometry.h's output_layout: channels-last for a channels-last tensor that is not also
+    NCHW-contiguous, else NCHW."""
+    return "channels_last" if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) else "nchw"
+
+
+# (functional, keyword arguments): each pool with the options its channels-last kernel branches on
+CHANNELS_LAST_POOLS = [
+    ("max_pool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ("max_pool2d", dict(kernel_size=1)),
+    ("avg_pool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)),
+    ("avg_pool2d", dict(kernel_size=2, stride=1, padding=1, divisor_override=3)),
+    ("avg_pool2d", dict(kernel_size=1)),
+    ("adaptive_avg_pool2d", dict(output_size=1)),
+    ("adaptive_avg_pool2d", dict(output_size=(3, 2))),
+    ("adaptive_max_pool2d", dict(output_size=1)),
+    ("adaptive_max_pool2d", dict(output_size=(3, 2))),
+]
+# batch 1, one channel, 1×1 planes (then every layout is also NCHW-contiguous), 1×1 outputs of a
+# larger plane, and channel counts around the vector widths (4, 8, 16 float lanes)
+AMBIGUOUS_SHAPES = [(1, 5, 4, 3), (3, 1, 4, 4), (2, 5, 1, 1), (1, 1, 1, 1), (2, 7, 2, 2), (2, 17, 3, 5), (1, 33, 5, 4)]
+
+
+def _pool_call(name, kwargs, x):
+    if name in ("max_pool2d", "adaptive_max_pool2d"):
+        return getattr(MF, name)(x, **kwargs, return_indices=True)
+    return getattr(MF, name)(x, **kwargs), None
+
+
+def _fits(name, kwargs, shape):
+    if name.startswith("adaptive"):
+        return True
+    k, p = kwargs["kernel_size"], kwargs.get("padding", 0)
+    return min(shape[2:]) + 2 * p >= k
+
+
+def _pool_id(pool) -> str:
+    return f"{pool[0]}-{'-'.join(f'{k}{v}' for k, v in pool[1].items())}"
+
+
+@pytest.mark.parametrize("pool,shape", [
+    pytest.param(pool, shape, id=f"{_pool_id(pool)}-{'x'.join(map(str, shape))}")
+    for pool in CHANNELS_LAST_POOLS for shape in AMBIGUOUS_SHAPES if _fits(*pool, shape)])
+def test_channels_last_pool_layout_and_values(cpp, pool, shape):
+    """A channels-last input (as a channels-last network feeds it, δy channels-last too): output,
+    indices and δx follow the layout rule (geometry.h, ops.py's fake kernels), which is torch's
+    wherever the tensor's layout is not ambiguous; values equal torch's NCHW float64 path."""
+    name, kwargs = pool
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen)
+    leaf = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y, indices = _pool_call(name, kwargs, leaf)
+    native = getattr(F, name)(leaf, **kwargs)
+    grad_output = torch.randn(y.shape, dtype=torch.float64, generator=gen).contiguous(memory_format=torch.channels_last)
+    (grad_input,) = torch.autograd.grad(y, leaf, grad_output)
+    # (a 1×1 plane, or one channel, is both: it meets either layout)
+    for what, ours, like in (("output", y, leaf), ("indices", indices, leaf), ("grad_input", grad_input, grad_output)):
+        if ours is not None:
+            assert ours.is_contiguous(memory_format=LAYOUTS[_rule(like)]), f"{what}: {ours.stride()}, the rule says {_rule(like)}"
+    assert _layout_of(y) == _layout_of(native), f"output: {_layout_of(y)}, torch's is {_layout_of(native)}"
+    if _rule(grad_output) == "channels_last":  # (torch's δx follows the input; ours δy: they agree here)
+        (native_grad,) = torch.autograd.grad(native, leaf, grad_output)
+        assert _layout_of(grad_input) == _layout_of(native_grad), \
+            f"grad_input: {_layout_of(grad_input)}, torch's is {_layout_of(native_grad)}"
+    x64 = x.clone().requires_grad_()  # NCHW, float64: the oracle
+    expected = getattr(F, name)(x64, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, x64, grad_output)
+    # float64 sums of at most H·W terms, in another order than torch's: a few ulps apart
+    torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grad_input, expected_grad, rtol=1e-13, atol=1e-13)
+    if indices is not None:
+        assert torch.equal(indices, getattr(F, name)(x64, **kwargs, return_indices=True)[1])
+
+
+HOSTILE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("pool", CHANNELS_LAST_POOLS[2:], ids=_pool_id)
+def test_channels_last_pools_propagate_nan_and_inf(cpp, pool, value):
+    """NaN and ±∞ in a channels-last input give torch's values (NCHW path, float64) in every
+    output: the average pools' sums (∞ − ∞ = NaN), the max pool's ties and NaN winners, and the
+    indices. Some entries hold ∞ and others −∞ in the same windows."""
+    name, kwargs = pool
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 11, 7, 6, dtype=torch.float64, generator=gen)
+    x.view(-1)[::5] = HOSTILE[value]
+    x.view(-1)[3::13] = -HOSTILE[value] if value != "nan" else 0.0
+    y, indices = _pool_call(name, kwargs, x.contiguous(memory_format=torch.channels_last))
+    expected = getattr(F, name)(x, **kwargs)
+    assert (~expected.isfinite()).any(), "no non-finite output: the test would test nothing"
+    torch.testing.assert_close(y, expected, rtol=1e-13, atol=1e-13, equal_nan=True)  # (as above: float64 sums)
+    if indices is not None:
+        assert torch.equal(indices, getattr(F, name)(x, **kwargs, return_indices=True)[1])
+
+
+BUILDS_SCRIPT = """
+import sys, torch, manualconv
+import manualconv.functional as MF
+gen = torch.Generator().manual_seed(18)
+x = torch.randn(3, 19, 9, 8, generator=gen)
+x.view(-1)[::7] = float("nan")
+x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+results = []
+for name, kwargs in [("max_pool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+                     ("avg_pool2d", dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+                     ("adaptive_avg_pool2d", dict(output_size=(4, 3))), ("adaptive_max_pool2d", dict(output_size=(4, 3)))]:
+    y = getattr(MF, name)(x, **kwargs)
+    dy = torch.randn(y.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    results += [y, torch.autograd.grad(y, x, dy)[0]]
+    if "max" in name:
+        results.append(getattr(MF, name)(x, **kwargs, return_indices=True)[1])
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_channels_last_pool_builds_agree(tmp_path):
+    """The channels-last pool loops' two builds (pool_channels_last.h: AVX-512, which the CPU
+    chooses where it has it, and the baseline that MANUALCONV_CPU_CAPABILITY=default selects) give bit-identical
+    results: the loops are element-wise over channels. (On a CPU without AVX-512 both runs take
+    the baseline build.) 19 channels: full vectors and a remainder in either build."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for capability in ("chosen", "default"):  # (chosen: the variable unset, the CPU decides)
+        path = tmp_path / f"{capability}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "MANUALCONV_CPU_CAPABILITY"}
+        env.update(PYTHONPATH=root, **({"MANUALCONV_CPU_CAPABILITY": capability} if capability == "default" else {}))
+        subprocess.run([sys.executable, "-c", BUILDS_SCRIPT, str(path)], env=env, check=True, cwd=root)
+        runs[capability] = torch.load(path)
+    for wide, base in zip(runs["chosen"], runs["default"]):
+        assert wide.stride() == base.stride() and torch.equal(wide.isnan(), base.isnan())
+        assert torch.equal(wide.nan_to_num(), base.nan_to_num()), "the builds differ"

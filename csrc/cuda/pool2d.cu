@@ -446,7 +446,7 @@ at::Tensor avg_pool2d_forward(Cuda, const at::Tensor& input, const Pool2dGeometr
              y.mutable_data_ptr<scalar_t>()});
     });
   });
-  return y;
+  return y.contiguous(output_layout(input));
 }
 
 // δx[h, w] = Σ over the windows containing (h, w) of δy / D
@@ -466,7 +466,7 @@ at::Tensor avg_pool2d_backward(Cuda, const at::Tensor& grad_output, const Pool2d
              dx.mutable_data_ptr<scalar_t>()});
     });
   });
-  return dx;
+  return dx.contiguous(output_layout(grad_output));
 }
 
 // y[i,j] = max over the adaptive window; ties keep the first maximum, a NaN wins
@@ -487,7 +487,8 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cuda, const at::T
                                   indices.mutable_data_ptr<int64_t>()});
         });
       });
-  return {y, indices};
+  const at::MemoryFormat layout = output_layout(input);
+  return {y.contiguous(layout), indices.contiguous(layout)};
 }
 
 // y[i,j] = (Σ_window x) / area(i,j)
@@ -505,7 +506,7 @@ at::Tensor adaptive_avg_pool2d_forward(Cuda, const at::Tensor& input, const Adap
                                   y.mutable_data_ptr<scalar_t>()});
         });
       });
-  return y;
+  return y.contiguous(output_layout(input));
 }
 
 // δx[h,w] = Σ_{windows (i,j) ∋ (h,w)} δy[i,j] / area(i,j)
@@ -513,7 +514,8 @@ at::Tensor adaptive_avg_pool2d_backward(Cuda, const at::Tensor& grad_output,
                                         const AdaptiveGeometry& g) {
   const at::Tensor dy = grad_output.contiguous();
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
-  if (g.H_out == 0 || g.W_out == 0) return dx.zero_();  // no window: no gradient
+  const at::MemoryFormat layout = output_layout(grad_output);
+  if (g.H_out == 0 || g.W_out == 0) return dx.zero_().contiguous(layout);  // no window: no gradient
   const bool use_int32 = gpu::pool_fits_int32(g.planes(), g.H, g.W, g.H_out, g.W_out);
   MANUALCONV_DISPATCH_FLOATING_TYPES(
       dy.scalar_type(), "manualconv_adaptive_avg_pool2d_backward_cuda", [&] {
@@ -525,7 +527,7 @@ at::Tensor adaptive_avg_pool2d_backward(Cuda, const at::Tensor& grad_output,
                                   dx.mutable_data_ptr<scalar_t>()});
         });
       });
-  return dx;
+  return dx.contiguous(layout);
 }
 
 }  // namespace manualconv
