@@ -37,6 +37,16 @@ namespace manualconv {
 // paths (per-ISA direct kernels, Winograd for 3×3 stride 1) are further cases here.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
                                   bool channels_last, CpuCapability capability) {
+  // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): forward and input gradient of float32, 3×3,
+  // stride-1, dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the
+  // GEMM paths (gradcheck's exact sums); the weight gradient too (no Winograd kernel for it).
+  // MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
+  if (dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
+      g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2 && pass != Conv2dPass::GradWeight) {
+    const WinogradChoice choice = winograd_choice();
+    if (choice == WinogradChoice::Always) return Conv2dKernel::Winograd;
+    if (choice == WinogradChoice::Measured && false) return Conv2dKernel::Winograd;  // MEASURE
+  }
   // NCHW stays NCHW: routing small-map NCHW convs through the channels-last kernels measured
   // slower (0.76–0.89× native vs 0.82–0.93× on the NCHW GEMM path), as did the direct kernel at
   // 32 channels (stop 9).
@@ -201,6 +211,8 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
                                cpu_capability())) {
     case Conv2dKernel::Direct:
       return conv2d_forward_direct(input, weight, bias, g);
+    case Conv2dKernel::Winograd:
+      return conv2d_forward_winograd(input, weight, bias, g);
     case Conv2dKernel::NhwcGemm:
       return conv2d_forward_channels_last(input, weight, bias, g);
     case Conv2dKernel::NchwGemm:
@@ -251,6 +263,8 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
                                is_channels_last(grad_output), cpu_capability())) {
     case Conv2dKernel::Direct:
       return conv2d_grad_input_direct(grad_output, weight, g);
+    case Conv2dKernel::Winograd:
+      return conv2d_grad_input_winograd(grad_output, weight, g);
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_input_channels_last(grad_output, weight, g);
     case Conv2dKernel::NchwGemm:
@@ -304,6 +318,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_weight_channels_last(
           input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+    case Conv2dKernel::Winograd:  // never selected for the weight gradient
     case Conv2dKernel::NchwGemm:
       break;  // below
   }
