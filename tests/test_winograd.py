@@ -214,3 +214,26 @@ def test_outside_its_geometry_the_switch_is_not_read(monkeypatch):
                   (torch.randn(4, 4, 3, 3), dict(padding=3))):
         s, p, d, g = kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1)
         torch.ops.manualconv.conv2d_forward(x, w, None, [s, s], [p, p], [d, d], g)
+
+
+@pytest.mark.parametrize("C, O, size, selected", [
+    (64, 64, 8, True), (64, 128, 5, True), (128, 64, 4, True),  # ≥ 64 channels each way, maps ≥ 4×4
+    (32, 32, 8, False), (16, 64, 8, False), (64, 16, 8, False),  # too few channels (measured slower)
+    (64, 64, 3, False),  # a map under 4×4
+])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_measured_selection(monkeypatch, C, O, size, selected, layout):
+    """select_conv2d_kernel's measured choice (switch unset) gives the bits of the kernel it
+    names, forward and input gradient: Winograd's from 64 input and 64 output channels on maps of
+    at least 4×4, the GEMM/direct kernels' below."""
+    gen = torch.Generator().manual_seed(C + O + size)
+    x = laid_out(torch.randn(2, C, size, size, generator=gen), layout)
+    w, dy = torch.randn(O, C, 3, 3, generator=gen), laid_out(torch.randn(2, O, size, size, generator=gen), layout)
+    results = {}
+    for choice in ("", "always", "never"):
+        monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
+        results[choice] = (forward(x, w, None, 1), grad_input(dy, w, x.shape, 1))
+    expected, other = ("always", "never") if selected else ("never", "always")
+    for k, what in enumerate(("forward", "grad_input")):
+        assert not torch.equal(results["always"][k], results["never"][k]), f"{what}: the two kernels agree bit for bit"
+        assert torch.equal(results[""][k], results[expected][k]), f"{what}: the measured choice is not {expected}"
