@@ -37,6 +37,34 @@ namespace manualconv {
 // paths (per-ISA direct kernels, Winograd for 3×3 stride 1) are further cases here.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
                                   bool channels_last, CpuCapability capability) {
+  // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): forward and input gradient of float32, 3×3,
+  // stride-1, dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the
+  // GEMM paths (gradcheck's exact sums); the weight gradient too (no Winograd kernel for it).
+  // MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
+  if (dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
+      g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2 && pass != Conv2dPass::GradWeight) {
+    const WinogradChoice choice = winograd_choice();
+    if (choice == WinogradChoice::Always) return Conv2dKernel::Winograd;
+    // Measured 2026-11-29 on an AMD EPYC Zen 4 (family 25 model 17, AVX-512; MKL's sgemm, the
+    // transforms compiled for AVX-512), 1 thread, batch 64 (one thread's share of batch 128),
+    // padding 1, min of 7 × 3 interleaved rounds, forward / input gradient in ms, Winograd
+    // against the path below (NHWC: direct ≤ 64 channels, else NHWC GEMM; NCHW: NCHW GEMM):
+    //   NHWC 64→64 @8  2.03 / 2.44 vs 2.85 / 2.94     NCHW 64→64 @8  2.35 / 2.70 vs 3.75 / 7.96
+    //   NHWC 128→128 @8 16.1 / 15.8 vs 29.3 / 29.2    NCHW 128→128 @8 16.8 / 18.0 vs 24.9 / 26.9
+    //   NHWC 64→128 @16 37.0 / 36.9 vs 63.0 / 46.2    NCHW 64→128 @16 35.4 / 35.2 vs 60.1 / 58.2
+    //   NHWC 256→256 @4 25.7 / 25.7 vs 30.1 / 29.6    NCHW 256→256 @4 20.4 / 20.7 vs 31.3 / 40.4
+    // but NHWC 32→32 @16 2.90 / 3.34 vs 2.87 / 2.93, NHWC 16→16 @32 8.07 / 10.4 vs 3.19 / 4.18
+    // (with few channels the transforms and the shallow GEMMs, K = N = 16, cost more than the
+    // products saved). So: at least 64 input and 64 output channels, on maps of at least 4×4
+    // (the smallest measured). Accuracy: 3 summed channels exceeded tests/oracle.py's bound on
+    // mixed-magnitude data (tests/test_winograd.py); 16 and more stayed within it.
+    constexpr int64_t kMinWinogradChannels = 64;
+    constexpr int64_t kMinWinogradMap = 4;
+    if (choice == WinogradChoice::Measured && std::min(g.C, g.O) >= kMinWinogradChannels &&
+        std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
+      return Conv2dKernel::Winograd;
+    }
+  }
   // NCHW stays NCHW: routing small-map NCHW convs through the channels-last kernels measured
   // slower (0.76–0.89× native vs 0.82–0.93× on the NCHW GEMM path), as did the direct kernel at
   // 32 channels (stop 9).
@@ -201,6 +229,8 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
                                cpu_capability())) {
     case Conv2dKernel::Direct:
       return conv2d_forward_direct(input, weight, bias, g);
+    case Conv2dKernel::Winograd:
+      return conv2d_forward_winograd(input, weight, bias, g);
     case Conv2dKernel::NhwcGemm:
       return conv2d_forward_channels_last(input, weight, bias, g);
     case Conv2dKernel::NchwGemm:
@@ -251,6 +281,8 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
                                is_channels_last(grad_output), cpu_capability())) {
     case Conv2dKernel::Direct:
       return conv2d_grad_input_direct(grad_output, weight, g);
+    case Conv2dKernel::Winograd:
+      return conv2d_grad_input_winograd(grad_output, weight, g);
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_input_channels_last(grad_output, weight, g);
     case Conv2dKernel::NchwGemm:
@@ -304,6 +336,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_weight_channels_last(
           input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+    case Conv2dKernel::Winograd:  // never selected for the weight gradient
     case Conv2dKernel::NchwGemm:
       break;  // below
   }

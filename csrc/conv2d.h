@@ -14,6 +14,7 @@ enum class Conv2dKernel {
   NchwGemm,  // conv2d.cpp: im2col + GEMM per sample and group, NCHW
   NhwcGemm,  // conv2d_channels_last.cpp: im2col + GEMM per block of samples, channels-last
   Direct,    // conv2d_direct.cpp: register tiles straight from the padded input, channels-last
+  Winograd,  // conv2d_winograd.cpp: F(2×2, 3×3), 16 GEMMs per block of tiles
 };
 
 // The instruction sets a kernel can be compiled for, in increasing order.
@@ -56,5 +57,19 @@ at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weig
                                     const Conv2dGeometry& g);
 at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
                                      const Conv2dGeometry& g);
+
+// The Winograd F(2×2, 3×3) kernels (conv2d_winograd.cpp), for the geometries select_conv2d_kernel
+// gives them: float32, a 3×3 kernel, stride 1, dilation 1, one group, padding ≤ 2 (so that the
+// input gradient's padding 2 − p is ≥ 0); x / dy in either layout (read channels-last, the
+// result in x's / dy's layout).
+at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& bias, const Conv2dGeometry& g);
+at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
+                                      const Conv2dGeometry& g);
+
+// MANUALCONV_WINOGRAD=always|never forces Winograd on or off wherever it applies (the tests run
+// the kernel with it); unset, select_conv2d_kernel's measured choice holds. Read at every call.
+enum class WinogradChoice { Measured, Always, Never };
+WinogradChoice winograd_choice();
 
 }  // namespace manualconv

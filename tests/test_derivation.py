@@ -33,6 +33,7 @@ CONV_EXAMPLES = ("conv-s1", "conv-s2")
 EXAMPLES = {"conv-s1", "conv-s2", "maxpool", "avgpool", "softmax-ce"}
 EXAMPLES.add("batchnorm")  # section 16 (normalisation)
 EXAMPLES |= {"activations", "softmax"}  # section 17 (activations)
+EXAMPLES.add("winograd")  # section 18 (Winograd F(2×2, 3×3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +336,8 @@ def formula_terms(doc: Document, block: Block) -> List[Tuple]:
         return batch_norm_formula_terms(doc, block)
     if block.example in ("activations", "softmax"):  # section 17 (activations)
         return activation_formula_terms(doc, block)
+    if block.example == "winograd":  # section 18 (Winograd)
+        return winograd_formula_terms(doc, block)
     raise AssertionError(f"no formula known for the worked entry {block.name}")
 
 
@@ -363,6 +366,7 @@ def check_everything(doc: Document) -> None:
         check_cross_entropy_example(doc, impl)
         check_batch_norm_example(doc, impl)  # section 16 (normalisation)
         check_activations_example(doc, impl)  # section 17 (activations)
+        check_winograd_example(doc, impl)  # section 18 (Winograd)
     for example in CONV_EXAMPLES:
         check_conv_steps(doc, example)
     for block in doc.worked:
@@ -636,3 +640,87 @@ def activation_formula_terms(doc: Document, block: Block) -> List[Tuple]:
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_activations_example(impl):
     check_activations_example(load(), impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 18: Winograd F(2×2, 3×3) (one tile's worked example)
+
+
+def winograd_transforms(doc: Document):
+    return doc.value("winograd", "B_T"), doc.value("winograd", "G"), doc.value("winograd", "A_T")
+
+
+def winograd_tile(B_T: torch.Tensor, G: torch.Tensor, A_T: torch.Tensor, d: torch.Tensor, g: torch.Tensor):
+    """U = G g Gᵀ, V = Bᵀ d B, M = U ⊙ V, y = Aᵀ M A (section 18)."""
+    U, V = G @ g @ G.T, B_T @ d @ B_T.T
+    M = U * V
+    return U, V, M, A_T @ M @ A_T.T
+
+
+def check_winograd_example(doc: Document, impl: str) -> None:
+    """U, V, M, y from the document's transforms and tile; y is the tile's correlation by each
+    implementation, and (cpp) by the Winograd kernel itself in float32, which is exact here
+    (quarters times small integers)."""
+    B_T, G, A_T = winograd_transforms(doc)
+    d, g = doc.value("winograd", "d"), doc.value("winograd", "g")
+    U, V, M, y = winograd_tile(B_T, G, A_T, d, g)
+    doc.assert_matches("winograd", "U", U, "G g Gᵀ")
+    doc.assert_matches("winograd", "V", V, "Bᵀ d B")
+    doc.assert_matches("winograd", "M", M, "U ⊙ V")
+    doc.assert_matches("winograd", "y", y, "Aᵀ M A")
+    doc.assert_matches("winograd", "y", correlate(impl, d, g), f"{impl}: d ⋆ g")
+    if impl == "cpp":
+        with winograd_forced():
+            y32 = torch.ops.manualconv.conv2d_forward(d.float()[None, None], g.float()[None, None], None,
+                                                      [1, 1], [0, 0], [1, 1], 1)
+        doc.assert_matches("winograd", "y", y32[0, 0], "the cpp Winograd kernel (float32)")
+
+
+@contextlib.contextmanager
+def winograd_forced():
+    """MANUALCONV_WINOGRAD=always (csrc reads it at every call), restored afterwards."""
+    import os
+
+    before = os.environ.get("MANUALCONV_WINOGRAD")
+    os.environ["MANUALCONV_WINOGRAD"] = "always"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MANUALCONV_WINOGRAD"]
+        else:
+            os.environ["MANUALCONV_WINOGRAD"] = before
+
+
+def winograd_formula_terms(doc: Document, block: Block) -> List[Tuple]:
+    """U[r,s] = Σ_{a,b} G[r,a]·G[s,b] · g[a,b]; V[r,s] = Σ_{p,q} Bᵀ[r,p]·Bᵀ[s,q] · d[p,q]; y[i,j] =
+    Σ_{r,s} Aᵀ[i,r]·Aᵀ[j,s] · U[r,s] · V[r,s] (terms with a zero coefficient left out)."""
+    i, j = block.entry
+    B_T, G, A_T = winograd_transforms(doc)
+    d, g = doc.value("winograd", "d"), doc.value("winograd", "g")
+    if block.quantity == "U":
+        return [((G[i, a] * G[j, b]).item(), g[a, b].item()) for a in range(3) for b in range(3) if G[i, a] * G[j, b] != 0]
+    if block.quantity == "V":
+        return [((B_T[i, p] * B_T[j, q]).item(), d[p, q].item()) for p in range(4) for q in range(4) if B_T[i, p] * B_T[j, q] != 0]
+    if block.quantity == "y":
+        U, V = doc.value("winograd", "U"), doc.value("winograd", "V")
+        return [((A_T[i, r] * A_T[j, s]).item(), U[r, s].item(), V[r, s].item())
+                for r in range(4) for s in range(4) if A_T[i, r] * A_T[j, s] != 0]
+    raise AssertionError(f"no formula known for the worked entry {block.name}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_winograd_example(impl):
+    check_winograd_example(load(), impl)
+
+
+def test_winograd_transforms_compute_the_correlation():
+    """The document's Bᵀ, G, Aᵀ are an F(2×2, 3×3) algorithm: on random float64 tiles and kernels,
+    Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A is the 2×2 correlation (to float64 rounding of a few terms)."""
+    B_T, G, A_T = winograd_transforms(load())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        d, g = torch.randn(4, 4, generator=gen, dtype=torch.float64), torch.randn(3, 3, generator=gen, dtype=torch.float64)
+        y = winograd_tile(B_T, G, A_T, d, g)[3]
+        # |error| ≤ (a few dozen roundings)·u·(64·max|d|·max|g|): 1e-12 is far above it and far below any wrong matrix
+        assert torch.allclose(y, F.conv2d(d[None, None], g[None, None])[0, 0], rtol=0, atol=1e-12)

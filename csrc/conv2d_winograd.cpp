@@ -1,0 +1,224 @@
+// Winograd F(2×2, 3×3) for 3×3, stride-1, dilation-1, one-group float32 convs (docs/derivation.md,
+// section 18), for the geometries select_conv2d_kernel (conv2d.cpp) gives it.
+//
+// The output is cut into 2×2 tiles; tile (ti, tj) reads the 4×4 input tile d at rows 2·ti − p…,
+// columns 2·tj − p… (tiles overlap by 2; zero where d lies in the padding or past the image).
+// With the transforms
+//   Bᵀ = [1  0 −1  0]      G = [ 1    0    0 ]      Aᵀ = [1  1  1  0]
+//        [0  1  1  0]          [1/2  1/2  1/2]           [0  1 −1 −1]
+//        [0 −1  1  0]          [1/2 −1/2  1/2]
+//        [0  1  0 −1]          [ 0    0    1 ]
+// each 2×2 output tile is
+//   y = Aᵀ [ Σ_c (G g[o, c] Gᵀ) ⊙ (Bᵀ d[c] B) ] A,
+// and for each of the 16 elements ξ of the 4×4 transformed tile the sum over input channels is
+// one GEMM over a block of T tiles:
+//   M_ξ (T × C_out) = V_ξ (T × C_in) · U_ξ (C_in × C_out),  V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ,
+//                                                         U_ξ[c, o] = (G g[o, c] Gᵀ)_ξ.
+// Everything is channels-last (a pixel's channels contiguous), so the input and output transforms
+// are loops over channels that the compiler vectorizes (compiled for AVX-512, AVX2 and the
+// baseline, picked at load by the ifunc of target_clones).
+//
+// The input gradient of a stride-1 conv is a stride-1 conv (the seeds' observation, section 2):
+// δx = δy padded by 2 − p, correlated with the 180°-rotated kernel whose input and output channels
+// are swapped; the same routine computes it.
+//
+// Parallelism: blocks of tiles (over all samples) are spread over threads, each thread owning
+// its V and M buffers and calling single-threaded GEMMs (BLAS inside a parallel region).
+
+#include "blas.h"
+#include "conv2d.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MANUALCONV_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MANUALCONV_ISA_CLONES
+#endif
+
+namespace manualconv {
+namespace {
+
+constexpr int64_t kPoints = 16;  // elements ξ of a 4×4 transformed tile
+
+// One stride-1 3×3 correlation: in (N, Hi, Wi, Ci) channels-last, zero-padded by (ph, pw), to
+// out (N, Ho, Wo, Co) channels-last, Ho = Hi + 2·ph − 2, Wo = Wi + 2·pw − 2.
+struct WinogradConv {
+  int64_t N, Hi, Wi, Ci, Co, ph, pw, Ho, Wo;
+  int64_t tiles_h() const { return ceil_div<int64_t>(Ho, 2); }
+  int64_t tiles_w() const { return ceil_div<int64_t>(Wo, 2); }
+  int64_t tiles() const { return N * tiles_h() * tiles_w(); }
+};
+
+// U[ξ, c, o] = (G g[o, c] Gᵀ)_ξ for a (Co, Ci, 3, 3) kernel g: computed in float64 and rounded to
+// float32 once (one rounding per entry instead of four).
+at::Tensor transform_weights(const at::Tensor& weight) {
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  const at::Tensor g = weight.to(at::kDouble).contiguous();
+  const int64_t Co = g.size(0), Ci = g.size(1);
+  at::Tensor U = at::empty({kPoints, Ci, Co}, weight.options().dtype(at::kFloat));
+  const double* g_data = g.const_data_ptr<double>();
+  float* u = U.mutable_data_ptr<float>();
+  for (int64_t o = 0; o < Co; ++o) {
+    for (int64_t c = 0; c < Ci; ++c) {
+      const double* k = g_data + (o * Ci + c) * 9;
+      double Gg[4][3];  // G g
+      for (int r = 0; r < 4; ++r) {
+        for (int b = 0; b < 3; ++b) Gg[r][b] = G[r][0] * k[b] + G[r][1] * k[3 + b] + G[r][2] * k[6 + b];
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int s = 0; s < 4; ++s) {
+          const double value = Gg[r][0] * G[s][0] + Gg[r][1] * G[s][1] + Gg[r][2] * G[s][2];
+          u[((r * 4 + s) * Ci + c) * Co + o] = static_cast<float>(value);
+        }
+      }
+    }
+  }
+  return U;
+}
+
+// V[ξ, c] = (Bᵀ d[c] B)_ξ for every channel of one tile: d[r][s] points at the Ci channels of the
+// tile's input pixel (r, s) (a zero row where it lies in the padding); V_ξ is ld floats apart.
+MANUALCONV_ISA_CLONES void transform_input_tile(const float* const* d, int64_t Ci, int64_t ld,
+                                                float* v) {
+  const float *d00 = d[0], *d01 = d[1], *d02 = d[2], *d03 = d[3];
+  const float *d10 = d[4], *d11 = d[5], *d12 = d[6], *d13 = d[7];
+  const float *d20 = d[8], *d21 = d[9], *d22 = d[10], *d23 = d[11];
+  const float *d30 = d[12], *d31 = d[13], *d32 = d[14], *d33 = d[15];
+#pragma GCC ivdep  // v never overlaps the input (so the loop vectorizes without alias checks)
+  for (int64_t c = 0; c < Ci; ++c) {
+    // Bᵀ d: rows 0 − 2, 1 + 2, 2 − 1, 1 − 3 (for each column s)
+    const float t00 = d00[c] - d20[c], t01 = d01[c] - d21[c], t02 = d02[c] - d22[c], t03 = d03[c] - d23[c];
+    const float t10 = d10[c] + d20[c], t11 = d11[c] + d21[c], t12 = d12[c] + d22[c], t13 = d13[c] + d23[c];
+    const float t20 = d20[c] - d10[c], t21 = d21[c] - d11[c], t22 = d22[c] - d12[c], t23 = d23[c] - d13[c];
+    const float t30 = d10[c] - d30[c], t31 = d11[c] - d31[c], t32 = d12[c] - d32[c], t33 = d13[c] - d33[c];
+    // (Bᵀ d) B: the same on the columns of each row r
+    v[0 * ld + c] = t00 - t02, v[1 * ld + c] = t01 + t02, v[2 * ld + c] = t02 - t01, v[3 * ld + c] = t01 - t03;
+    v[4 * ld + c] = t10 - t12, v[5 * ld + c] = t11 + t12, v[6 * ld + c] = t12 - t11, v[7 * ld + c] = t11 - t13;
+    v[8 * ld + c] = t20 - t22, v[9 * ld + c] = t21 + t22, v[10 * ld + c] = t22 - t21, v[11 * ld + c] = t21 - t23;
+    v[12 * ld + c] = t30 - t32, v[13 * ld + c] = t31 + t32, v[14 * ld + c] = t32 - t31, v[15 * ld + c] = t31 - t33;
+  }
+}
+
+// y[i][j] = (Aᵀ M A)[i][j] + b for every output channel of one tile: M_ξ = m + ξ·ld (Co floats
+// each); y[2·i + j] points at the Co channels of output pixel (i, j) (a scratch row where the
+// pixel lies past the output); bias may be null.
+MANUALCONV_ISA_CLONES void transform_output_tile(const float* m, int64_t ld, int64_t Co,
+                                                 const float* bias, float* const* y) {
+  float *y00 = y[0], *y01 = y[1], *y10 = y[2], *y11 = y[3];
+#pragma GCC ivdep  // y never overlaps m (y rows are distinct pixels, or the scratch row nobody reads)
+  for (int64_t o = 0; o < Co; ++o) {
+    const float b = bias ? bias[o] : 0.0f;
+    // Aᵀ M: rows 0 + 1 + 2 and 1 − 2 − 3 (for each column s)
+    const float r00 = m[0 * ld + o] + m[4 * ld + o] + m[8 * ld + o];
+    const float r01 = m[1 * ld + o] + m[5 * ld + o] + m[9 * ld + o];
+    const float r02 = m[2 * ld + o] + m[6 * ld + o] + m[10 * ld + o];
+    const float r03 = m[3 * ld + o] + m[7 * ld + o] + m[11 * ld + o];
+    const float r10 = m[4 * ld + o] - m[8 * ld + o] - m[12 * ld + o];
+    const float r11 = m[5 * ld + o] - m[9 * ld + o] - m[13 * ld + o];
+    const float r12 = m[6 * ld + o] - m[10 * ld + o] - m[14 * ld + o];
+    const float r13 = m[7 * ld + o] - m[11 * ld + o] - m[15 * ld + o];
+    // (Aᵀ M) A: the same on the columns of each row
+    y00[o] = r00 + r01 + r02 + b, y01[o] = r01 - r02 - r03 + b;
+    y10[o] = r10 + r11 + r12 + b, y11[o] = r11 - r12 - r13 + b;
+  }
+}
+
+// Tiles per GEMM block: V and M of a block (16·T·(Ci + Co) floats) fit in about 512 KiB of the
+// cache, and every thread gets a block.
+int64_t tile_block(const WinogradConv& s) {
+  int64_t T = std::clamp<int64_t>(8192 / (s.Ci + s.Co), 16, 512);
+  return std::max<int64_t>(1, std::min(T, ceil_div<int64_t>(s.tiles(), at::get_num_threads())));
+}
+
+// out = in ⋆ g + b for the correlation s, with U = transform_weights(g) (16, Ci, Co)
+void winograd_correlate(const WinogradConv& s, const float* in, const float* U, const float* bias,
+                        float* out) {
+  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
+  const int64_t block = tile_block(s);
+  at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<float> V(kPoints * block * s.Ci), M(kPoints * block * s.Co);
+    const std::vector<float> zeros(s.Ci, 0.0f);  // an input pixel in the padding
+    std::vector<float> discard(s.Co);              // an output pixel past the image
+    const float* d[16];
+    float* y[4];
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
+      // V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
+        const float* sample = in + n * s.Hi * s.Wi * s.Ci;
+        for (int64_t r = 0; r < 4; ++r) {
+          const int64_t h = 2 * ti - s.ph + r;
+          for (int64_t c = 0; c < 4; ++c) {
+            const int64_t w = 2 * tj - s.pw + c;
+            const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
+            d[r * 4 + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros.data();
+          }
+        }
+        transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci);
+      }
+      // M_ξ = V_ξ · U_ξ   (T × Co)
+      for (int64_t xi = 0; xi < kPoints; ++xi) {
+        gemm(false, false, T, s.Co, s.Ci, 1.0f, V.data() + xi * T * s.Ci, s.Ci, U + xi * s.Ci * s.Co,
+             s.Co, 0.0f, M.data() + xi * T * s.Co, s.Co);
+      }
+      // y_t = Aᵀ M_t A + b
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
+        float* sample = out + n * s.Ho * s.Wo * s.Co;
+        for (int64_t i = 0; i < 2; ++i) {
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t h = 2 * ti + i, w = 2 * tj + j;
+            y[i * 2 + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
+          }
+        }
+        transform_output_tile(M.data() + t * s.Co, T * s.Co, s.Co, bias, y);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+WinogradChoice winograd_choice() {
+  const char* env = std::getenv("MANUALCONV_WINOGRAD");
+  if (env == nullptr || *env == '\0') return WinogradChoice::Measured;
+  if (std::strcmp(env, "always") == 0) return WinogradChoice::Always;
+  if (std::strcmp(env, "never") == 0) return WinogradChoice::Never;
+  TORCH_CHECK(false, "MANUALCONV_WINOGRAD must be 'always', 'never' or unset, got '", env, "'");
+}
+
+// y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A + b per 2×2 output tile
+at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& bias, const Conv2dGeometry& g) {
+  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor U = transform_weights(weight);
+  const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
+  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
+  winograd_correlate(s, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
+                     b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
+  return y.contiguous(output_layout(x));
+}
+
+// δx = (δy padded by 2 − p) ⋆ rot180(W) with W's channels swapped, per 2×2 tile of δx
+at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
+                                      const Conv2dGeometry& g) {
+  const at::Tensor in = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor U = transform_weights(weight.flip({2, 3}).transpose(0, 1));  // (C, O, 3, 3)
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+                            dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W};
+  winograd_correlate(s, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
+                     dx.mutable_data_ptr<float>());
+  return dx.contiguous(output_layout(dy));
+}
+
+}  // namespace manualconv
