@@ -20,9 +20,11 @@
 
 #include "blas.h"
 #include "conv2d.h"
+#include "low_precision.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
@@ -233,21 +235,27 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
 }
 
 // ∂J/∂W[g] = Σ_blocks δY[g]ᵀ · im2col(x[g])   (one accumulator per thread, summed at the end;
-// returned channels-last, the layout the accumulator already has)
+// returned channels-last, the layout the accumulator already has). The (block, group) pairs are
+// the tasks spread over threads, so a grouped conv with fewer blocks than threads (one sample of
+// N·g groups: the per-sample groups trick) still keeps every thread busy.
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g) {
   const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
   const PerThreadSum dw_sum(at::get_num_threads(), {O, K}, x.options());
+  const Blocks blocks = sample_blocks(g, x.options().dtype().itemsize());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_channels_last", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-    for_each_block(g, x.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
+    at::parallel_for(0, blocks.count * g.groups, /*grain_size=*/1, [&](int64_t first, int64_t last) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({blocks.size * L, K}, x.options());
       scalar_t* dw = dw_sum.mine<scalar_t>();
-      const int64_t rows = (n_end - n_begin) * L;
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t block = task / g.groups, grp = task % g.groups;
+        const int64_t n_begin = block * blocks.size, n_end = std::min(g.N, n_begin + blocks.size);
         int64_t ld;
         const scalar_t* cols = block_columns(x_data, g, grp, n_begin, n_end, buffer, ld);
-        gemm(true, false, Og, K, rows, scalar_t(1), dy_data + n_begin * L * O + grp * Og, O,
+        gemm(true, false, Og, K, (n_end - n_begin) * L, scalar_t(1), dy_data + n_begin * L * O + grp * Og, O,
              cols, ld, scalar_t(1), dw + grp * Og * K, K);
       }
     });
@@ -255,4 +263,55 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
   return dw_sum.total().view({O, g.kH, g.kW, g.C_g()}).permute({0, 3, 1, 2});  // (O, C/G, kH, kW), channels-last
 }
 
+// Per-sample weight gradients ∂J/∂W_n[g] = δY_n[g]ᵀ · im2col(x_n[g]): the weight gradient above
+// without its sum over the samples, each (sample, group) pair one GEMM written straight into its
+// own slice of the result (no accumulator, no copy of x or δy when they are channels-last; the
+// only buffer is each thread's L × K column matrix). The pairs are spread over threads; with fewer
+// pairs than threads they run one after another and each GEMM gets the threads.
+// Returns (N, O, C/G, kH, kW), laid out (N, O, kH, kW, C/G) (each sample's gradient channels-last).
+at::Tensor conv2d_grad_weight_per_sample(const at::Tensor& input, const at::Tensor& grad_output,
+                                         at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Conv2dGeometry g = check_conv2d_grad_weight(input, grad_output, weight_size, stride, padding,
+                                                    dilation, groups, at::kCPU);
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g(), pairs = g.N * g.groups;
+  at::Tensor dw = at::empty({g.N, O, g.kH, g.kW, g.C_g()}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_per_sample", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    scalar_t* dw_data = dw.mutable_data_ptr<scalar_t>();
+    auto run = [&](int64_t first, int64_t last) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({L, K}, x.options());
+      for (int64_t pair = first; pair < last; ++pair) {
+        const int64_t n = pair / g.groups, grp = pair % g.groups;
+        int64_t ld;
+        const scalar_t* cols = block_columns(x_data, g, grp, n, n + 1, buffer, ld);
+        gemm(true, false, Og, K, L, scalar_t(1), dy_data + n * L * O + grp * Og, O, cols, ld,
+             scalar_t(0), dw_data + (n * O + grp * Og) * K, K);
+      }
+    };
+    if (pairs >= at::get_num_threads()) {
+      at::parallel_for(0, pairs, /*grain_size=*/1, run);
+    } else if (pairs > 0) {
+      run(0, pairs);
+    }
+  });
+  return dw.permute({0, 1, 4, 2, 3});
+}
+
 }  // namespace manualconv
+
+TORCH_LIBRARY_FRAGMENT(manualconv, m) {
+  m.def(
+      "conv2d_grad_weight_per_sample(Tensor input, Tensor grad_output, int[4] weight_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(manualconv, CPU, m) {
+  m.impl("conv2d_grad_weight_per_sample",
+         TORCH_FN(manualconv::InFloat32<&manualconv::conv2d_grad_weight_per_sample>::call));
+}

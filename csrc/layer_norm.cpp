@@ -8,7 +8,7 @@
 //
 // Statistics in one pass over the row (normalization.h): Σx for μ, and Σ(x − K), Σ(x − K)² about
 // K = the row's first entry for the variance, accumulated in double. Rows are spread over threads;
-// the column sums ∂J/∂γ, ∂J/∂β over blocks of columns. float32 and float64.
+// the column sums ∂J/∂γ, ∂J/∂β are accumulated per chunk of rows in the δx pass. float32 and float64.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -117,50 +117,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const scalar_t *mp = mu.const_data_ptr<scalar_t>(), *ip = is.const_data_ptr<scalar_t>();
     const scalar_t* gp = data_or_null<scalar_t>(g);
     scalar_t* dxp = grad_input.data_ptr<scalar_t>();
-    // δx per row: with c = x − μ, g = γ ⊙ δy: δx = σ⁻¹·(g − Σg/D − c·σ⁻²·Σ(g·c)/D)
-    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const scalar_t *row = xp + m * D, *d = dyp + m * D;
-        scalar_t* out = dxp + m * D;
-        const scalar_t mu_m = mp[m];
-        const double is_m = ip[m];
-        double sum_g = 0, sum_gc = 0;
-        for (int64_t j = 0; j < D; ++j) {
-          const double gj = gp ? static_cast<double>(d[j]) * gp[j] : static_cast<double>(d[j]);
-          sum_g += gj;
-          sum_gc += gj * static_cast<double>(row[j] - mu_m);
-        }
-        const scalar_t a = static_cast<scalar_t>(is_m);
-        const scalar_t k = static_cast<scalar_t>(-is_m * is_m * is_m * sum_gc / D);
-        const scalar_t c = static_cast<scalar_t>(-is_m * sum_g / D);
-        for (int64_t j = 0; j < D; ++j) {
-          const scalar_t gj = gp ? d[j] * gp[j] : d[j];
-          out[j] = gj * a + (row[j] - mu_m) * k + c;
-        }
-      }
-    });
-    // ∂J/∂γ_j = Σ_m δy·x̂, ∂J/∂β_j = Σ_m δy: blocks of columns, each summed over every row
-    scalar_t *gw = grad_weight.data_ptr<scalar_t>(), *gb = grad_bias.data_ptr<scalar_t>();
-    constexpr int64_t block = 64;
-    at::parallel_for(0, (affine + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      double s_w[block], s_b[block];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t j0 = blk * block, j1 = std::min(D, j0 + block);
-        std::fill(s_w, s_w + block, 0.0), std::fill(s_b, s_b + block, 0.0);
-        for (int64_t m = 0; m < M; ++m) {
+    // δx per row: with c = x − μ, g = γ ⊙ δy: δx = σ⁻¹·(g − Σg/D − c·σ⁻²·Σ(g·c)/D); in the same pass
+    // over the row, ∂J/∂γ_j += δy·x̂, ∂J/∂β_j += δy into the chunk's partial sums (fixed chunks of
+    // rows, added in chunk order: the result does not depend on the thread that ran a chunk)
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * D / 4096));
+    std::vector<double> partial_w(chunks * affine, 0.0), partial_b(chunks * affine, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        double* s_w = partial_w.data() + chunk * affine;
+        double* s_b = partial_b.data() + chunk * affine;
+        for (int64_t m = M * chunk / chunks; m < M * (chunk + 1) / chunks; ++m) {
           const scalar_t *row = xp + m * D, *d = dyp + m * D;
-          const scalar_t mu_m = mp[m], is_m = ip[m];
-          for (int64_t j = j0; j < j1; ++j) {
-            s_w[j - j0] += static_cast<double>(d[j]) * static_cast<double>((row[j] - mu_m) * is_m);
-            s_b[j - j0] += d[j];
+          scalar_t* out = dxp + m * D;
+          const scalar_t mu_m = mp[m];
+          const double is_m = ip[m];
+          double sum_g = 0, sum_gc = 0;
+          for (int64_t j = 0; j < D; ++j) {
+            const double gj = gp ? static_cast<double>(d[j]) * gp[j] : static_cast<double>(d[j]);
+            sum_g += gj;
+            sum_gc += gj * static_cast<double>(row[j] - mu_m);
+          }
+          const scalar_t a = static_cast<scalar_t>(is_m);
+          const scalar_t k = static_cast<scalar_t>(-is_m * is_m * is_m * sum_gc / D);
+          const scalar_t c = static_cast<scalar_t>(-is_m * sum_g / D);
+          for (int64_t j = 0; j < D; ++j) {
+            const scalar_t gj = gp ? d[j] * gp[j] : d[j];
+            out[j] = gj * a + (row[j] - mu_m) * k + c;
+          }
+          if (affine == 0) continue;
+          const scalar_t is_s = ip[m];
+          for (int64_t j = 0; j < D; ++j) {  // ∂J/∂γ_j += δy·x̂, ∂J/∂β_j += δy
+            s_w[j] += static_cast<double>(d[j]) * static_cast<double>((row[j] - mu_m) * is_s);
+            s_b[j] += d[j];
           }
         }
-        for (int64_t j = j0; j < j1; ++j) {
-          gw[j] = static_cast<scalar_t>(s_w[j - j0]);
-          gb[j] = static_cast<scalar_t>(s_b[j - j0]);
-        }
       }
     });
+    scalar_t *gw = grad_weight.data_ptr<scalar_t>(), *gb = grad_bias.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < affine; ++j) {
+      double w_j = 0, b_j = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) w_j += partial_w[chunk * affine + j], b_j += partial_b[chunk * affine + j];
+      gw[j] = static_cast<scalar_t>(w_j);
+      gb[j] = static_cast<scalar_t>(b_j);
+    }
   });
   return {grad_input, grad_weight, grad_bias};
 }

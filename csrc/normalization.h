@@ -1,4 +1,4 @@
-// Shared by batch_norm.cpp and layer_norm.cpp: the one-pass statistics of a set of entries.
+// Shared by batch_norm.cpp, layer_norm.cpp and group_norm.cpp: the one-pass statistics of a set of entries.
 //
 //   μ = Σx / N,   var = Σ(x − K)²/N − (Σ(x − K)/N)²,   K = the set's first entry
 //

@@ -937,6 +937,94 @@ class LayerNormFunction(Function):
                            None if bias_t is None else bias_t.expand(input.shape)), None, None
 
 
+def _group_rows(t: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(n, C, *) → (n·G, C/G·∏*): one row per (sample, group), the sets group norm normalises."""
+    return t.reshape(t.shape[0] * num_groups, -1)
+
+
+def _group_norm_x_hat(input, num_groups, eps):
+    """x̂ = (x − μ_ng)·σ⁻¹_ng and σ⁻¹ per row, in plain tensor code (differentiable again)."""
+    rows = _group_rows(input, num_groups)
+    x_hat, _, invstd = _reference.layer_norm_forward(rows, None, None, eps)
+    return x_hat, invstd
+
+
+class GroupNormFunction(Function):
+    """Group norm of an (n, C, H, W) map (the 'cpp' kernels, csrc/group_norm.cpp): per (sample n,
+    group g) of M = C/G·H·W entries x̂ = (x − μ_ng)·σ⁻¹_ng, y = γ_c·x̂ + β_c. With g = γ_c·δy:
+    δx = σ⁻¹/M·(M·g − Σg − x̂·Σ(g·x̂)) per (n, g); ∂J/∂γ_c = Σ δy·x̂, ∂J/∂β_c = Σ δy.
+    Returns (y, μ, σ⁻¹), the statistics (n, G) not differentiable outputs."""
+
+    @staticmethod
+    def forward(input, weight, bias, num_groups, eps, backend):
+        return kernels(backend).group_norm_forward(input, weight, bias, num_groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, num_groups, eps, backend = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight)  # jvp
+        ctx.conf = (num_groups, eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        num_groups, eps, backend = ctx.conf
+        if torch.is_grad_enabled():  # create_graph: statistics recomputed from x, formula in plain tensor code
+            shape = (1, -1) + (1,) * (input.dim() - 2)
+            g = grad_output if weight is None else grad_output * weight.reshape(shape)
+            x_hat, invstd = _group_norm_x_hat(input, num_groups, eps)
+            rows = _group_rows(g, num_groups)
+            grad_input = _reference.normalization_grad_input(rows, x_hat, invstd, rows.shape[1], (-1, 1), (1,))
+            grad_input = grad_input.reshape(input.shape)
+            dims = (0,) + tuple(range(2, input.dim()))
+            grad_weight = (grad_output * x_hat.reshape(input.shape)).sum(dim=dims)
+            grad_bias = grad_output.sum(dim=dims)
+        else:
+            grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+            grad_input, grad_weight, grad_bias = kernels(backend).group_norm_backward(
+                grad_output, input, mean, invstd, weight, num_groups)
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_weight if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, num_groups, eps, backend):
+        x_dim, w_dim, b_dim = in_dims[:3]
+        batch = info.batch_size
+        maps = samples_into_batch(input, x_dim, batch)  # the statistics are per sample: the samples' batches are one batch
+        if w_dim is None and b_dim is None:
+            outputs = GroupNormFunction.apply(maps, weight, bias, num_groups, eps, backend)
+            return tuple(batch_into_samples(t, batch) for t in outputs), (0, 0, 0)
+        y, mean, invstd = (batch_into_samples(t, batch)
+                           for t in GroupNormFunction.apply(maps, None, None, num_groups, eps, backend))
+        if weight is not None:  # γ_n,c·x̂ + β_n,c per sample
+            y = y * per_sample_channels(weight, w_dim, batch, y.dim() - 1)
+        if bias is not None:
+            y = y + per_sample_channels(bias, b_dim, batch, y.dim() - 1)
+        return (y, mean, invstd), (0, 0, 0)
+
+    @forward_mode_rule
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        # ẏ = γ ⊙ ẋ̂ + γ̇ ⊙ x̂ + β̇, ẋ̂ = σ⁻¹·(ẋ − mean ẋ − x̂·mean(ẋ ⊙ x̂)) per (n, g) (the backward's
+        # self-adjoint projection); statistics recomputed from x in plain tensor code
+        input, weight = ctx.saved_tensors
+        num_groups, eps, _ = ctx.conf
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        x_hat, invstd = _group_norm_x_hat(input, num_groups, eps)
+        x_hat_t = None
+        if input_t is not None:
+            rows = _group_rows(input_t, num_groups)
+            x_hat_t = _reference.normalization_grad_input(rows, x_hat, invstd, rows.shape[1], (-1, 1), (1,))
+            x_hat_t = x_hat_t.reshape(input.shape)
+            x_hat_t = x_hat_t if weight is None else x_hat_t * weight.reshape(shape)
+        x_hat = x_hat.reshape(input.shape)
+        return tangent_sum(x_hat_t, None if weight_t is None else x_hat * weight_t.reshape(shape),
+                           None if bias_t is None else bias_t.reshape(shape).expand(input.shape)), None, None
+
+
 class ChannelAffineFunction(Function):
     """y = γ_c·x + β_c on channel c (dim 1) of an (n, C, *) tensor (group norm's affine step);
     δx = γ_c·δy, ∂J/∂γ_c = Σ δy·x, ∂J/∂β_c = Σ δy over every entry of channel c."""

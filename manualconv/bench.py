@@ -23,7 +23,8 @@ Then per-sample gradients (DP-SGD's step before clipping): forward + backward of
 GroupNorm (Opacus's ModuleValidator.fix of the BatchNorm net) at batch 128, channels-last, wrapped in
 opacus.GradSampleModule, so every parameter gets its (N, *shape) grad_sample: Opacus on the
 torch.nn model (its unfold + einsum conv sampler) against Opacus on the converted model
-(manualconv.per_sample's samplers: one grouped grad-weight kernel call per conv); time ratio
+(manualconv.per_sample's samplers: one per-sample grad-weight kernel call per conv, a GEMM per
+(sample, group) written into the result, with the 'cpp' backend); time ratio
 native / manualconv, peak-memory ratio manualconv / native as above; then each of ResNet-20's
 conv shapes' sampler alone (the per-sample weight gradient from captured activations and deltas).
 """
@@ -144,6 +145,8 @@ SUITE += [  # normalisation and dropout (train.py's and ResNet-20's sizes)
     Layer("layernorm 64x384", "other", "layer_norm", (64, 384), dict(normalized_shape=(384,), weight=torch.ones(384, requires_grad=True),
                                                                      bias=torch.zeros(384, requires_grad=True))),
     Layer("groupnorm 16 groups 64@16", "other", "group_norm", (64, 16, 16), dict(num_groups=16, **_norm_kwargs(64, False))),
+    Layer("NHWC groupnorm 16 groups 64@16", "other", "group_norm", (64, 16, 16),
+          dict(num_groups=16, **_norm_kwargs(64, False)), channels_last=True),
     Layer("dropout p=0.2 64@32", "other", "dropout", (64, 32, 32), dict(p=0.2)),
 ]
 
@@ -335,7 +338,7 @@ SAMPLER_LAYERS = [((16, 32, 32), 16, 1), ((16, 32, 32), 32, 2), ((32, 16, 16), 3
 
 def measure_sampler(layer, repeat: int, batch: int) -> Dict[str, float]:
     """One conv's per-sample weight gradients from captured activations and deltas (channels-last):
-    Opacus's sampler (unfold + einsum) against manualconv.per_sample's (one grouped grad-weight call)."""
+    Opacus's sampler (unfold + einsum) against manualconv.per_sample's (one per-sample grad-weight call)."""
     from opacus.grad_sample.conv import compute_conv_grad_sample
     from .per_sample import conv2d_grad_sample
     (c, h, w), out_channels, stride = layer

@@ -488,6 +488,7 @@ import warnings  # noqa: E402
 from .autograd import (  # noqa: E402
     BatchNormFunction,
     ChannelAffineFunction,
+    GroupNormFunction,
     DropoutFunction,
     LayerNormFunction,
 )
@@ -643,8 +644,10 @@ def group_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Group normalisation: layer norm of each (sample, group) row of C/G·H·W entries, then
-    y = γ_c·x̂ + β_c per channel (LayerNormFunction, then ChannelAffineFunction)."""
+    """Group normalisation: each (sample, group) set of C/G·H·W entries normalised by its own μ, σ,
+    then y = γ_c·x̂ + β_c per channel. 'cpp' on the CPU: GroupNormFunction (csrc/group_norm.cpp, one
+    kernel per pass, NCHW or channels-last); otherwise layer norm of each (sample, group) row, then
+    the channel affine map (LayerNormFunction, then ChannelAffineFunction)."""
     op = "group_norm"
     num_groups = as_int(num_groups, "num_groups", op)
     if input.dim() < 2:
@@ -668,6 +671,11 @@ def group_norm(
     group_size = channels // num_groups
     for s in input.shape[2:]:
         group_size *= s
+    backend = get_backend()
+    if backend == "cpp" and input.device.type == "cpu" and hasattr(kernels(backend), "group_norm_forward"):
+        maps = input if input.dim() == 4 else input.reshape(n, channels, group_size // (channels // num_groups), 1)  # (n, C, P, 1)
+        y, _, _ = GroupNormFunction.apply(maps, weight, bias, num_groups, float(eps), backend)
+        return y.reshape(input.shape)
     rows = input.reshape(n * num_groups, group_size)
     x_hat, _, _ = LayerNormFunction.apply(rows, None, None, float(eps), get_backend())
     x_hat = x_hat.reshape(input.shape)

@@ -189,6 +189,23 @@ def gelu_forward(input, approximate):
     return op.Mul(half_x, op.Add(c(1.0), op.Erf(op.Mul(input, c(math.sqrt(0.5))))))
 
 
+def group_norm_forward(input, weight, bias, num_groups, eps):
+    # per (sample, group) set of an (n, C, H, W) map: μ, var, σ⁻¹ = 1/√(var + ε),
+    # y = γ_c·(x − μ)·σ⁻¹ + β_c; returns (y, μ, σ⁻¹), the statistics (n, G)
+    sets = op.Reshape(input, [0, num_groups, -1])
+    mean = op.ReduceMean(sets, [2], keepdims=1)
+    centered = op.Sub(sets, mean)
+    invstd = op.Reciprocal(op.Sqrt(op.Add(op.ReduceMean(op.Mul(centered, centered), [2], keepdims=1),
+                                          _epsilon_like(eps, input))))
+    y = op.Reshape(op.Mul(centered, invstd), op.Shape(input))
+    channel = [1, -1, 1, 1]
+    if weight is not None:
+        y = op.Mul(y, op.Reshape(weight, channel))
+    if bias is not None:
+        y = op.Add(y, op.Reshape(bias, channel))
+    return y, op.Squeeze(mean, [2]), op.Squeeze(invstd, [2])
+
+
 _FORWARD_OPERATORS: Dict[str, Callable] = {
     "conv2d_forward": conv2d_forward,
     "conv2d_grad_input": conv2d_grad_input,
@@ -200,6 +217,7 @@ _FORWARD_OPERATORS: Dict[str, Callable] = {
     "batch_norm_apply": batch_norm_apply,
     "layer_norm_forward": layer_norm_forward,
     "gelu_forward": gelu_forward,
+    "group_norm_forward": group_norm_forward,
 }
 
 

@@ -1,5 +1,5 @@
-"""Fake kernels of the normalisation operators (csrc/batch_norm.cpp, csrc/layer_norm.cpp), so
-``torch.compile`` and ``torch.library.opcheck`` can trace them: each checks the shapes the C++
+"""Fake kernels of the normalisation operators (csrc/batch_norm.cpp, csrc/layer_norm.cpp,
+csrc/group_norm.cpp), so ``torch.compile`` and ``torch.library.opcheck`` can trace them: each checks the shapes the C++
 kernel checks and returns empty tensors of the outputs' sizes (and the input's layout).
 Imported by ops.py when the extension is built."""
 
@@ -68,3 +68,31 @@ def _(grad_output, input, mean, invstd, weight):
     _check_vector(op, "weight", weight, input.shape[1])
     d = input.shape[1] if weight is not None else 0  # ∂J/∂γ, ∂J/∂β only with γ
     return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(d), input.new_empty(d)
+
+
+def _check_groups(op: str, input: torch.Tensor, num_groups: int) -> None:
+    _check_map(op, input)
+    torch._check(num_groups > 0 and input.shape[1] % num_groups == 0,
+                 lambda: f"{op}: num_groups must divide the channels ({input.shape[1]}), got {num_groups}")
+
+
+if hasattr(torch.ops.manualconv, "group_norm_forward"):  # csrc/group_norm.cpp
+    @torch.library.register_fake("manualconv::group_norm_forward")
+    def _(input, weight, bias, num_groups, eps):
+        op = "group_norm_forward"
+        _check_groups(op, input, num_groups)
+        for name, v in (("weight", weight), ("bias", bias)):
+            _check_vector(op, name, v, input.shape[1])
+        n = input.shape[0]
+        return (torch.empty_like(input, memory_format=_map_layout(input)), input.new_empty(n, num_groups),
+                input.new_empty(n, num_groups))
+
+    @torch.library.register_fake("manualconv::group_norm_backward")
+    def _(grad_output, input, mean, invstd, weight, num_groups):
+        op = "group_norm_backward"
+        _check_groups(op, input, num_groups)
+        torch._check(grad_output.shape == input.shape, lambda: f"{op}: grad_output must have the input's size")
+        _check_vector(op, "weight", weight, input.shape[1])
+        channels = input.shape[1]
+        return (torch.empty_like(input, memory_format=_map_layout(input)), input.new_empty(channels),
+                input.new_empty(channels))

@@ -1,9 +1,12 @@
 """Per-sample gradients with manualconv's kernels: ∂J/∂W_n = x_n ⋆ δ_n, the weight gradient of
 the derivation without its sum over the samples n.
 
-Two routes, one computation (``conv2d_grad_weight_per_sample`` in autograd.py: the N samples'
-channels side by side as N·g groups of one grad-weight kernel call, so each group correlates
-x_n with δ_n alone; no unfold, whose buffer is kH·kW times the input):
+Two routes, one computation with no unfold (whose buffer is kH·kW times the input): the
+Opacus samplers on the 'cpp' backend call ``torch.ops.manualconv.conv2d_grad_weight_per_sample``
+(csrc/conv2d_channels_last.cpp: a GEMM per (sample, group) written straight into the result, x and
+δ read in place); otherwise, and under torch.func, ``conv2d_grad_weight_per_sample`` in autograd.py
+puts the N samples' channels side by side as N·g groups of one grad-weight kernel call, so each
+group correlates x_n with δ_n alone:
 
 - ``torch.func``: every manualconv Function has ``vmap`` and ``jvp`` rules, so
   ``vmap(grad(loss))`` over a manualconv model gives per-sample gradients;
@@ -68,9 +71,34 @@ def _conv_input_and_padding(layer, x: torch.Tensor):
     return x, tuple(padding), dilation
 
 
+def _per_sample_kernel_serves(x: torch.Tensor) -> bool:
+    """Whether the C++ per-sample grad-weight kernel (csrc/conv2d_channels_last.cpp) computes this
+    call: the 'cpp' backend, a CPU tensor, the operator built."""
+    return get_backend() == "cpp" and x.device.type == "cpu" and hasattr(torch.ops.manualconv, "conv2d_grad_weight_per_sample")
+
+
+def _conv2d_weight_grad_sample(x, delta, weight_size, stride, padding, dilation, groups) -> torch.Tensor:
+    """∂J/∂W_n = x_n ⋆ δ_n, (N, O, C/g, kH, kW). 'cpp' on the CPU: one kernel call, a GEMM per
+    (sample, group) written into its own slice (no copy of x or δ, no accumulator); otherwise the
+    grouped grad-weight call of the samples' channels side by side (N·g groups)."""
+    if _per_sample_kernel_serves(x):
+        return torch.ops.manualconv.conv2d_grad_weight_per_sample(x, delta, list(weight_size), list(stride),
+                                                                  list(padding), list(dilation), groups)
+    return conv2d_grad_weight_per_sample(x.unsqueeze(1), delta.unsqueeze(1), weight_size, stride, padding,
+                                         dilation, groups, get_backend())
+
+
+if hasattr(torch.ops.manualconv, "conv2d_grad_weight_per_sample"):
+    @torch.library.register_fake("manualconv::conv2d_grad_weight_per_sample")
+    def _(input, grad_output, weight_size, stride, padding, dilation, groups):
+        """The kernel's result: (N, O, C/g, kH, kW), each sample's gradient laid out (O, kH, kW, C/g)."""
+        o, c, kh, kw = weight_size
+        return input.new_empty_strided((input.shape[0], o, c, kh, kw), (o * kh * kw * c, kh * kw * c, 1, kw * c, c))
+
+
 def conv2d_grad_sample(layer, activations: List[torch.Tensor], backprops: torch.Tensor) -> Dict[torch.nn.Parameter, torch.Tensor]:
-    """Opacus grad sampler of manualconv.Conv2d / Conv1d: ∂J/∂W_n = x_n ⋆ δ_n (one grad-weight
-    call, N·g groups), ∂J/∂b_n = Σ_ij δ_n."""
+    """Opacus grad sampler of manualconv.Conv2d / Conv1d: ∂J/∂W_n = x_n ⋆ δ_n (one per-sample
+    grad-weight call), ∂J/∂b_n = Σ_ij δ_n."""
     x, padding, dilation = _conv_input_and_padding(layer, activations[0].to(backprops.dtype))
     delta = backprops if backprops.dim() == 4 else backprops.unsqueeze(2)
     stride = tuple(layer.stride) if delta is backprops else (1,) + tuple(layer.stride)
@@ -80,9 +108,8 @@ def conv2d_grad_sample(layer, activations: List[torch.Tensor], backprops: torch.
         if x.shape[0] == 0:  # no samples: no per-sample gradients
             grads[layer.weight] = layer.weight.new_zeros((0,) + tuple(layer.weight.shape))
         else:
-            per_sample = conv2d_grad_weight_per_sample(x.unsqueeze(1), delta.unsqueeze(1), weight_size, stride,
-                                                       padding, dilation, layer.groups, get_backend())
-            grads[layer.weight] = per_sample.reshape((x.shape[0],) + tuple(layer.weight.shape))
+            grads[layer.weight] = _conv2d_weight_grad_sample(x, delta, weight_size, stride, padding, dilation,
+                                                             layer.groups).reshape((x.shape[0],) + tuple(layer.weight.shape))
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = delta.sum(dim=(2, 3))  # ∂J/∂b_n = Σ δ_n
     return grads

@@ -353,13 +353,38 @@ def test_layer_norm_float32_equals_torch(backend, shape, normalized_shape, kwarg
         assert_within(key, got[key], exact[key], bound[key])
 
 
-GN_CASES = [((2, 6, 3, 3), 3, {}), ((3, 4, 5), 2, {"affine": False}), ((2, 4), 4, {}), ((4, 6, 2, 2), 1, {"eps": 1e-3})]
+GN_CASES = [((2, 6, 3, 3), 3, {}), ((3, 4, 5), 2, {"affine": False}), ((2, 4), 4, {}), ((4, 6, 2, 2), 1, {"eps": 1e-3}),
+            ((2, 8, 3, 3), 8, {}),  # C = groups: one channel per set
+            ((3, 6, 1, 1), 2, {}),  # 1×1 planes
+            ((2, 4, 3, 2, 2), 2, {})]  # 3-D maps: (n, C, D·H·W) sets
+# channels-last maps (csrc/group_norm.cpp's NHWC kernels): C = groups, 1×1 planes, wide channels
+GN_CHANNELS_LAST_CASES = [((2, 6, 3, 3), 3, {}), ((2, 8, 3, 3), 8, {}), ((3, 6, 1, 1), 2, {}),
+                          ((2, 64, 4, 5), 16, {}), ((4, 6, 2, 2), 1, {"affine": False})]
 
 
 @pytest.mark.parametrize("shape,groups,kwargs", GN_CASES, ids=[f"{c[0]}-g{c[1]}-{c[2]}" for c in GN_CASES])
 def test_group_norm_float32_equals_torch(backend, shape, groups, kwargs):
+    check_group_norm_float32(shape, groups, kwargs, channels_last=False)
+
+
+@pytest.mark.parametrize("shape,groups,kwargs", GN_CHANNELS_LAST_CASES,
+                         ids=[f"{c[0]}-g{c[1]}-{c[2]}" for c in GN_CHANNELS_LAST_CASES])
+def test_group_norm_channels_last_float32_equals_torch(backend, shape, groups, kwargs):
+    check_group_norm_float32(shape, groups, kwargs, channels_last=True, same_layout=backend == "cpp")
+
+
+def check_group_norm_float32(shape, groups, kwargs, channels_last, same_layout=False):
+    """Output, δx, ∂γ, ∂β of manualconv's GroupNorm within the float32 bound of the exact (float64
+    torch) result; with same_layout, a channels-last input gives a channels-last output and δx, as
+    torch's (the 'cpp' kernels; the reference backend's rows are NCHW: README's list of differences)."""
     native, manual = pair_of_modules(torch.nn.GroupNorm, groups, shape[1], **kwargs)
-    x, dy = data(shape), data(shape, offset=0.0, seed=3)
+    x, dy = data(shape, channels_last=channels_last), data(shape, offset=0.0, seed=3, channels_last=channels_last)
+    if same_layout:
+        theirs = forward_backward(native, x, dy)
+        ours = forward_backward(manual, x, dy)
+        for key in ("output", "grad_input"):
+            assert ours[key].is_contiguous(memory_format=torch.channels_last) == \
+                theirs[key].is_contiguous(memory_format=torch.channels_last), key
     wide = copy.deepcopy(native).double()
     exact = forward_backward(wide, x.double(), dy.double())
     got = forward_backward(manual, x, dy)
@@ -416,6 +441,60 @@ def test_layer_and_group_norm_empty_and_nan(backend):
         assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
         finite = theirs.isfinite()
         assert torch.allclose(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_channels_last_gradcheck_and_nan(backend):
+    """Channels-last maps: gradcheck and gradgradcheck (float64), and NaN / ±inf spread as torch's."""
+    x = data((2, 6, 3, 2), torch.float64, channels_last=True).requires_grad_(True)
+    gw = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    gb = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    for f, args in [(lambda x, w, b: MF.group_norm(x, 3, w, b), (x, gw, gb)), (lambda x: MF.group_norm(x, 6), (x,))]:
+        assert torch.autograd.gradcheck(f, args)
+        assert torch.autograd.gradgradcheck(f, args)
+    native, manual = pair_of_modules(torch.nn.GroupNorm, 2, 4)
+    x = nan_inf_input((3, 4, 2, 2)).contiguous(memory_format=torch.channels_last)
+    theirs, ours = native(x), manual(x)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    finite = theirs.isfinite()
+    # float32, sets of 8 entries: rounding of μ, σ and the affine map, a few ε of |y| ≲ 10
+    assert torch.allclose(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_large_mean(backend):
+    """|μ| ≫ σ (x = 10⁴ + N(0, 1)): the shifted one-pass variance keeps x̂ accurate, in both layouts."""
+    native, manual = pair_of_modules(torch.nn.GroupNorm, 2, 4)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = (data((3, 4, 5, 5)) + 1e4).contiguous(memory_format=layout)
+        exact = copy.deepcopy(native).double()(x.double())
+        # x is exact in float32 up to ulp(10⁴) ≈ 1e-3 and σ ≈ 2, so x̂ carries ≈ 1e-3/2 of input rounding
+        # that float64 doesn't see either (the same float32 x goes to both): what remains is the
+        # kernel's own rounding, n·ε·|x|·σ⁻¹ ≈ 50·6e-8·1e4/2 ≈ 1.5e-2 at most by the layer-norm bound
+        assert (manual(x).double() - exact).abs().max() <= 1.5e-2
+
+
+def test_group_norm_kernels_run_and_bfloat16_in_float32(cpp):
+    """'cpp' group norm runs csrc/group_norm.cpp's two operators; given bfloat16 tensors, the operators
+    compute in float32 and round once (InFloat32), in both layouts."""
+    x = data((2, 6, 3, 3))
+    w, b = torch.randn(6), torch.randn(6)
+    with torch.autograd.profiler.profile() as prof:
+        y = MF.group_norm(x.requires_grad_(True), 3, w, b)
+        y.backward(torch.ones_like(y))
+    names = {e.name for e in prof.function_events}
+    assert {"manualconv::group_norm_forward", "manualconv::group_norm_backward"} <= names
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xb = x.detach().bfloat16().contiguous(memory_format=layout)
+        wb, bb, dyb = w.bfloat16(), b.bfloat16(), data((2, 6, 3, 3), seed=3).bfloat16().contiguous(memory_format=layout)
+        got = torch.ops.manualconv.group_norm_forward(xb, wb, bb, 3, 1e-5)
+        wide = torch.ops.manualconv.group_norm_forward(xb.float(), wb.float(), bb.float(), 3, 1e-5)
+        for g, e in zip(got, wide):
+            assert g.dtype == torch.bfloat16 and torch.equal(g, e.bfloat16())
+        grads = torch.ops.manualconv.group_norm_backward(dyb, xb, got[1], got[2], wb, 3)
+        wide = torch.ops.manualconv.group_norm_backward(dyb.float(), xb.float(), got[1].float(), got[2].float(),
+                                                        wb.float(), 3)
+        for g, e in zip(grads, wide):
+            assert g.dtype == torch.bfloat16 and torch.equal(g, e.bfloat16())
+        assert grads[0].is_contiguous(memory_format=layout)
 
 
 BAD_LN_GN = [
@@ -604,6 +683,10 @@ def test_cpp_operators_opcheck():
     ]
     _, row_mean, row_invstd = torch.ops.manualconv.layer_norm_forward(rows, None, None, 1e-5)
     cases.append((torch.ops.manualconv.layer_norm_backward, (rows.clone(), rows, row_mean, row_invstd, None)))
+    for maps in (x, x_cl):  # group norm, 2 groups, both layouts
+        cases.append((torch.ops.manualconv.group_norm_forward, (maps, w, b, 2, 1e-5)))
+        _, group_mean, group_invstd = torch.ops.manualconv.group_norm_forward(maps, None, None, 2, 1e-5)
+        cases.append((torch.ops.manualconv.group_norm_backward, (maps.clone(), maps, group_mean, group_invstd, w, 2)))
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 

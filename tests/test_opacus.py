@@ -73,6 +73,75 @@ def test_samplers_registered_for_manualconv_layers():
         assert GSM.GRAD_SAMPLERS[layer_class] is sampler, layer_class
 
 
+def test_grad_sample_module_channels_last_float32(backend):
+    """Channels-last float32 (the benchmark's case: csrc's per-sample kernel reads x and δ in place),
+    against torch's gradient of each sample alone. (Not against Opacus on the native model: its own
+    conv sampler is wrong for a channels-last conv weight here, opacus as pinned in requirements:
+    its conv grad_samples differ from each sample's gradient by up to 0.26 on this model.)"""
+    native = cnn().float().to(memory_format=torch.channels_last)
+    manual = manualconv.convert(native)
+    x, labels = data(n=6)
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    expected = each_sample_alone(native, x, labels, nn.CrossEntropyLoss())
+    got = grad_samples(manual, x, labels, manualconv.CrossEntropyLoss())
+    # float32: the same sums of ≤ 8·9·64 products in different orders (GEMM against einsum),
+    # each within n·ε·Σ|terms|; the per-sample gradients are O(1), so 1e-4 absolute and relative
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# (N, C, H, W), O, kernel, stride, padding, dilation, groups: per-sample weight gradients of the kernel
+PER_SAMPLE_KERNEL_CASES = [
+    ((5, 4, 9, 9), 6, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 4, 9, 9), 6, (3, 3), (1, 1), (1, 1), (1, 1), 2),   # one sample: fewer (sample, group) pairs than threads
+    ((3, 6, 10, 8), 4, (3, 2), (2, 1), (2, 0), (2, 1), 2),  # strided, dilated, asymmetric, grouped
+    ((4, 8, 5, 5), 8, (1, 1), (1, 1), (0, 0), (1, 1), 4),   # pointwise: x itself is the column matrix
+    ((0, 4, 5, 5), 2, (3, 3), (1, 1), (1, 1), (1, 1), 1),   # no samples
+]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", PER_SAMPLE_KERNEL_CASES, ids=[str(c[0]) + f"-g{c[6]}" for c in PER_SAMPLE_KERNEL_CASES])
+def test_per_sample_grad_weight_kernel(cpp, case, layout):
+    """torch.ops.manualconv.conv2d_grad_weight_per_sample equals, for each sample alone, torch's
+    weight gradient of F.conv2d (float64), whatever the layouts of x and δ."""
+    shape, out_channels, kernel, stride, padding, dilation, groups = case
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    weight = torch.randn((out_channels, shape[1] // groups) + kernel, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+    delta = torch.randn_like(y)
+    got = torch.ops.manualconv.conv2d_grad_weight_per_sample(
+        x.contiguous(memory_format=memory_format), delta.contiguous(memory_format=memory_format),
+        list(weight.shape), list(stride), list(padding), list(dilation), groups)
+    expected = [torch.autograd.grad(torch.nn.functional.conv2d(x[n:n + 1], weight, None, stride, padding, dilation,
+                                                               groups), weight, delta[n:n + 1])[0]
+                for n in range(shape[0])]
+    expected = torch.stack(expected) if expected else weight.new_zeros((0,) + tuple(weight.shape))
+    assert got.shape == expected.shape
+    assert_close(got, expected)
+
+
+def test_per_sample_grad_weight_kernel_opcheck(cpp):
+    """The per-sample operator's schema and fake kernel (sizes and strides) agree with the kernel."""
+    torch.manual_seed(0)
+    x, delta = torch.randn(3, 4, 6, 6, dtype=torch.float64), torch.randn(3, 6, 3, 3, dtype=torch.float64)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        torch.library.opcheck(torch.ops.manualconv.conv2d_grad_weight_per_sample,
+                              (x.contiguous(memory_format=memory_format), delta.contiguous(memory_format=memory_format),
+                               [6, 2, 3, 3], [2, 2], [1, 1], [1, 1], 2), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_per_sample_grad_weight_kernel_bfloat16_in_float32(cpp):
+    """bfloat16 x and δ: computed in float32 and rounded once (InFloat32)."""
+    torch.manual_seed(0)
+    x, delta = torch.randn(3, 4, 6, 6).bfloat16(), torch.randn(3, 6, 6, 6).bfloat16()
+    args = ([6, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+    got = torch.ops.manualconv.conv2d_grad_weight_per_sample(x, delta, *args)
+    wide = torch.ops.manualconv.conv2d_grad_weight_per_sample(x.float(), delta.float(), *args)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, wide.bfloat16())
+
+
 class MixedNet(nn.Module):
     """LeNet-5's subsampling and squashing, manualconv's GroupNorm, a Conv1d ('same', even kernel), a transposed conv
     (Opacus's functorch route) and a strided, dilated, reflect-padded conv, checked against each
