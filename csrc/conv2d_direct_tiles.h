@@ -74,13 +74,13 @@ void conv_block(const DirectConv& s, const float* const* px, const float* w, int
   for (; q + Half::kLanes <= width; q += Half::kLanes) conv_tile<Half, P, 1>(s, px, w + q, width, bias, o0 + q, y);
 }
 
-// One sample: for each weight block, its H_out·W_out output pixels in tiles of P consecutive
-// pixels in row-major order (a tile may wrap from one output row to the next); when P does not
-// divide the pixel count the last tile is moved back to end at the last pixel, recomputing (bit
-// for bit the same) a few pixels of the one before. Fewer than P pixels: 1-pixel tiles.
-template <class Isa>
-void conv_sample(const DirectConv& s, const float* in, const float* wt, const float* bias, float* out) {
-  constexpr int P = Isa::kTiling.tile_pixels;
+// One sample in tiles of P pixels: for each weight block, its H_out·W_out output pixels in tiles
+// of P consecutive pixels in row-major order (a tile may wrap from one output row to the next);
+// when P does not divide the pixel count the last tile is moved back to end at the last pixel,
+// recomputing (bit for bit the same) a few pixels of the one before. Fewer than P pixels: 1-pixel
+// tiles.
+template <class Isa, int P>
+void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, const float* bias, float* out) {
   constexpr int64_t B = Isa::kTiling.block_channels;
   const int64_t pixels = s.H_out * s.W_out, K = s.kH * s.kW * s.C_in;
   const int64_t tile = pixels < P ? 1 : P;
@@ -102,6 +102,23 @@ void conv_sample(const DirectConv& s, const float* in, const float* wt, const fl
       }
     }
   }
+}
+
+// Pixels computed by tiles of P over `pixels` (the last tile moved back recomputes some).
+inline int64_t pixels_computed(int64_t pixels, int64_t P) { return (pixels + P - 1) / P * P; }
+
+// One sample, in tiles of tile_pixels, or of tile_pixels_alt where those recompute fewer pixels
+// (an 8×8 map: 64 pixels are 8 tiles of 8, but 6 tiles of 12 compute 72).
+template <class Isa>
+void conv_sample(const DirectConv& s, const float* in, const float* wt, const float* bias, float* out) {
+  constexpr int P = Isa::kTiling.tile_pixels, P_alt = Isa::kTiling.tile_pixels_alt;
+  const int64_t pixels = s.H_out * s.W_out;
+  if constexpr (P_alt > 0) {
+    if (pixels >= P_alt && (pixels < P || pixels_computed(pixels, P_alt) < pixels_computed(pixels, P))) {
+      return conv_sample_tiled<Isa, P_alt>(s, in, wt, bias, out);
+    }
+  }
+  conv_sample_tiled<Isa, P>(s, in, wt, bias, out);
 }
 
 // Weight gradient, one sample: NV vectors of output channels o0… × NC consecutive weight columns
