@@ -69,37 +69,44 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // slower (0.76–0.89× native vs 0.82–0.93× on the NCHW GEMM path), as did the direct kernel at
   // 32 channels (stop 9).
   if (!channels_last) return Conv2dKernel::NchwGemm;
-  // The direct kernels are AVX2 + FMA float32 code for one group.
+  // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   if (dtype != at::kFloat || g.groups != 1 || capability < CpuCapability::Avx2) {
     return Conv2dKernel::NhwcGemm;
   }
+  const bool avx512 = capability >= CpuCapability::Avx512;
+  const Conv2dKernel direct_kernel = avx512 ? Conv2dKernel::DirectAvx512 : Conv2dKernel::DirectAvx2;
+  const DirectTiling& tiling = avx512 ? kDirectTilingAvx512 : kDirectTilingAvx2;
   // Forward and input gradient: up to 64 channels (the channels the tiles run over, in whole
-  // vectors). At 128 channels the direct kernel measured 0.69–0.83× native, the GEMM path
-  // 0.79–0.90× (stop 10).
-  constexpr int64_t kMaxDirectChannels = 64;
-  // Weight gradient: 8 or 16 output channels. At 32 the GEMM path took 4.5 ms, the direct kernel
-  // 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10).
-  constexpr int64_t kMaxDirectGradWeightChannels = 16;
+  // vectors). AVX2 (AMD EPYC Zen 3): at 128 channels the direct kernel measured 0.69–0.83×
+  // native, the GEMM path 0.79–0.90× (stop 10). AVX-512 (AMD EPYC Zen 4, family 25 model 17,
+  // 2026-11-29, one thread, batch 32, best of 7, forward / input gradient ms, a loaded machine):
+  // 64 → 64 @8 direct 1.60 / 1.60 vs GEMM 1.68 / 1.73; 128 → 128 @8 10.5 / 10.8 vs 10.8 / 10.8
+  // (a tie, within the noise); 128 → 256 @8 25.3 / 24.1 vs 26.6 / 20.8: the same limit.
+  const int64_t max_direct_channels = 64;
+  // Weight gradient. AVX2 (Zen 3): 8 or 16 output channels; at 32 the GEMM path took 4.5 ms, the
+  // direct kernel 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10). AVX-512 (Zen 4, as above, ms): up to 32
+  // output channels: 32 → 32 @16 direct 1.52 vs GEMM 1.93; 64 → 64 @8 1.80–1.96 vs 1.67–1.78.
+  const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
   auto direct_for = [](int64_t channels, int64_t limit) {
     return channels % kDirectLanes == 0 && channels <= limit;
   };
   bool direct = false;
   switch (pass) {
     case Conv2dPass::Forward:
-      direct = direct_for(g.O, kMaxDirectChannels);
+      direct = direct_for(g.O, max_direct_channels);
       break;
     case Conv2dPass::GradInput:
       // δx is the stride-1 "full" correlation of δy, padded by d·(k − 1) − p ≥ 0, with the
       // rotated kernel: a direct conv over the input channels, for stride 1 only
-      direct = direct_for(g.C, kMaxDirectChannels) && g.sH == 1 && g.sW == 1 &&
+      direct = direct_for(g.C, max_direct_channels) && g.sH == 1 && g.sW == 1 &&
                g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1);
       break;
     case Conv2dPass::GradWeight:
-      // the 6-column tiles need at least 6 weight columns (a, b, c)
-      direct = direct_for(g.O, kMaxDirectGradWeightChannels) && g.K() >= kDirectTileColumns;
+      // a tile spans tile_columns weight columns (a, b, c): K must have that many
+      direct = direct_for(g.O, max_direct_grad_weight_channels) && g.K() >= tiling.tile_columns;
       break;
   }
-  return direct ? Conv2dKernel::Direct : Conv2dKernel::NhwcGemm;
+  return direct ? direct_kernel : Conv2dKernel::NhwcGemm;
 }
 
 namespace {
@@ -225,10 +232,12 @@ inline int64_t plane_offset(int64_t n, int64_t channels, int64_t g, int64_t chan
 // y = W · im2col(x) + b   (per sample and group)
 at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight,
                           const at::Tensor& bias, const Conv2dGeometry& g) {
-  switch (select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(), is_channels_last(input),
-                               cpu_capability())) {
-    case Conv2dKernel::Direct:
-      return conv2d_forward_direct(input, weight, bias, g);
+  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(),
+                                                   is_channels_last(input), cpu_capability());
+  switch (kernel) {
+    case Conv2dKernel::DirectAvx2:
+    case Conv2dKernel::DirectAvx512:
+      return conv2d_forward_direct(input, weight, bias, g, kernel);
     case Conv2dKernel::Winograd:
       return conv2d_forward_winograd(input, weight, bias, g);
     case Conv2dKernel::NhwcGemm:
@@ -277,10 +286,12 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
 // 180°-rotated kernel, per sample and group)
 at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tensor& weight,
                              const Conv2dGeometry& g) {
-  switch (select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
-                               is_channels_last(grad_output), cpu_capability())) {
-    case Conv2dKernel::Direct:
-      return conv2d_grad_input_direct(grad_output, weight, g);
+  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
+                                                   is_channels_last(grad_output), cpu_capability());
+  switch (kernel) {
+    case Conv2dKernel::DirectAvx2:
+    case Conv2dKernel::DirectAvx512:
+      return conv2d_grad_input_direct(grad_output, weight, g, kernel);
     case Conv2dKernel::Winograd:
       return conv2d_grad_input_winograd(grad_output, weight, g);
     case Conv2dKernel::NhwcGemm:
@@ -328,11 +339,13 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
 // and the sum is transposed back to (O, C/G, kH, kW) once at the end.
 at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& grad_output,
                               const Conv2dGeometry& g) {
-  switch (select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
-                               is_channels_last(input), cpu_capability())) {
-    case Conv2dKernel::Direct:
+  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
+                                                   is_channels_last(input), cpu_capability());
+  switch (kernel) {
+    case Conv2dKernel::DirectAvx2:
+    case Conv2dKernel::DirectAvx512:
       return conv2d_grad_weight_direct(
-          input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
+          input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g, kernel);
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_weight_channels_last(
           input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);

@@ -2,6 +2,8 @@
 // the kernels conv2d.cpp's entry points hand their tensors to. Geometry and checks: geometry.h.
 #pragma once
 
+#include "conv2d_direct_isa.h"
+#include "cpu_capability.h"
 #include "manualconv.h"
 
 namespace manualconv {
@@ -13,29 +15,19 @@ enum class Conv2dPass { Forward, GradInput, GradWeight };
 enum class Conv2dKernel {
   NchwGemm,  // conv2d.cpp: im2col + GEMM per sample and group, NCHW
   NhwcGemm,  // conv2d_channels_last.cpp: im2col + GEMM per block of samples, channels-last
-  Direct,    // conv2d_direct.cpp: register tiles straight from the padded input, channels-last
+  // conv2d_direct.cpp: register tiles straight from the padded input, channels-last, compiled
+  // per instruction set (conv2d_direct_avx2.cpp, conv2d_direct_avx512.cpp)
+  DirectAvx2,
+  DirectAvx512,
   Winograd,  // conv2d_winograd.cpp: F(2×2, 3×3), 16 GEMMs per block of tiles
 };
-
-// The instruction sets a kernel can be compiled for, in increasing order.
-enum class CpuCapability { Default, Avx2 };
-
-// What this CPU supports, detected once (conv2d_direct.cpp).
-CpuCapability cpu_capability();
 
 // The kernel that computes `pass` of a conv with geometry g on tensors of `dtype`, channels-last
 // or NCHW, on a CPU with `capability`. Every path and the reason for it is in this one function.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
                                   bool channels_last, CpuCapability capability);
 
-// The direct kernels' register tile (AVX2: 16 registers of 8 floats). A forward / input-gradient
-// tile is kDirectTilePixels output pixels × one or two vectors of output channels; a
-// weight-gradient tile is one or two vectors of output channels × kDirectTileColumns weight
-// columns (a, b, c). Both hold 12 accumulators, in registers named for these sizes.
-constexpr int64_t kDirectLanes = 8;                         // floats per AVX register
-constexpr int64_t kDirectBlockChannels = 2 * kDirectLanes;  // output channels of a full tile
-constexpr int64_t kDirectTilePixels = 6;
-constexpr int64_t kDirectTileColumns = 6;
+// The direct kernels' register tiles per instruction set: conv2d_direct_isa.h (DirectTiling).
 
 // The channels-last GEMM kernels (conv2d_channels_last.cpp). Arguments are already checked;
 // x / dy are channels-last, weight any layout; bias may be undefined.
@@ -47,16 +39,18 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
                                             const Conv2dGeometry& g);
 
 // The direct kernels (conv2d_direct.cpp), for the geometries select_conv2d_kernel gives them:
-// float32, channels-last x / dy, one group, an AVX2 + FMA CPU, and for the forward a multiple of
-// kDirectLanes output channels; for the input gradient stride 1, padding p ≤ d·(k − 1) and a
-// multiple of kDirectLanes input channels; for the weight gradient a multiple of kDirectLanes
-// output channels and at least kDirectTileColumns weight columns K.
+// float32, channels-last x / dy, one group, `kernel` DirectAvx2 or DirectAvx512 (which the CPU
+// runs), and for the forward a multiple of kDirectLanes output channels; for the input gradient
+// stride 1, padding p ≤ d·(k − 1) and a multiple of kDirectLanes input channels; for the weight
+// gradient a multiple of kDirectLanes output channels and at least the tiling's tile_columns
+// weight columns K.
 at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& bias, const Conv2dGeometry& g);
+                                 const at::Tensor& bias, const Conv2dGeometry& g,
+                                 Conv2dKernel kernel);
 at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
-                                    const Conv2dGeometry& g);
+                                    const Conv2dGeometry& g, Conv2dKernel kernel);
 at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
-                                     const Conv2dGeometry& g);
+                                     const Conv2dGeometry& g, Conv2dKernel kernel);
 
 // The Winograd F(2×2, 3×3) kernels (conv2d_winograd.cpp), for the geometries select_conv2d_kernel
 // gives them: float32, a 3×3 kernel, stride 1, dilation 1, one group, padding ≤ 2 (so that the

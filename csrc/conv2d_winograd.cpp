@@ -15,8 +15,8 @@
 //   M_ξ (T × C_out) = V_ξ (T × C_in) · U_ξ (C_in × C_out),  V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ,
 //                                                         U_ξ[c, o] = (G g[o, c] Gᵀ)_ξ.
 // Everything is channels-last (a pixel's channels contiguous), so the input and output transforms
-// are loops over channels that the compiler vectorizes (compiled for AVX-512, AVX2 and the
-// baseline, picked at load by the ifunc of target_clones).
+// are loops over channels that the compiler vectorizes (built for the capability the kernels
+// use, cpu_capability.h's run_for_cpu).
 //
 // The input gradient of a stride-1 conv is a stride-1 conv (the seeds' observation, section 2):
 // δx = δy padded by 2 − p, correlated with the 180°-rotated kernel whose input and output channels
@@ -27,6 +27,7 @@
 
 #include "blas.h"
 #include "conv2d.h"
+#include "cpu_capability.h"
 
 #include <ATen/Parallel.h>
 
@@ -34,12 +35,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MANUALCONV_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MANUALCONV_ISA_CLONES
-#endif
 
 namespace manualconv {
 namespace {
@@ -84,8 +79,7 @@ at::Tensor transform_weights(const at::Tensor& weight) {
 
 // V[ξ, c] = (Bᵀ d[c] B)_ξ for every channel of one tile: d[r][s] points at the Ci channels of the
 // tile's input pixel (r, s) (a zero row where it lies in the padding); V_ξ is ld floats apart.
-MANUALCONV_ISA_CLONES void transform_input_tile(const float* const* d, int64_t Ci, int64_t ld,
-                                                float* v) {
+void transform_input_tile(const float* const* d, int64_t Ci, int64_t ld, float* v) {
   const float *d00 = d[0], *d01 = d[1], *d02 = d[2], *d03 = d[3];
   const float *d10 = d[4], *d11 = d[5], *d12 = d[6], *d13 = d[7];
   const float *d20 = d[8], *d21 = d[9], *d22 = d[10], *d23 = d[11];
@@ -108,8 +102,8 @@ MANUALCONV_ISA_CLONES void transform_input_tile(const float* const* d, int64_t C
 // y[i][j] = (Aᵀ M A)[i][j] + b for every output channel of one tile: M_ξ = m + ξ·ld (Co floats
 // each); y[2·i + j] points at the Co channels of output pixel (i, j) (a scratch row where the
 // pixel lies past the output); bias may be null.
-MANUALCONV_ISA_CLONES void transform_output_tile(const float* m, int64_t ld, int64_t Co,
-                                                 const float* bias, float* const* y) {
+void transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* bias,
+                           float* const* y) {
   float *y00 = y[0], *y01 = y[1], *y10 = y[2], *y11 = y[3];
 #pragma GCC ivdep  // y never overlaps m (y rows are distinct pixels, or the scratch row nobody reads)
   for (int64_t o = 0; o < Co; ++o) {
@@ -162,7 +156,7 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
             d[r * 4 + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros.data();
           }
         }
-        transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci);
+        run_for_cpu([&] { transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci); });
       }
       // M_ξ = V_ξ · U_ξ   (T × Co)
       for (int64_t xi = 0; xi < kPoints; ++xi) {
@@ -179,7 +173,7 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
             y[i * 2 + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
           }
         }
-        transform_output_tile(M.data() + t * s.Co, T * s.Co, s.Co, bias, y);
+        run_for_cpu([&] { transform_output_tile(M.data() + t * s.Co, T * s.Co, s.Co, bias, y); });
       }
     }
   });

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_capability.h"
 #include "low_precision.h"
 #include "normalization.h"
 
@@ -85,8 +86,8 @@ Groups groups_of(const at::Tensor& x, int64_t G, bool nhwc, const char* op) {
 
 // ---------------------------------------------------------------------------------------------
 // The hot loops, in 8 independent double lanes (so that each add is independent of the last and
-// the compiler can vectorise them), each compiled for AVX-512, AVX2 and the baseline (target_clones:
-// the best one for this CPU is picked at load time). The sums are the same, in a lane order.
+// the compiler can vectorise them), each built for the capability the kernels use (AVX-512, AVX2
+// or the baseline: run_for_cpu). The sums are the same on every build, in a lane order.
 
 constexpr int kLanes = 8;
 
@@ -183,38 +184,42 @@ __attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, c
   }
 }
 
-#define MANUALCONV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define MANUALCONV_FOR_DTYPES(DEFINE) DEFINE(float) DEFINE(double)
-#define MANUALCONV_DEFINE(T)                                                                             \
-  MANUALCONV_CLONES ShiftedSums sums_of_run(const T* x, int64_t n, double K) { return run_sums(x, n, K); } \
-  MANUALCONV_CLONES std::pair<double, double> delta_sums_of_run(const T* dy, const T* x, int64_t n,      \
-                                                                double mu, double is) {                  \
-    return run_delta_sums(dy, x, n, mu, is);                                                             \
-  }                                                                                                      \
-  MANUALCONV_CLONES void sums_of_rows(const T* x, int64_t P, int64_t C, const double* K, double* sum,    \
-                                      double* shifted, double* shifted_sq) {                             \
-    rows_sums(x, P, C, K, sum, shifted, shifted_sq);                                                     \
-  }                                                                                                      \
-  MANUALCONV_CLONES void delta_sums_of_rows(const T* dy, const T* x, int64_t P, int64_t C,              \
-                                            const double* mu, const double* is, double* s_dy,           \
-                                            double* s_dy_xhat) {                                         \
-    rows_delta_sums(dy, x, P, C, mu, is, s_dy, s_dy_xhat);                                               \
-  }                                                                                                      \
-  MANUALCONV_CLONES void affine_of_rows(const T* x, int64_t P, int64_t C, const T* a, const T* b, T* y) {    \
-    rows_affine(x, P, C, a, b, y);                                                                       \
-  }                                                                                                      \
-  MANUALCONV_CLONES void grad_input_of_rows(const T* dy, const T* x, int64_t P, int64_t C, const T* mu,    \
-                                            const T* u, const T* v, const T* w, T* dx) {                 \
-    rows_grad_input(dy, x, P, C, mu, u, v, w, dx);                                                       \
-  }                                                                                                      \
-  MANUALCONV_CLONES void affine_of_run(const T* x, int64_t n, T a, T b, T* y) { run_affine(x, n, a, b, y); } \
-  MANUALCONV_CLONES void grad_input_of_run(const T* dy, const T* x, int64_t n, T mu, T u, T v, T w, T* dx) { \
-    run_grad_input(dy, x, n, mu, u, v, w, dx);                                                           \
-  }
-MANUALCONV_FOR_DTYPES(MANUALCONV_DEFINE)
-#undef MANUALCONV_DEFINE
-#undef MANUALCONV_FOR_DTYPES
-#undef MANUALCONV_CLONES
+// Each loop built for the kernels' capability (cpu_capability.h's run_for_cpu).
+template <typename T>
+ShiftedSums sums_of_run(const T* x, int64_t n, double K) {
+  return run_for_cpu([&] { return run_sums(x, n, K); });
+}
+template <typename T>
+std::pair<double, double> delta_sums_of_run(const T* dy, const T* x, int64_t n, double mu, double is) {
+  return run_for_cpu([&] { return run_delta_sums(dy, x, n, mu, is); });
+}
+template <typename T>
+void sums_of_rows(const T* x, int64_t P, int64_t C, const double* K, double* sum, double* shifted,
+                  double* shifted_sq) {
+  run_for_cpu([&] { rows_sums(x, P, C, K, sum, shifted, shifted_sq); });
+}
+template <typename T>
+void delta_sums_of_rows(const T* dy, const T* x, int64_t P, int64_t C, const double* mu,
+                        const double* is, double* s_dy, double* s_dy_xhat) {
+  run_for_cpu([&] { rows_delta_sums(dy, x, P, C, mu, is, s_dy, s_dy_xhat); });
+}
+template <typename T>
+void affine_of_rows(const T* x, int64_t P, int64_t C, const T* a, const T* b, T* y) {
+  run_for_cpu([&] { rows_affine(x, P, C, a, b, y); });
+}
+template <typename T>
+void grad_input_of_rows(const T* dy, const T* x, int64_t P, int64_t C, const T* mu, const T* u,
+                        const T* v, const T* w, T* dx) {
+  run_for_cpu([&] { rows_grad_input(dy, x, P, C, mu, u, v, w, dx); });
+}
+template <typename T>
+void affine_of_run(const T* x, int64_t n, T a, T b, T* y) {
+  run_for_cpu([&] { run_affine(x, n, a, b, y); });
+}
+template <typename T>
+void grad_input_of_run(const T* dy, const T* x, int64_t n, T mu, T u, T v, T w, T* dx) {
+  run_for_cpu([&] { run_grad_input(dy, x, n, mu, u, v, w, dx); });
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward and backward, one (sample, group) set (NCHW) or one sample (NHWC) at a time, so the

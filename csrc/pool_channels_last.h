@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "cpu_capability.h"  // run_for_cpu
 #include <cstdlib>
 #include <string_view>
 
@@ -49,38 +51,5 @@ inline void channels_running_max(const scalar_t* __restrict x, index_t p, int64_
 // to 0.94-1.01, the avg and adaptive forwards from 0.62-0.92 to 1.08-1.33.
 // ---------------------------------------------------------------------------
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-// Whether the AVX-512 build runs: the CPU has AVX-512 (F, BW, DQ, VL) and MANUALCONV_CPU_CAPABILITY
-// (issue 13's override), if set, asks for avx512 (any other value keeps the baseline build).
-inline bool cpu_has_avx512() {
-  static const bool has = [] {
-    const char* requested = std::getenv("MANUALCONV_CPU_CAPABILITY");
-    if (requested != nullptr && std::string_view(requested) != "avx512") return false;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
-
-template <typename F>
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), flatten)) void run_avx512(const F& f) {
-  f();
-}
-
-// Runs f() (one thread's share of a channels-last pool) in the build for this CPU.
-template <typename F>
-inline void run_for_cpu(const F& f) {
-  if (cpu_has_avx512()) {
-    run_avx512(f);
-  } else {
-    f();
-  }
-}
-#else
-template <typename F>
-inline void run_for_cpu(const F& f) {
-  f();
-}
-#endif
 
 }  // namespace manualconv

@@ -48,6 +48,7 @@ from . import functional as MF
 from . import models
 from .backend import get_backend, use_backend
 from .convert import convert
+from .ops import cpu_capability
 
 
 @dataclass
@@ -210,6 +211,25 @@ def sgemm_gflops(size: int = 1024, repeat: int = 10) -> float:
     return 2.0 * size ** 3 / best / 1e9
 
 
+def cpu_model() -> str:
+    """The CPU the figures hold for: /proc/cpuinfo's model name with its family and model numbers
+    (a name such as "AMD EPYC Processor" does not tell Zen 3 from Zen 4), else platform's guess."""
+    import platform
+
+    fields = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's fields
+                fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
 @dataclass
 class ModelCase:
     name: str
@@ -369,9 +389,9 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str],
         per_sample_batch: Optional[int] = None) -> Dict[str, float]:
     rows, model_rows = [], []
     peak = sgemm_gflops() if only != "per_sample" else float("nan")  # the roof only the conv rows use
-    header = f"manualconv {get_backend()} vs torch {torch.__version__}, float32 (bf16 rows: bfloat16), batch {batch}, " \
-             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward" + \
-             ("" if math.isnan(peak) else f"; SGEMM {peak:.0f} GFLOP/s")
+    header = f"{cpu_model()}, capability {cpu_capability()}" + ("" if math.isnan(peak) else f", SGEMM {peak:.0f} GFLOP/s") + \
+             f"; manualconv {get_backend()} vs torch {torch.__version__}, float32 (bf16 rows: bfloat16), batch {batch}, " \
+             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward"
     print(header)
     if only not in ("model", "per_sample"):
         print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} "

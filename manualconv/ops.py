@@ -25,6 +25,19 @@ except ImportError as error:  # not built: the package falls back to the referen
 AVAILABLE = LOAD_ERROR is None
 
 
+def cpu_capability() -> str:
+    """The instruction set the C++ kernels run with: 'avx512', 'avx2' or 'default' (the portable
+    GEMM paths; also what a build without the extension reports). The best this CPU supports, or
+    the one the environment variable MANUALCONV_CPU_CAPABILITY names (as ATen's
+    ATEN_CPU_CAPABILITY); csrc/cpu_capability.cpp."""
+    return torch.ops.manualconv.cpu_capability() if AVAILABLE else "default"
+
+
+# An unknown or unsupported MANUALCONV_CPU_CAPABILITY is a RuntimeError here, at import (naming the
+# variable, its value and what this CPU supports), not at the first conv.
+cpu_capability()
+
+
 def _empty(like: torch.Tensor, size, channels_last: bool = False) -> torch.Tensor:
     out = like.new_empty(size)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out

@@ -2,9 +2,12 @@
 kind gets a row, in the printed table and in the Markdown file. Timings are not checked here
 (speed is the benchmark's output, never a test's assertion)."""
 
+import re
+
 import pytest
 import torch
 
+import manualconv
 from manualconv import bench
 
 
@@ -19,6 +22,19 @@ def test_bench_writes_a_row_per_layer(kind, tmp_path, capsys):
         assert f"\n{layer.name} " in printed, f"{kind}: no printed row for {layer.name}"
         assert f"| {layer.name} |" in written, f"{kind}: no Markdown row for {layer.name}"
     assert f"geomean ratio {kind}: **" in written, kind
+    _check_header(printed.splitlines()[0])
+    _check_header(written.splitlines()[0])
+
+
+def _check_header(line: str) -> None:
+    """The first line names the CPU (/proc/cpuinfo's model name, family and model), the capability
+    the kernels run with and this machine's SGEMM rate: every figure below holds for those."""
+    with open("/proc/cpuinfo") as f:
+        fields = dict(l.split(":", 1) for l in f.read().split("\n\n")[0].splitlines() if ":" in l)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    cpu = f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
+    assert line.startswith(f"{cpu}, capability {manualconv.cpu_capability()}, SGEMM "), line
+    assert re.search(r", SGEMM \d+ GFLOP/s; ", line), line
 
 
 def test_channels_last_rows_run_channels_last():

@@ -1,0 +1,194 @@
+// The direct kernels, written once over a vector type (vec.h) and a register tile; instantiated
+// per instruction set by conv2d_direct_avx2.cpp and conv2d_direct_avx512.cpp, which include this
+// inside their `#pragma GCC target` region and an anonymous namespace (see vec.h), after vec.h
+// and conv2d_direct_isa.h. A unit defines `struct Isa` first:
+//   Isa::Wide, Isa::kWideVectors  a full tile's channels: kWideVectors vectors of Wide
+//   Isa::Half                     the 8-channel remainder vector
+//   Isa::kTiling                  conv2d_direct_isa.h's DirectTiling (block, pixels, columns)
+// The tiles keep their accumulators in an array indexed only by unrolled constants, which the
+// compiler keeps in registers; each tile is a function of its own (noinline), so that the
+// registers of its inner loop are not shared with the loops around it.
+//
+// Forward (and the stride-1 input gradient, the same computation on δy and the rotated kernel):
+//   y[n, i, j, o] = b[o] + Σ_{a, b, c} x_pad[n, i·sH + a·dH, j·sW + b·dW, c] · W[o, c, a, b]
+// Weight gradient:
+//   ∂J/∂W[o, c, a, b] = Σ_{n, i, j} δy[n, i, j, o] · x_pad[n, i·sH + a·dH, j·sW + b·dW, c]
+
+inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// P pixels × NV vectors of output channels o0…: px[k] points at pixel k's top-left input tap, tap
+// (a, b, c) of every pixel is (a·dH·Wp + b·dW)·C_in + c further on; w points at channel o0 of a
+// weight block `width` channels wide. Sums every tap, then writes the sum plus the bias into
+// y (pixel k at y + k·C_out).
+template <class Vec, int P, int NV>
+__attribute__((noinline)) void conv_tile(const DirectConv& s, const float* const* px, const float* w_block, int64_t width,
+               const float* bias, int64_t o0, float* y) {
+  constexpr int L = Vec::kLanes;
+  Vec acc[P][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const Vec b = bias ? Vec::load(bias + o0 + v * L) : Vec::zero();
+#pragma GCC unroll 32
+    for (int k = 0; k < P; ++k) acc[k][v] = b;
+  }
+  const float* p[P];
+#pragma GCC unroll 32
+  for (int k = 0; k < P; ++k) p[k] = px[k];
+  for (int64_t a = 0; a < s.kH; ++a) {
+    for (int64_t b = 0; b < s.kW; ++b) {
+      const int64_t off = (a * s.dH * s.Wp + b * s.dW) * s.C_in;
+      const float* w = w_block + (a * s.kW + b) * s.C_in * width;
+      for (int64_t c = off; c < off + s.C_in; ++c, w += width) {
+        Vec wv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(w + v * L);
+#pragma GCC unroll 32
+        for (int k = 0; k < P; ++k) {
+          const typename Vec::Splat x = Vec::splat(p[k] + c);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[k][v] = fma(x, wv[v], acc[k][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int k = 0; k < P; ++k) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v].store(y + k * s.C_out + o0 + v * L);
+  }
+}
+
+// P pixels × one weight block (channels o0 … o0 + width): tiles of kWideVectors Wide vectors,
+// then single Wide vectors, then Half vectors for what remains.
+template <class Isa, int P>
+void conv_block(const DirectConv& s, const float* const* px, const float* w, int64_t width,
+                const float* bias, int64_t o0, float* y) {
+  using Wide = typename Isa::Wide;
+  using Half = typename Isa::Half;
+  constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
+  int64_t q = 0;
+  for (; q + full <= width; q += full) conv_tile<Wide, P, Isa::kWideVectors>(s, px, w + q, width, bias, o0 + q, y);
+  if constexpr (Isa::kWideVectors > 1) {
+    for (; q + Wide::kLanes <= width; q += Wide::kLanes) conv_tile<Wide, P, 1>(s, px, w + q, width, bias, o0 + q, y);
+  }
+  for (; q + Half::kLanes <= width; q += Half::kLanes) conv_tile<Half, P, 1>(s, px, w + q, width, bias, o0 + q, y);
+}
+
+// One sample in tiles of P pixels: for each weight block, its H_out·W_out output pixels in tiles
+// of P consecutive pixels in row-major order (a tile may wrap from one output row to the next);
+// when P does not divide the pixel count the last tile is moved back to end at the last pixel,
+// recomputing (bit for bit the same) a few pixels of the one before. Fewer than P pixels: 1-pixel
+// tiles.
+template <class Isa, int P>
+void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, const float* bias, float* out) {
+  constexpr int64_t B = Isa::kTiling.block_channels;
+  const int64_t pixels = s.H_out * s.W_out, K = s.kH * s.kW * s.C_in;
+  const int64_t tile = pixels < P ? 1 : P;
+  const float* px[P];
+  for (int64_t o0 = 0; o0 < s.C_out; o0 += B) {
+    const int64_t width = lesser(B, s.C_out - o0);
+    const float* w = wt + o0 * K;
+    for (int64_t q = 0; q < pixels; q += tile) {
+      const int64_t q0 = lesser(q, pixels - tile);
+      for (int64_t k = 0; k < tile; ++k) {
+        const int64_t i = (q0 + k) / s.W_out, j = (q0 + k) % s.W_out;
+        px[k] = in + (i * s.sH * s.Wp + j * s.sW) * s.C_in;
+      }
+      float* y = out + q0 * s.C_out;
+      if (tile == 1) {
+        conv_block<Isa, 1>(s, px, w, width, bias, o0, y);
+      } else {
+        conv_block<Isa, P>(s, px, w, width, bias, o0, y);
+      }
+    }
+  }
+}
+
+// Pixels computed by tiles of P over `pixels` (the last tile moved back recomputes some).
+inline int64_t pixels_computed(int64_t pixels, int64_t P) { return (pixels + P - 1) / P * P; }
+
+// One sample, in tiles of tile_pixels, or of tile_pixels_alt where those recompute fewer pixels
+// (an 8×8 map: 64 pixels are 8 tiles of 8, but 6 tiles of 12 compute 72).
+template <class Isa>
+void conv_sample(const DirectConv& s, const float* in, const float* wt, const float* bias, float* out) {
+  constexpr int P = Isa::kTiling.tile_pixels, P_alt = Isa::kTiling.tile_pixels_alt;
+  const int64_t pixels = s.H_out * s.W_out;
+  if constexpr (P_alt > 0) {
+    if (pixels >= P_alt && (pixels < P || pixels_computed(pixels, P_alt) < pixels_computed(pixels, P))) {
+      return conv_sample_tiled<Isa, P_alt>(s, in, wt, bias, out);
+    }
+  }
+  conv_sample_tiled<Isa, P>(s, in, wt, bias, out);
+}
+
+// Weight gradient, one sample: NV vectors of output channels o0… × NC consecutive weight columns
+// (column k at offset col[k] from a pixel's top-left input tap), summed over every output pixel:
+// per pixel NV vectors of δy and NC broadcast input values. The sums are added to dw (C_out × K);
+// the first `skip` columns are left out (a tile moved back to end at column K overlaps the one
+// before).
+template <class Vec, int NC, int NV>
+__attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float* in, const float* dy, const int64_t* col,
+                      int64_t o0, int64_t skip, float* dw, int64_t K) {
+  constexpr int L = Vec::kLanes;
+  Vec acc[NC][NV];
+  int64_t c[NC];
+#pragma GCC unroll 32
+  for (int k = 0; k < NC; ++k) {
+    c[k] = col[k];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v] = Vec::zero();
+  }
+  const int64_t O = s.C_out, step = s.sW * s.C_in;
+  for (int64_t i = 0; i < s.H_out; ++i) {
+    const float* x = in + i * s.sH * s.Wp * s.C_in;
+    const float* d = dy + i * s.W_out * O + o0;
+    for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
+      Vec dv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) dv[v] = Vec::load(d + v * L);
+#pragma GCC unroll 32
+      for (int k = 0; k < NC; ++k) {
+        const typename Vec::Splat xv = Vec::splat(x + c[k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[k][v] = fma(xv, dv[v], acc[k][v]);
+      }
+    }
+  }
+  float sums[NC][NV * L];
+#pragma GCC unroll 32
+  for (int k = 0; k < NC; ++k) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v].store(sums[k] + v * L);
+  }
+  for (int64_t k = skip; k < NC; ++k) {
+    for (int64_t v = 0; v < NV * L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  }
+}
+
+// NC columns × every output channel: tiles of kWideVectors Wide vectors, then single Wide
+// vectors, then Half vectors.
+template <class Isa>
+void grad_weight_columns(const DirectConv& s, const float* in, const float* dy, const int64_t* col,
+                         int64_t skip, float* dw, int64_t K) {
+  using Wide = typename Isa::Wide;
+  using Half = typename Isa::Half;
+  constexpr int NC = Isa::kTiling.tile_columns;
+  constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
+  int64_t o0 = 0;
+  for (; o0 + full <= s.C_out; o0 += full) grad_weight_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, col, o0, skip, dw, K);
+  if constexpr (Isa::kWideVectors > 1) {
+    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_tile<Wide, NC, 1>(s, in, dy, col, o0, skip, dw, K);
+  }
+  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_tile<Half, NC, 1>(s, in, dy, col, o0, skip, dw, K);
+}
+
+// One sample's contribution to dw (C_out × K), in tiles of NC weight columns.
+template <class Isa>
+void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, const int64_t* col, float* dw) {
+  constexpr int64_t NC = Isa::kTiling.tile_columns;
+  const int64_t K = s.kH * s.kW * s.C_in;
+  for (int64_t k = 0; k < K; k += NC) {
+    const int64_t k0 = lesser(k, K - NC);
+    grad_weight_columns<Isa>(s, in, dy, col + k0, k - k0, dw + k0, K);
+  }
+}

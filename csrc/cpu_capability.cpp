@@ -1,0 +1,123 @@
+// cpu_capability(): what this CPU supports (__builtin_cpu_supports), the MANUALCONV_CPU_CAPABILITY
+// override, and two small operators that report the choice to Python:
+//   torch.ops.manualconv.cpu_capability() -> str             (manualconv.cpu_capability())
+//   torch.ops.manualconv.conv2d_selected_kernel(...) -> str  (select_conv2d_kernel's answer for a
+//                                                             float32 geometry; tests)
+
+#include "conv2d.h"
+
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace manualconv {
+namespace {
+
+constexpr CpuCapability kCapabilities[] = {CpuCapability::Default, CpuCapability::Avx2,
+                                           CpuCapability::Avx512};
+
+// Whether this CPU can run code compiled for `capability`.
+bool cpu_supports(CpuCapability capability) {
+  switch (capability) {
+    case CpuCapability::Default:
+      return true;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    case CpuCapability::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case CpuCapability::Avx512:
+      return cpu_supports(CpuCapability::Avx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl");
+#endif
+    default:
+      return false;
+  }
+}
+
+// "avx512, avx2, default": what this CPU supports, best first.
+std::string supported_names() {
+  std::string names;
+  for (int i = 2; i >= 0; --i) {
+    if (!cpu_supports(kCapabilities[i])) continue;
+    names += names.empty() ? "" : ", ";
+    names += capability_name(kCapabilities[i]);
+  }
+  return names;
+}
+
+// The best capability of this CPU, or the one MANUALCONV_CPU_CAPABILITY names.
+CpuCapability choose_capability() {
+  const char* requested = std::getenv("MANUALCONV_CPU_CAPABILITY");
+  if (requested == nullptr || requested[0] == '\0') {
+    CpuCapability best = CpuCapability::Default;
+    for (CpuCapability c : kCapabilities) best = cpu_supports(c) ? c : best;
+    return best;
+  }
+  for (CpuCapability c : kCapabilities) {
+    if (std::string(requested) != capability_name(c)) continue;
+    TORCH_CHECK(cpu_supports(c), "MANUALCONV_CPU_CAPABILITY=", requested,
+                ": this CPU does not support ", requested, " (it supports: ", supported_names(), ")");
+    return c;
+  }
+  TORCH_CHECK(false, "MANUALCONV_CPU_CAPABILITY=", requested,
+              " is not a capability: use avx512, avx2 or default (this CPU supports: ",
+              supported_names(), ")");
+  return CpuCapability::Default;  // (not reached)
+}
+
+Conv2dPass pass_named(const std::string& name) {
+  if (name == "forward") return Conv2dPass::Forward;
+  if (name == "grad_input") return Conv2dPass::GradInput;
+  TORCH_CHECK(name == "grad_weight", "conv2d_selected_kernel: pass must be forward, grad_input or ",
+              "grad_weight, got ", name);
+  return Conv2dPass::GradWeight;
+}
+
+const char* kernel_name(Conv2dKernel kernel) {
+  switch (kernel) {
+    case Conv2dKernel::NchwGemm: return "nchw_gemm";
+    case Conv2dKernel::NhwcGemm: return "nhwc_gemm";
+    case Conv2dKernel::DirectAvx2: return "direct_avx2";
+    case Conv2dKernel::DirectAvx512: return "direct_avx512";
+    case Conv2dKernel::Winograd: return "winograd";
+  }
+  return "?";
+}
+
+}  // namespace
+
+const char* capability_name(CpuCapability capability) {
+  switch (capability) {
+    case CpuCapability::Default: return "default";
+    case CpuCapability::Avx2: return "avx2";
+    case CpuCapability::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+CpuCapability cpu_capability() {
+  static const CpuCapability capability = choose_capability();  // a throw leaves it undecided
+  return capability;
+}
+
+}  // namespace manualconv
+
+// No tensor arguments: registered as composite (every dispatch key), with no fake kernel needed.
+TORCH_LIBRARY_FRAGMENT(manualconv, m) {
+  m.def("cpu_capability() -> str",
+        []() { return std::string(manualconv::capability_name(manualconv::cpu_capability())); });
+  m.def(
+      "conv2d_selected_kernel(str pass_name, int[4] input_size, int[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool channels_last) -> str",
+      [](std::string pass_name, std::vector<int64_t> input_size, std::vector<int64_t> weight_size,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+         int64_t groups, bool channels_last) {
+        const manualconv::Conv2dGeometry g = manualconv::check_conv2d(
+            "conv2d_selected_kernel", input_size, "input_size", weight_size, "weight_size", stride,
+            padding, dilation, groups);
+        return std::string(manualconv::kernel_name(manualconv::select_conv2d_kernel(
+            manualconv::pass_named(pass_name), g, at::kFloat, channels_last,
+            manualconv::cpu_capability())));
+      });
+}

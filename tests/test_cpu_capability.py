@@ -1,0 +1,162 @@
+"""Run-time CPU dispatch (csrc/cpu_capability.cpp, select_conv2d_kernel in csrc/conv2d.cpp): the
+float32 channels-last conv cases of the case table (the direct kernels' cases among them) on every
+instruction set this CPU supports, each in a subprocess with MANUALCONV_CPU_CAPABILITY set, within
+tests/oracle.py's bound; the override selects the requested kernels; an unknown or unsupported
+value is refused at import with a message naming the variable; no shared (weak or global) symbol
+of the extension holds AVX code outside the per-ISA kernels (the ODR hazard of compiling one unit
+for a wider instruction set)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import manualconv
+from manualconv import ops
+from cases import SAMPLES, Case, record_of
+from oracle import assert_within, exact_and_bound, output_of, run_with_grads
+from test_ops import _float32_run
+
+CAPABILITIES = ("default", "avx2", "avx512")
+VARIABLE = "MANUALCONV_CPU_CAPABILITY"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def supported_by_this_cpu() -> set:
+    """What /proc/cpuinfo's flags allow (found independently of the extension's detection)."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    supported = {"default"}
+    if {"avx2", "fma"} <= flags:
+        supported.add("avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            supported.add("avx512")
+    return supported
+
+
+SUPPORTED = supported_by_this_cpu()
+# The conv cases of the table in channels-last layout: the direct kernels' cases and the NHWC
+# GEMM's (what each capability sends where is select_conv2d_kernel's choice, checked below).
+CONV_CHANNELS_LAST = [c for c in SAMPLES if record_of(c).name == "conv2d" and c.layout == "channels_last"]
+# and wider ones, for the AVX-512 tiles (12 pixels × 32 channels, 32 channels × 12 columns): 40
+# output channels (a 32-wide tile, then an 8-wide one), 32 input channels for δx, 35 pixels (two
+# 12-pixel tiles and one moved back); 32 output channels for the weight gradient, 48 columns
+CONV_CHANNELS_LAST += [
+    Case("channels-last-direct-40-32", "conv2d", (2, 32, 5, 7), dict(padding=1), weight=(40, 32, 3, 3), layout="channels_last"),
+    Case("channels-last-direct-32-16-strided", "conv2d", (2, 16, 7, 9), dict(stride=2, padding=1), weight=(32, 16, 3, 1), bias=False, layout="channels_last"),
+]
+# A geometry each capability gives to a different kernel: 16 channels, 3×3, stride 1 (a ResNet-20
+# conv), forward, input gradient and weight gradient.
+GEOMETRY = dict(input_size=[2, 16, 8, 8], weight_size=[16, 16, 3, 3], stride=[1, 1], padding=[1, 1],
+                dilation=[1, 1], groups=1, channels_last=True)
+EXPECTED_KERNEL = {"default": "nhwc_gemm", "avx2": "direct_avx2", "avx512": "direct_avx512"}
+
+
+def _selected_kernel(passname: str, **overrides) -> str:
+    g = {**GEOMETRY, **overrides}
+    return torch.ops.manualconv.conv2d_selected_kernel(
+        passname, g["input_size"], g["weight_size"], g["stride"], g["padding"], g["dilation"],
+        g["groups"], g["channels_last"])
+
+
+# ---- run in this process, under whatever capability it has (and by the subprocesses below) ----
+
+@pytest.mark.parametrize("case", CONV_CHANNELS_LAST, ids=str)
+def test_channels_last_conv_case(case, cpp):
+    tensors, grad_output, ours = _float32_run(case, "manual")
+    exact, bound = exact_and_bound(case, tensors, grad_output)
+    for what, exact_value in exact.items():
+        assert_within(case, f"{what} on {manualconv.cpu_capability()}", ours[what], exact_value, bound[what])
+
+
+def test_selected_kernel_follows_capability(cpp):
+    capability = manualconv.cpu_capability()
+    assert capability == os.environ.get(VARIABLE) or (not os.environ.get(VARIABLE) and capability == max(
+        SUPPORTED, key=CAPABILITIES.index)), capability
+    for passname in ("forward", "grad_input", "grad_weight"):
+        assert _selected_kernel(passname) == EXPECTED_KERNEL[capability], passname
+    # NCHW, float64 (not expressible here: the op asks for float32), groups: never direct
+    assert _selected_kernel("forward", channels_last=False) == "nchw_gemm"
+    assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"
+
+
+# ---- each capability in a subprocess ----
+
+def _run(capability: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, VARIABLE: capability}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_each_capability(capability):
+    """Supported: every channels-last conv case within its bound and the capability's kernels
+    selected. Not supported by this CPU: `import manualconv` refuses it, naming what it supports."""
+    assert ops.AVAILABLE, f"the C++ extension is not built: {ops.LOAD_ERROR}"
+    run = _run(capability, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+               f"{HERE}/test_cpu_capability.py::test_channels_last_conv_case",
+               f"{HERE}/test_cpu_capability.py::test_selected_kernel_follows_capability")
+    output = run.stdout + run.stderr
+    if capability in SUPPORTED:
+        assert run.returncode == 0, output
+        passed = re.search(r"(\d+) passed", output)
+        assert passed and int(passed.group(1)) == len(CONV_CHANNELS_LAST) + 1, output
+        assert "skipped" not in output, output
+    else:
+        assert run.returncode != 0, output
+        assert f"{VARIABLE}={capability}: this CPU does not support {capability}" in output, output
+
+
+def test_unknown_capability_is_refused_at_import():
+    run = _run("avx1024", "-c", "import manualconv")
+    assert run.returncode != 0
+    assert "RuntimeError" in run.stderr, run.stderr
+    assert f"{VARIABLE}=avx1024 is not a capability: use avx512, avx2 or default" in run.stderr, run.stderr
+    assert "this CPU supports: " + ", ".join(c for c in reversed(CAPABILITIES) if c in SUPPORTED) in run.stderr
+
+
+# ---- no AVX code escapes the per-ISA units ----
+
+def _functions_using_vector_registers(library: str) -> dict:
+    """{symbol: widest register class it uses ('ymm' or 'zmm')} over the library's disassembly."""
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True,
+                             text=True, check=True).stdout
+    found, symbol = {}, None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            symbol = header.group(1)
+        elif symbol and ("%zmm" in line or "%ymm" in line):
+            found[symbol] = "zmm" if "%zmm" in line or found.get(symbol) == "zmm" else "ymm"
+    return found
+
+
+def test_wide_code_only_in_per_isa_kernels():
+    """Every function of manualconv/_C*.so that uses ymm or zmm registers is local to its unit
+    (lower-case type in nm: the anonymous-namespace tiles) or one of the exported per-ISA
+    functions of that width; a weak or global symbol with such code is the ODR hazard (the linker
+    may pick that copy for callers on a CPU without the instruction set)."""
+    library = manualconv._C.__file__
+    binding = {}
+    for line in subprocess.run(["nm", library], capture_output=True, text=True, check=True).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            binding[parts[2]] = parts[1]
+    wide = _functions_using_vector_registers(library)
+    assert any(w == "zmm" for w in wide.values()) == ("x86_64" in os.uname().machine), wide  # the kernels are there
+    allowed = {"ymm": re.compile(r"_ZN10manualconv\d+direct_\w+_avx(2|512)E"),
+               "zmm": re.compile(r"_ZN10manualconv\d+direct_\w+_avx512E")}
+    for symbol, width in wide.items():
+        if binding.get(symbol, "t") in "tdbr":
+            continue  # internal linkage: only its own unit calls it
+        assert allowed[width].match(symbol), f"{symbol} ({binding[symbol]}) uses {width} outside the per-ISA kernels"
