@@ -9,7 +9,7 @@
 // chunk the transcendental function (erf, exp, tanh) runs once, in place over a small buffer,
 // by ATen's vectorised elementwise function (general math, as torch.erf in the reference
 // kernels; chosen by ATen for this CPU); the products around it are plain loops over the chunk,
-// still in cache. So x and δy are read from memory once and y / δx written once, where the same
+// still in cache, built for the kernels' capability (cpu_capability.h's run_for_cpu). So x and δy are read from memory once and y / δx written once, where the same
 // formula in tensor code makes a full pass (and a full temporary) per operation.
 
 #include <ATen/ATen.h>
@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cpu_capability.h"
 #include "low_precision.h"
 
 namespace manualconv {
@@ -72,9 +73,11 @@ void inner_argument(const scalar_t* x, int64_t count, Approximate a, scalar_t* u
 template <typename scalar_t>
 void gelu_chunk(const scalar_t* x, int64_t count, Approximate a, const at::TensorOptions& options,
                 scalar_t* e, scalar_t* y) {
-  inner_argument(x, count, a, e);
+  run_for_cpu([&] { inner_argument(x, count, a, e); });
   in_place(e, count, options, [&](at::Tensor& t) { a == Approximate::Tanh ? t.tanh_() : t.erf_(); });
-  for (int64_t i = 0; i < count; ++i) y[i] = x[i] * (scalar_t(0.5) * (scalar_t(1) + e[i]));
+  run_for_cpu([&] {
+    for (int64_t i = 0; i < count; ++i) y[i] = x[i] * (scalar_t(0.5) * (scalar_t(1) + e[i]));
+  });
 }
 
 // δx = δy·GELU′(x): 'none' GELU′ = Φ(x) + x·φ(x) (e = erf(x/√2), p = e^(−x²/2));
@@ -83,25 +86,31 @@ template <typename scalar_t>
 void gelu_backward_chunk(const scalar_t* dy, const scalar_t* x, int64_t count, Approximate a,
                          const at::TensorOptions& options, scalar_t* e, scalar_t* p,
                          scalar_t* dx) {
-  inner_argument(x, count, a, e);
+  run_for_cpu([&] { inner_argument(x, count, a, e); });
   if (a == Approximate::Tanh) {
     in_place(e, count, options, [](at::Tensor& t) { t.tanh_(); });
-    for (int64_t i = 0; i < count; ++i) {
-      const scalar_t v = x[i], t = e[i];
-      const scalar_t du = scalar_t(kSqrt2OverPi) * (scalar_t(1) + scalar_t(3 * kKappa) * v * v);
-      dx[i] = dy[i] * (scalar_t(0.5) * (scalar_t(1) + t) +
-                       scalar_t(0.5) * v * (scalar_t(1) - t * t) * du);
-    }
+    run_for_cpu([&] {
+      for (int64_t i = 0; i < count; ++i) {
+        const scalar_t v = x[i], t = e[i];
+        const scalar_t du = scalar_t(kSqrt2OverPi) * (scalar_t(1) + scalar_t(3 * kKappa) * v * v);
+        dx[i] = dy[i] * (scalar_t(0.5) * (scalar_t(1) + t) +
+                         scalar_t(0.5) * v * (scalar_t(1) - t * t) * du);
+      }
+    });
     return;
   }
-  for (int64_t i = 0; i < count; ++i) p[i] = scalar_t(-0.5) * x[i] * x[i];  // −x²/2
+  run_for_cpu([&] {
+    for (int64_t i = 0; i < count; ++i) p[i] = scalar_t(-0.5) * x[i] * x[i];  // −x²/2
+  });
   in_place(e, count, options, [](at::Tensor& t) { t.erf_(); });
   in_place(p, count, options, [](at::Tensor& t) { t.exp_(); });
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t cdf = scalar_t(0.5) * (scalar_t(1) + e[i]);  // Φ(x)
-    const scalar_t pdf = p[i] * scalar_t(kInvSqrt2Pi);          // φ(x)
-    dx[i] = dy[i] * (cdf + x[i] * pdf);
-  }
+  run_for_cpu([&] {
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t cdf = scalar_t(0.5) * (scalar_t(1) + e[i]);  // Φ(x)
+      const scalar_t pdf = p[i] * scalar_t(kInvSqrt2Pi);          // φ(x)
+      dx[i] = dy[i] * (cdf + x[i] * pdf);
+    }
+  });
 }
 
 // The tensors a kernel walks in storage order: `like`'s strides when every tensor is dense,
