@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_capability.h"
 #include "normalization.h"
 
 #include <algorithm>
@@ -105,21 +106,30 @@ void statistics_kernel(const scalar_t* x, const Map& m, scalar_t* mean, scalar_t
     });
     return;
   }
-  const int64_t rows = m.entries(), chunks = row_chunks(rows);
-  std::vector<ShiftedSums> partial(chunks * m.C);
+  // per chunk of rows, the three sums of every channel in separate arrays (so the loop over a
+  // row's contiguous channels vectorizes), each channel's entries added in row order
+  const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
+  std::vector<double> K(x, x + C);  // K = pixel 0's value
+  std::vector<double> sum(chunks * C, 0.0), shifted(chunks * C, 0.0), shifted_sq(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      ShiftedSums* s = partial.data() + k * m.C;
-      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-        const scalar_t* row = x + r * m.C;
-        for (int64_t c = 0; c < m.C; ++c) s[c].add(row[c], x[c]);  // K = pixel 0's value
-      }
+      double *S = sum.data() + k * C, *D = shifted.data() + k * C, *Q = shifted_sq.data() + k * C;
+      const double* shift = K.data();
+      run_for_cpu([&] {
+        for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
+          const scalar_t* row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const double v = row[c], d = v - shift[c];
+            S[c] += v, D[c] += d, Q[c] += d * d;
+          }
+        }
+      });
     }
   });
-  for (int64_t c = 0; c < m.C; ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     ShiftedSums total;
     for (int64_t k = 0; k < chunks; ++k) {
-      total.merge(partial[k * m.C + c]);
+      total.merge({sum[k * C + c], shifted[k * C + c], shifted_sq[k * C + c]});
     }
     finish(c, total);
   }
@@ -218,25 +228,34 @@ std::vector<DeltaSums> delta_sums(const scalar_t* dy, const scalar_t* x, const M
     });
     return sums;
   }
-  const int64_t rows = m.entries(), chunks = row_chunks(rows);
-  std::vector<DeltaSums> partial(chunks * m.C);
+  // per chunk of rows, Σδy and Σδy·x̂ of every channel in separate arrays (the loop over a row's
+  // contiguous channels vectorizes), each channel's entries added in row order
+  const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
+  std::vector<double> mu(mean, mean + C), is(invstd, invstd + C);
+  std::vector<double> s_dy(chunks * C, 0.0), s_dy_xhat(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      DeltaSums* s = partial.data() + k * m.C;
-      for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-        for (int64_t c = 0; c < m.C; ++c) {
-          const double d = dy[r * m.C + c];
-          s[c].dy += d;
-          s[c].dy_xhat += d * ((x[r * m.C + c] - static_cast<double>(mean[c])) * static_cast<double>(invstd[c]));
-          if (dx) dx[r * m.C + c] = dy[r * m.C + c] * a[c];
+      double *Sd = s_dy.data() + k * C, *Sx = s_dy_xhat.data() + k * C;
+      const double *M = mu.data(), *I = is.data();
+      run_for_cpu([&] {
+        for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
+          const scalar_t *dy_row = dy + r * C, *x_row = x + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = dy_row[c];
+            Sd[c] += d;
+            Sx[c] += d * ((x_row[c] - M[c]) * I[c]);
+          }
+          if (dx) {
+            for (int64_t c = 0; c < C; ++c) dx[r * C + c] = dy_row[c] * a[c];
+          }
         }
-      }
+      });
     }
   });
   for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t c = 0; c < m.C; ++c) {
-      sums[c].dy += partial[k * m.C + c].dy;
-      sums[c].dy_xhat += partial[k * m.C + c].dy_xhat;
+    for (int64_t c = 0; c < C; ++c) {
+      sums[c].dy += s_dy[k * C + c];
+      sums[c].dy_xhat += s_dy_xhat[k * C + c];
     }
   }
   return sums;
