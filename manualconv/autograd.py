@@ -538,30 +538,33 @@ class LinearFunction(Function):
 class ReLUFunction(Function):
     """y = max(z, 0); δz = δy ⊙ f′(z) with f′(z) = 1 where z > 0, else 0. The product is a
     selection: δz = δy where y > 0 (or y is NaN, as torch), else 0 — never δy·0, which is NaN for
-    δy = ±∞ or NaN where torch gives 0."""
+    δy = ±∞ or NaN where torch gives 0 (relu_backward: csrc/relu.cpp, reference.py)."""
 
     @staticmethod
-    def forward(input):
+    def forward(input, backend):
         return input.clamp(min=0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)  # jvp
+        ctx.backend = inputs[1]
 
     @staticmethod
     def backward(ctx, delta):
         (output,) = ctx.saved_tensors
-        return torch.where(output <= 0, 0, delta)  # f′ = 0 on z ≤ 0 selects 0; NaN passes δ (torch's rule)
+        if torch.is_grad_enabled():  # create_graph: the selection in differentiable tensor code
+            return _reference.relu_backward(delta, output), None
+        return elementwise_kernels(ctx.backend, output).relu_backward(delta, output), None
 
     @staticmethod
-    def vmap(info, in_dims, input):
-        return ReLUFunction.apply(input), in_dims[0]  # elementwise: the mapped dimension is one more
+    def vmap(info, in_dims, input, backend):
+        return ReLUFunction.apply(input, backend), in_dims[0]  # elementwise: the mapped dimension is one more
 
     @forward_mode_rule
-    def jvp(ctx, input_t):
+    def jvp(ctx, input_t, _):
         (output,) = ctx.saved_tensors
-        return torch.where(output <= 0, 0, input_t)  # ẏ = f′(z)·ż, selected as in backward
+        return _reference.relu_backward(input_t, output)  # ẏ = f′(z)·ż, selected as in backward
 
 
 class SigmoidFunction(Function):

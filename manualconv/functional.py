@@ -349,7 +349,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """max(z, 0) with δz = δ ⊙ 1[z > 0]. (``inplace`` is accepted for compatibility; the result
     is always a new tensor.)"""
     _check_tensor("relu", "input", input, input)
-    return ReLUFunction.apply(input)
+    return ReLUFunction.apply(input, get_backend())
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:

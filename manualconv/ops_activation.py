@@ -1,4 +1,4 @@
-"""Fake kernels of the activation operators (csrc/gelu.cpp), so ``torch.compile`` and
+"""Fake kernels of the activation operators (csrc/gelu.cpp, csrc/relu.cpp), so ``torch.compile`` and
 ``torch.library.opcheck`` can trace them: each checks what the C++ kernel checks and returns an
 empty tensor with the output's size, dtype and strides. Imported by ops.py when the extension is
 built."""
@@ -33,3 +33,10 @@ def _(grad_output, input, approximate):
     torch._check(grad_output.shape == input.shape,
                  lambda: f"gelu_backward: grad_output must have the input's size {list(input.shape)}")
     return _like(input, grad_output)
+
+
+@torch.library.register_fake("manualconv::relu_backward")
+def _(grad_output, output):
+    torch._check(grad_output.shape == output.shape,
+                 lambda: f"relu_backward: grad_output must have the output's size {list(output.shape)}")
+    return _like(output, grad_output)

@@ -393,6 +393,15 @@ def layer_norm_backward(grad_output, input, mean, invstd, weight):
 
 
 # ---------------------------------------------------------------------------------------------
+# ReLU's backward (the cpp kernel: csrc/relu.cpp)
+
+
+def relu_backward(grad_output, output):
+    # δz = δy where y > 0 (or y is NaN, as torch), else 0: f′ = 0 on y ≤ 0 selects 0
+    return torch.where(output <= 0, 0, grad_output)
+
+
+# ---------------------------------------------------------------------------------------------
 # GELU (docs/derivation.md, "Activations"); the cpp kernels: csrc/gelu.cpp
 
 SQRT1_2 = math.sqrt(0.5)

@@ -161,6 +161,25 @@ def test_gelu_kernels_opcheck_and_layout(layout, approximate, dtype, cpp):
     torch.testing.assert_close(y.double(), expected, **tol)
 
 
+@pytest.mark.parametrize("layout", list(GELU_KERNEL_INPUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_relu_backward_kernel(layout, dtype, cpp):
+    """csrc/relu.cpp: opcheck, and δz = δy where y > 0 or y is NaN, else exactly 0, even for an
+    inf or NaN δy (a selection: torch's threshold_backward), in every layout and dtype."""
+    torch.manual_seed(0)
+    z = GELU_KERNEL_INPUTS[layout](torch.randn(2, 9, 50, 80).to(dtype))
+    z[0, 0, 0, :4] = torch.tensor([NAN, 0.0, -0.0, INF]).to(dtype)
+    z[0, 0, 1, :4] = -1.0
+    y = MF.relu(z)
+    delta = torch.randn(z.shape).to(dtype)
+    delta[0, 0, 1, :4] = torch.tensor([INF, -INF, NAN, NAN]).to(dtype)  # dropped: y = 0 there
+    delta[0, 0, 2, :2] = torch.tensor([INF, NAN]).to(dtype)
+    torch.library.opcheck(torch.ops.manualconv.relu_backward, (delta, y))
+    got = torch.ops.manualconv.relu_backward(delta, y)
+    expected = torch.ops.aten.threshold_backward(delta, y, 0)
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
 def test_gelu_kernels_reject_bad_arguments(cpp):
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="approximate"):
@@ -169,6 +188,8 @@ def test_gelu_kernels_reject_bad_arguments(cpp):
         torch.ops.manualconv.gelu_backward(torch.randn(4, 3), x, "none")
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.manualconv.gelu_forward(torch.ones(3, dtype=torch.int64), "none")
+    with pytest.raises(RuntimeError, match="grad_output must have the output's size"):
+        torch.ops.manualconv.relu_backward(torch.randn(4, 3), x)
 
 
 # ---------------------------------------------------------------------------------------------
