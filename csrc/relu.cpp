@@ -43,7 +43,8 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
     at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
       run_for_cpu([&] {
         for (int64_t i = begin; i < end; ++i) {
-          dz_data[i] = y_data[i] <= scalar_t(0) ? scalar_t(0) : dy_data[i];  // f′ = 0 on y ≤ 0 selects 0
+          const scalar_t d = dy_data[i];  // loaded whatever y is: the select becomes a blend
+          dz_data[i] = y_data[i] <= scalar_t(0) ? scalar_t(0) : d;  // f′ = 0 on y ≤ 0 selects 0
         }
       });
     });
