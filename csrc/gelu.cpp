@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cpu_capability.h"
+#include "elementwise.h"
 #include "low_precision.h"
 
 namespace manualconv {
@@ -113,12 +114,6 @@ void gelu_backward_chunk(const scalar_t* dy, const scalar_t* x, int64_t count, A
   });
 }
 
-// The tensors a kernel walks in storage order: `like`'s strides when every tensor is dense,
-// non-overlapping and has them (x and δy of a channels-last network), else contiguous copies.
-bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_non_overlapping_and_dense() && a.strides() == b.strides() && a.sizes() == b.sizes();
-}
-
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, but got device ",
               input.device());
@@ -132,7 +127,7 @@ at::Tensor gelu_forward(const at::Tensor& input, c10::string_view approximate) {
   check_input("gelu_forward", input);
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
-  const at::Tensor x = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  const at::Tensor x = dense(input);
   at::Tensor y = at::empty_like(x);  // x's strides (preserve_format on a dense tensor)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_gelu_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -160,9 +155,8 @@ at::Tensor gelu_backward(const at::Tensor& grad_output, const at::Tensor& input,
               "input's device");
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
-  const bool walk_as_is = same_dense_layout(input, grad_output);
-  const at::Tensor x = walk_as_is ? input : input.contiguous();
-  const at::Tensor dy = walk_as_is ? grad_output : grad_output.contiguous();
+  const at::Tensor x = dense(input);
+  const at::Tensor dy = in_strides_of(grad_output, x);
   at::Tensor dx = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_gelu_backward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "cpu_capability.h"
+#include "elementwise.h"
 #include "low_precision.h"
 
 namespace manualconv {
@@ -31,10 +32,9 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
   TORCH_CHECK(grad_output.scalar_type() == output.scalar_type(), "relu_backward: grad_output must "
               "have the output's dtype ", output.scalar_type(), ", but got ", grad_output.scalar_type());
   at::NoGradGuard no_grad;
-  // walked in storage order: both as they are when dense with the same strides, else contiguous
-  const bool as_is = output.is_non_overlapping_and_dense() && grad_output.strides() == output.strides();
-  const at::Tensor y = as_is ? output : output.contiguous();
-  const at::Tensor dy = as_is ? grad_output : grad_output.contiguous();
+  // walked in storage order: y as it is when dense (else a contiguous copy), δy in y's strides
+  const at::Tensor y = dense(output);
+  const at::Tensor dy = in_strides_of(grad_output, y);
   at::Tensor dz = at::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_relu_backward", [&] {
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();

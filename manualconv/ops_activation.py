@@ -14,11 +14,12 @@ def _check_approximate(approximate: str) -> None:
                  lambda: f"gelu: approximate argument must be either none or tanh, but got approximate={approximate}")
 
 
-def _like(input: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """The kernels' output layout: the input's strides when it (and every other operand) is dense
-    with them, else contiguous."""
-    dense = is_non_overlapping_and_dense(input) and all(o.stride() == input.stride() for o in others)
-    return torch.empty_like(input) if dense else torch.empty_like(input, memory_format=torch.contiguous_format)
+def _like(input: torch.Tensor) -> torch.Tensor:
+    """The kernels' output layout (csrc/elementwise.h): the input's strides when it is dense, else
+    contiguous (a second operand, δy, is walked in the input's strides)."""
+    if is_non_overlapping_and_dense(input):
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("manualconv::gelu_forward")
@@ -32,11 +33,11 @@ def _(grad_output, input, approximate):
     _check_approximate(approximate)
     torch._check(grad_output.shape == input.shape,
                  lambda: f"gelu_backward: grad_output must have the input's size {list(input.shape)}")
-    return _like(input, grad_output)
+    return _like(input)
 
 
 @torch.library.register_fake("manualconv::relu_backward")
 def _(grad_output, output):
     torch._check(grad_output.shape == output.shape,
                  lambda: f"relu_backward: grad_output must have the output's size {list(output.shape)}")
-    return _like(output, grad_output)
+    return _like(output)
