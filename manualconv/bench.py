@@ -6,7 +6,7 @@ For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3�
 32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
 layout, 2×2 and 3×3 pools, then the rest of the layer family:
 adaptive pools, every pool again on channels-last input, a transposed conv, a 1-D conv, a linear
-layer), native and manualconv steps are run alternately, so both see the same machine state; the
+layer, the norms, dropout, GELU and ReLU), native and manualconv steps are run alternately, so both see the same machine state; the
 median of the repeats is reported.
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
 GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops, and
@@ -149,6 +149,9 @@ SUITE += [  # normalisation and dropout (train.py's and ResNet-20's sizes)
     Layer("NHWC groupnorm 16 groups 64@16", "other", "group_norm", (64, 16, 16),
           dict(num_groups=16, **_norm_kwargs(64, False)), channels_last=True),
     Layer("dropout p=0.2 64@32", "other", "dropout", (64, 32, 32), dict(p=0.2)),
+    # the activations of train.py's nets, channels-last as they run there (airbench: GELU; ResNet-20: ReLU)
+    Layer("NHWC gelu 64@32", "other", "gelu", (64, 32, 32), {}, channels_last=True),
+    Layer("NHWC relu 16@32", "other", "relu", (16, 32, 32), {}, channels_last=True),
 ]
 
 
