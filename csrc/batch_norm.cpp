@@ -34,22 +34,9 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
-// A 4-D map is channels-last (NHWC) when it is laid out so and not also NCHW-contiguous.
-bool is_nhwc(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // The (n, C, H, W) map as a dense tensor of one of the two layouts (a copy only for other strides).
 at::Tensor dense_map(const at::Tensor& t, bool nhwc) {
   return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-void check_map(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (n, C, H, W), got size ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
 }
 
 // A per-channel vector: C entries of the input's dtype (made contiguous).
@@ -302,7 +289,7 @@ void training_grad_input(const scalar_t* dy, const scalar_t* x, const Map& m, co
 std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& input) {
   const char* op = "batch_norm_statistics";
   check_map(input, op, "input");
-  const bool nhwc = is_nhwc(input);
+  const bool nhwc = is_channels_last(input);
   const at::Tensor x = dense_map(input, nhwc);
   at::Tensor mean = at::empty({input.size(1)}, input.options());
   at::Tensor var = at::empty({input.size(1)}, input.options());
@@ -318,7 +305,7 @@ at::Tensor batch_norm_apply(const at::Tensor& input, const at::Tensor& mean, con
                             const std::optional<at::Tensor>& bias) {
   const char* op = "batch_norm_apply";
   check_map(input, op, "input");
-  const bool nhwc = is_nhwc(input);
+  const bool nhwc = is_channels_last(input);
   const at::Tensor x = dense_map(input, nhwc);
   const at::Tensor mu = channel_vector(mean, input, op, "mean");
   const at::Tensor is = channel_vector(invstd, input, op, "invstd");
@@ -345,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
               input.sizes(), ", got ", grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op,
               ": grad_output must have the input's dtype");
-  const bool nhwc = is_nhwc(input);
+  const bool nhwc = is_channels_last(input);
   const at::Tensor x = dense_map(input, nhwc), dy = dense_map(grad_output, nhwc);
   const at::Tensor mu = channel_vector(mean, input, op, "mean");
   const at::Tensor is = channel_vector(invstd, input, op, "invstd");

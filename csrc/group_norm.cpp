@@ -43,32 +43,7 @@ namespace manualconv {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Arguments
-
-// A 4-D map is channels-last (NHWC) when it is laid out so and not also NCHW-contiguous.
-bool is_nhwc(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-void check_map(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (n, C, H, W), got size ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-}
-
-// A vector of `size` entries of the input's dtype (made contiguous); nullopt when absent.
-std::optional<at::Tensor> vector_arg(const std::optional<at::Tensor>& v, int64_t size,
-                                     const at::Tensor& input, const char* op, const char* name) {
-  if (!v || !v->defined()) return std::nullopt;
-  TORCH_CHECK(v->device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == size, op, ": ", name, " must have size [", size,
-              "], got ", v->sizes());
-  TORCH_CHECK(v->scalar_type() == input.scalar_type(), op, ": ", name,
-              " must have the input's dtype ", input.scalar_type(), ", got ", v->scalar_type());
-  return v->contiguous();
-}
+// Arguments (check_map, vector_arg: normalization.h)
 
 // The sizes of a group norm over an (n, C, H, W) map in G groups.
 struct Groups {
@@ -361,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
     const std::optional<at::Tensor>& bias, int64_t num_groups, double eps) {
   const char* op = "group_norm_forward";
   check_map(input, op, "input");
-  const bool nhwc = is_nhwc(input);
+  const bool nhwc = is_channels_last(input);
   const at::Tensor x = input.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const Groups s = groups_of(x, num_groups, nhwc, op);
   TORCH_CHECK(s.M() > 0 || s.n == 0, op, ": each group must have at least one entry, got size ", input.sizes());
@@ -386,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
   check_map(grad_output, op, "grad_output");
   TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type(), op,
               ": grad_output must have the input's size and dtype, got ", grad_output.sizes());
-  const bool nhwc = is_nhwc(input);
+  const bool nhwc = is_channels_last(input);
   const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(layout), dy = grad_output.contiguous(layout);
   const Groups s = groups_of(x, num_groups, nhwc, op);

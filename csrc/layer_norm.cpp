@@ -34,17 +34,6 @@ void check_rows(const at::Tensor& t, const char* op, const char* name) {
               " must be float32 or float64, got ", t.scalar_type());
 }
 
-// A vector of `size` entries of the input's dtype (made contiguous); nullopt when absent.
-std::optional<at::Tensor> vector_arg(const std::optional<at::Tensor>& v, int64_t size,
-                                     const at::Tensor& input, const char* op, const char* name) {
-  if (!v || !v->defined()) return std::nullopt;
-  TORCH_CHECK(v->device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(v->dim() == 1 && v->size(0) == size, op, ": ", name, " must have size [", size,
-              "], got ", v->sizes());
-  TORCH_CHECK(v->scalar_type() == input.scalar_type(), op, ": ", name,
-              " must have the input's dtype ", input.scalar_type(), ", got ", v->scalar_type());
-  return v->contiguous();
-}
 
 template <typename scalar_t>
 const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {

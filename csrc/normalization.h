@@ -6,10 +6,42 @@
 // variance without the cancellation of Σx²/N − μ² when |μ| ≫ σ. Accumulated in double.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
+#include <optional>
 #include <utility>
 
+#include "geometry.h"  // is_channels_last: a 4-D map laid out NHWC (and not also NCHW-contiguous)
+
 namespace manualconv {
+
+// ---------------------------------------------------------------------------------------------
+// The norms' argument checks
+
+// A 4-D (n, C, H, W) map of float32 / float64 on the CPU (batch and group norm).
+inline void check_map(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (n, C, H, W), got size ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+// An optional vector of `size` entries of the input's dtype (made contiguous); nullopt when absent.
+inline std::optional<at::Tensor> vector_arg(const std::optional<at::Tensor>& v, int64_t size,
+                                            const at::Tensor& input, const char* op, const char* name) {
+  if (!v || !v->defined()) return std::nullopt;
+  TORCH_CHECK(v->device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(v->dim() == 1 && v->size(0) == size, op, ": ", name, " must have size [", size,
+              "], got ", v->sizes());
+  TORCH_CHECK(v->scalar_type() == input.scalar_type(), op, ": ", name,
+              " must have the input's dtype ", input.scalar_type(), ", got ", v->scalar_type());
+  return v->contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The statistics
 
 // Σx, Σ(x − K), Σ(x − K)² of a set (or of part of it: partial sums merge by adding).
 struct ShiftedSums {
