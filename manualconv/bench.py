@@ -290,6 +290,23 @@ def _quiet_stderr():
         os.close(devnull)
 
 
+def compare_steps(steps: Dict[str, Callable[[], None]], repeat: int, warmup: int) -> Dict[str, float]:
+    """Times (median of ``repeat``, native and manual alternately, after ``warmup`` calls of each)
+    and peak memory of the two steps ``steps['native']`` and ``steps['manual']``; ratio = native /
+    manual time, memory_ratio = manual / native peak."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeat):
+        for key, step in steps.items():
+            times[key].append(_time(step))
+    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
+    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
+    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
+                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+
+
 def measure_model(case: ModelCase, repeat: int) -> Dict[str, float]:
     torch.manual_seed(0)
     native = case.build().to(memory_format=torch.channels_last)
@@ -300,17 +317,7 @@ def measure_model(case: ModelCase, repeat: int) -> Dict[str, float]:
     for key, model in (("native", native), ("manual", manual)):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         steps[key] = _train_step(model, optimizer, x, target)
-    for step in steps.values():  # warm-up, and the optimizer's momentum buffers exist from here on
-        step()
-        step()
-    times = {key: [] for key in steps}
-    for _ in range(repeat):
-        for key, step in steps.items():
-            times[key].append(_time(step))
-    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
-    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
-    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
-                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+    return compare_steps(steps, repeat, warmup=2)  # the 2nd warm-up step: optimizer buffers exist
 
 
 def resnet20_group_norm() -> torch.nn.Module:
@@ -342,17 +349,7 @@ def measure_per_sample(case: ModelCase, repeat: int, batch: Optional[int] = None
     target = torch.randint(0, 10, (batch,))
     steps = {"native": _per_sample_step(GradSampleModule(native), torch.nn.CrossEntropyLoss(), x, target),
              "manual": _per_sample_step(GradSampleModule(manual), CrossEntropyLoss(), x, target)}
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    times = {key: [] for key in steps}
-    for _ in range(repeat):
-        for key, step in steps.items():
-            times[key].append(_time(step))
-    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
-    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
-    return dict(batch=batch, native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
-                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+    return dict(batch=batch, **compare_steps(steps, repeat, warmup=2))
 
 
 # ResNet-20's convs (input C×H×W, out channels, stride): the per-sample weight gradient alone
@@ -372,16 +369,7 @@ def measure_sampler(layer, repeat: int, batch: int) -> Dict[str, float]:
     delta = torch.randn(batch, out_channels, h // stride, w // stride).to(memory_format=torch.channels_last)
     steps = {"native": lambda: compute_conv_grad_sample(native, [x], delta),
              "manual": lambda: conv2d_grad_sample(manual, [x], delta)}
-    for step in steps.values():
-        step()
-    times = {key: [] for key in steps}
-    for _ in range(repeat):
-        for key, step in steps.items():
-            times[key].append(_time(step))
-    t_native, t_manual = statistics.median(times["native"]), statistics.median(times["manual"])
-    m_native, m_manual = peak_bytes(steps["native"]), peak_bytes(steps["manual"])
-    return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
-                native_mb=m_native / 2**20, manual_mb=m_manual / 2**20, memory_ratio=m_manual / m_native)
+    return compare_steps(steps, repeat, warmup=1)
 
 
 def geomean(values: List[float]) -> float:
