@@ -37,12 +37,11 @@ namespace manualconv {
 // paths (per-ISA direct kernels, Winograd for 3×3 stride 1) are further cases here.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
                                   bool channels_last, CpuCapability capability) {
-  // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): forward and input gradient of float32, 3×3,
-  // stride-1, dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the
-  // GEMM paths (gradcheck's exact sums); the weight gradient too (no Winograd kernel for it).
-  // MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
+  // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): all three passes of float32, 3×3, stride-1,
+  // dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the GEMM paths
+  // (gradcheck's exact sums). MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
   if (dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
-      g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2 && pass != Conv2dPass::GradWeight) {
+      g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2) {
     const WinogradChoice choice = winograd_choice();
     if (choice == WinogradChoice::Always) return Conv2dKernel::Winograd;
     // Measured 2026-11-29 on an AMD EPYC Zen 4 (family 25 model 17, AVX-512; MKL's sgemm, the
@@ -55,12 +54,33 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     //   NHWC 256→256 @4 25.7 / 25.7 vs 30.1 / 29.6    NCHW 256→256 @4 20.4 / 20.7 vs 31.3 / 40.4
     // but NHWC 32→32 @16 2.90 / 3.34 vs 2.87 / 2.93, NHWC 16→16 @32 8.07 / 10.4 vs 3.19 / 4.18
     // (with few channels the transforms and the shallow GEMMs, K = N = 16, cost more than the
-    // products saved). So: at least 64 input and 64 output channels, on maps of at least 4×4
-    // (the smallest measured). Accuracy: 3 summed channels exceeded tests/oracle.py's bound on
-    // mixed-magnitude data (tests/test_winograd.py); 16 and more stayed within it.
-    constexpr int64_t kMinWinogradChannels = 64;
+    // products saved). Later (same machine and method, min of 5, a loaded machine), the
+    // products at 32 and 64 channels:
+    //   NHWC 32→64 @16 5.27 / 5.27 vs 5.94 / 8.36     NCHW 32→64 @16 8.20 / 10.6 vs 7.64 / 11.3
+    //   NHWC 32→32 @32 13.6 / 12.4 vs 12.0 / 12.2     NCHW 32→32 @16 5.57 / 10.2 vs 4.61 / 4.30
+    //   NHWC 16→32 @16 2.18 / 2.54 vs 1.69 / 1.65
+    // So: C·O ≥ 2048 (32 → 64 and up), at least 32 channels each side.
+    // The weight gradient (section 18's adjoint: 16 GEMMs of depth T tiles), ms, Winograd vs the
+    // path below:
+    //   NHWC 32→32 @16 2.78 vs 3.29    NHWC 32→32 @32 10.9 vs 12.2    NHWC 16→32 @16 1.61 vs 1.72
+    //   NHWC 64→64 @8  1.92 vs 3.25    NHWC 128→128 @8 7.22 vs 12.9   NHWC 64→128 @16 14.2 vs 25.9
+    //   NCHW 32→32 @32 18.9 vs 16.0    NCHW 32→32 @16 4.77 vs 4.98    NCHW 32→64 @16 5.96 vs 7.39
+    //   NCHW 64→64 @8  2.25 vs 3.57    NCHW 128→256 @8 19.4 vs 29.8   NHWC 16→16 @32 5.94 vs 3.60
+    // (NCHW pays for copying x and δy to channels-last). So: channels-last from 32 channels each
+    // side; NCHW as the forward. All on maps of at least 4×4 (the smallest measured).
+    // Accuracy: 3 summed channels exceeded tests/oracle.py's bound on mixed-magnitude data
+    // (tests/test_winograd.py); 16 and more stayed within it. The weight gradient sums
+    // n = N·H_out·W_out terms, and a tile's transforms also multiply inputs and deltas the direct
+    // sum never pairs: on mixed-magnitude data the worst error was 0.4–2.6× the bound at
+    // n = 243, 0.13–0.42× at 512, 0.013–0.018× at 2048 (16–64 channels). So: n ≥ 2048.
+    constexpr int64_t kMinWinogradChannels = 32;
+    constexpr int64_t kMinWinogradProducts = 2048;  // C·O
     constexpr int64_t kMinWinogradMap = 4;
-    if (choice == WinogradChoice::Measured && std::min(g.C, g.O) >= kMinWinogradChannels &&
+    constexpr int64_t kMinWinogradGradWeightTerms = 2048;  // N·H_out·W_out
+    const bool wide = std::min(g.C, g.O) >= kMinWinogradChannels &&
+                      (g.C * g.O >= kMinWinogradProducts || (pass == Conv2dPass::GradWeight && channels_last));
+    const bool long_sums = pass != Conv2dPass::GradWeight || g.N * g.L() >= kMinWinogradGradWeightTerms;
+    if (choice == WinogradChoice::Measured && wide && long_sums &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
       return Conv2dKernel::Winograd;
     }
@@ -349,7 +369,8 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_weight_channels_last(
           input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
-    case Conv2dKernel::Winograd:  // never selected for the weight gradient
+    case Conv2dKernel::Winograd:
+      return conv2d_grad_weight_winograd(input, grad_output, g);
     case Conv2dKernel::NchwGemm:
       break;  // below
   }

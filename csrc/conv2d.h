@@ -55,11 +55,13 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
 // The Winograd F(2×2, 3×3) kernels (conv2d_winograd.cpp), for the geometries select_conv2d_kernel
 // gives them: float32, a 3×3 kernel, stride 1, dilation 1, one group, padding ≤ 2 (so that the
 // input gradient's padding 2 − p is ≥ 0); x / dy in either layout (read channels-last, the
-// result in x's / dy's layout).
+// result in x's / dy's layout; the weight gradient channels-last, as the other NHWC kernels').
 at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
                                       const Conv2dGeometry& g);
+at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
+                                       const Conv2dGeometry& g);
 
 // MANUALCONV_WINOGRAD=always|never forces Winograd on or off wherever it applies (the tests run
 // the kernel with it); unset, select_conv2d_kernel's measured choice holds. Read at every call.

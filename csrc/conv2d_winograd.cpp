@@ -22,6 +22,11 @@
 // δx = δy padded by 2 − p, correlated with the 180°-rotated kernel whose input and output channels
 // are swapped; the same routine computes it.
 //
+// The weight gradient is the forward's adjoint in g: with y_t = Aᵀ(U ⊙ V_t)A and U = G g Gᵀ,
+// ⟨δy_t, Aᵀ(dU ⊙ V_t)A⟩ = ⟨(A δy_t Aᵀ) ⊙ V_t, G dg Gᵀ⟩ = ⟨Gᵀ[(A δy_t Aᵀ) ⊙ V_t]G, dg⟩, so
+//   ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G,
+// for each ξ one GEMM over the tiles: W_ξ (C_in × C_out) += V_ξᵀ · D_ξ, D_ξ[t, o] = (A δy_t[o] Aᵀ)_ξ.
+//
 // Parallelism: blocks of tiles (over all samples) are spread over threads, each thread owning
 // its V and M buffers and calling single-threaded GEMMs (BLAS inside a parallel region).
 
@@ -123,6 +128,22 @@ void transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* 
   }
 }
 
+// The input pointers of tile t's 4×4 input pixels (zeros where in the padding or past the image)
+void input_tile_pixels(const WinogradConv& s, const float* in, int64_t tile, const float* zeros,
+                       const float** d) {
+  const int64_t th = s.tiles_h(), tw = s.tiles_w();
+  const int64_t n = tile / (th * tw), ti = tile / tw % th, tj = tile % tw;
+  const float* sample = in + n * s.Hi * s.Wi * s.Ci;
+  for (int64_t r = 0; r < 4; ++r) {
+    const int64_t h = 2 * ti - s.ph + r;
+    for (int64_t c = 0; c < 4; ++c) {
+      const int64_t w = 2 * tj - s.pw + c;
+      const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
+      d[r * 4 + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros;
+    }
+  }
+}
+
 // Tiles per GEMM block: V and M of a block (16·T·(Ci + Co) floats) fit in about 512 KiB of the
 // cache, and every thread gets a block.
 int64_t tile_block(const WinogradConv& s) {
@@ -146,16 +167,7 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
       const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
       // V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
-        const float* sample = in + n * s.Hi * s.Wi * s.Ci;
-        for (int64_t r = 0; r < 4; ++r) {
-          const int64_t h = 2 * ti - s.ph + r;
-          for (int64_t c = 0; c < 4; ++c) {
-            const int64_t w = 2 * tj - s.pw + c;
-            const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
-            d[r * 4 + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros.data();
-          }
-        }
+        input_tile_pixels(s, in, t0 + t, zeros.data(), d);
         run_for_cpu([&] { transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci); });
       }
       // M_ξ = V_ξ · U_ξ   (T × Co)
@@ -177,6 +189,95 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
       }
     }
   });
+}
+
+// Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ for every output channel of one tile: δy[2·i + j] points at the Co
+// channels of the tile's output pixel (i, j) (a zero row where it lies past the output); Dξ is ld
+// floats apart. A = [1 0; 1 1; 1 −1; 0 −1] (4 × 2), so rows (and then columns) of the 4×4 result
+// are δ0, δ0 + δ1, δ0 − δ1, −δ1.
+void transform_grad_output_tile(const float* const* dy, int64_t Co, int64_t ld, float* D) {
+  const float *e00 = dy[0], *e01 = dy[1], *e10 = dy[2], *e11 = dy[3];
+#pragma GCC ivdep  // D never overlaps δy
+  for (int64_t o = 0; o < Co; ++o) {
+    // A δ: the four rows of each column j
+    const float t00 = e00[o], t01 = e01[o];
+    const float t10 = e00[o] + e10[o], t11 = e01[o] + e11[o];
+    const float t20 = e00[o] - e10[o], t21 = e01[o] - e11[o];
+    const float t30 = -e10[o], t31 = -e11[o];
+    // (A δ) Aᵀ: the same on the two columns of each row r
+    D[0 * ld + o] = t00, D[1 * ld + o] = t00 + t01, D[2 * ld + o] = t00 - t01, D[3 * ld + o] = -t01;
+    D[4 * ld + o] = t10, D[5 * ld + o] = t10 + t11, D[6 * ld + o] = t10 - t11, D[7 * ld + o] = -t11;
+    D[8 * ld + o] = t20, D[9 * ld + o] = t20 + t21, D[10 * ld + o] = t20 - t21, D[11 * ld + o] = -t21;
+    D[12 * ld + o] = t30, D[13 * ld + o] = t30 + t31, D[14 * ld + o] = t30 - t31, D[15 * ld + o] = -t31;
+  }
+}
+
+// ∂J/∂g[o, c] = Gᵀ Wξ[c, o] G for Wξ = Σ_t Vξ[t, c]·Dξ[t, o] (16, Ci, Co): computed in float64 and
+// rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last (Co, 3, 3, Ci).
+at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co) {
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  const at::Tensor w = W.to(at::kDouble).contiguous();
+  const double* w_data = w.const_data_ptr<double>();
+  at::Tensor dg = at::empty({Co, 3, 3, Ci}, W.options());
+  float* out = dg.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < Ci; ++c) {
+    for (int64_t o = 0; o < Co; ++o) {
+      double m[4][4];
+      for (int r = 0; r < 16; ++r) m[r / 4][r % 4] = w_data[(r * Ci + c) * Co + o];
+      double mG[4][3];  // Wξ G
+      for (int r = 0; r < 4; ++r) {
+        for (int b = 0; b < 3; ++b) mG[r][b] = m[r][0] * G[0][b] + m[r][1] * G[1][b] + m[r][2] * G[2][b] + m[r][3] * G[3][b];
+      }
+      for (int a = 0; a < 3; ++a) {
+        for (int b = 0; b < 3; ++b) {
+          const double value = G[0][a] * mG[0][b] + G[1][a] * mG[1][b] + G[2][a] * mG[2][b] + G[3][a] * mG[3][b];
+          out[((o * 3 + a) * 3 + b) * Ci + c] = static_cast<float>(value);
+        }
+      }
+    }
+  }
+  return dg.permute({0, 3, 1, 2});
+}
+
+// W = Σ_t Vξ[t, ·]ᵀ Dξ[t, ·] (16, Ci, Co) of the correlation s (in: its input, dy: the gradient of
+// its output): per block of tiles, 16 GEMMs of depth T into each thread's own accumulator.
+at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const float* in, const float* dy,
+                                     const at::TensorOptions& options) {
+  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
+  const int64_t block = tile_block(s);
+  const PerThreadSum W(at::get_num_threads(), {kPoints, s.Ci, s.Co}, options);
+  at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<float> V(kPoints * block * s.Ci), D(kPoints * block * s.Co);
+    const std::vector<float> zeros(std::max(s.Ci, s.Co), 0.0f);  // a pixel in the padding / past the output
+    float* w = W.mine<float>();
+    const float* d[16];
+    const float* e[4];
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
+      for (int64_t t = 0; t < T; ++t) {
+        // Vξ[t, c] = (Bᵀ d_t[c] B)_ξ
+        input_tile_pixels(s, in, t0 + t, zeros.data(), d);
+        run_for_cpu([&] { transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci); });
+        // Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ
+        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
+        const float* sample = dy + n * s.Ho * s.Wo * s.Co;
+        for (int64_t i = 0; i < 2; ++i) {
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t h = 2 * ti + i, c = 2 * tj + j;
+            e[i * 2 + j] = h < s.Ho && c < s.Wo ? sample + (h * s.Wo + c) * s.Co : zeros.data();
+          }
+        }
+        run_for_cpu([&] { transform_grad_output_tile(e, s.Co, T * s.Co, D.data() + t * s.Co); });
+      }
+      // Wξ += Vξᵀ · Dξ   (Ci × Co, a sum over the block's T tiles)
+      for (int64_t xi = 0; xi < kPoints; ++xi) {
+        gemm(true, false, s.Ci, s.Co, T, 1.0f, V.data() + xi * T * s.Ci, s.Ci, D.data() + xi * T * s.Co,
+             s.Co, 1.0f, w + xi * s.Ci * s.Co, s.Co);
+      }
+    }
+  });
+  return W.total();
 }
 
 }  // namespace
@@ -213,6 +314,18 @@ at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& we
   winograd_correlate(s, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
                      dx.mutable_data_ptr<float>());
   return dx.contiguous(output_layout(dy));
+}
+
+// ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G  (section 18: the adjoint of the forward's
+// y_t = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d_t B)]A in g)
+at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
+                                       const Conv2dGeometry& g) {
+  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor delta = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
+  const at::Tensor W = winograd_grad_weight_sums(s, in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                                                 x.options());
+  return inverse_transform_weights(W, g.C, g.O);
 }
 
 }  // namespace manualconv

@@ -660,7 +660,7 @@ def winograd_tile(B_T: torch.Tensor, G: torch.Tensor, A_T: torch.Tensor, d: torc
 def check_winograd_example(doc: Document, impl: str) -> None:
     """U, V, M, y from the document's transforms and tile; y is the tile's correlation by each
     implementation, and (cpp) by the Winograd kernel itself in float32, which is exact here
-    (quarters times small integers)."""
+    (quarters times small integers); likewise D, P and the weight gradient dg for the given δy."""
     B_T, G, A_T = winograd_transforms(doc)
     d, g = doc.value("winograd", "d"), doc.value("winograd", "g")
     U, V, M, y = winograd_tile(B_T, G, A_T, d, g)
@@ -674,6 +674,18 @@ def check_winograd_example(doc: Document, impl: str) -> None:
             y32 = torch.ops.manualconv.conv2d_forward(d.float()[None, None], g.float()[None, None], None,
                                                       [1, 1], [0, 0], [1, 1], 1)
         doc.assert_matches("winograd", "y", y32[0, 0], "the cpp Winograd kernel (float32)")
+    # the weight gradient: D = A δy Aᵀ, P = D ⊙ V, ∂J/∂g = Gᵀ P G, which is d ⋆ δy (section 3)
+    dy = doc.value("winograd", "dy")
+    D = A_T.T @ dy @ A_T
+    doc.assert_matches("winograd", "D", D, "A δy Aᵀ")
+    doc.assert_matches("winograd", "P", D * V, "D ⊙ V")
+    doc.assert_matches("winograd", "dg", G.T @ (D * V) @ G, "Gᵀ P G")
+    doc.assert_matches("winograd", "dg", correlate(impl, d, dy), f"{impl}: d ⋆ δy")
+    if impl == "cpp":
+        with winograd_forced():
+            dg32 = torch.ops.manualconv.conv2d_grad_weight(d.float()[None, None], dy.float()[None, None], [1, 1, 3, 3],
+                                                           [1, 1], [0, 0], [1, 1], 1)
+        doc.assert_matches("winograd", "dg", dg32[0, 0], "the cpp Winograd weight gradient (float32)")
 
 
 @contextlib.contextmanager
@@ -706,6 +718,10 @@ def winograd_formula_terms(doc: Document, block: Block) -> List[Tuple]:
         U, V = doc.value("winograd", "U"), doc.value("winograd", "V")
         return [((A_T[i, r] * A_T[j, s]).item(), U[r, s].item(), V[r, s].item())
                 for r in range(4) for s in range(4) if A_T[i, r] * A_T[j, s] != 0]
+    if block.quantity == "dg":  # ∂J/∂g[i,j] = Σ_{r,s} G[r,i]·G[s,j] · D[r,s] · V[r,s]
+        D, V = doc.value("winograd", "D"), doc.value("winograd", "V")
+        return [((G[r, i] * G[s, j]).item(), D[r, s].item(), V[r, s].item())
+                for r in range(4) for s in range(4) if G[r, i] * G[s, j] != 0]
     raise AssertionError(f"no formula known for the worked entry {block.name}")
 
 

@@ -48,6 +48,10 @@ def grad_input(dy, w, size, p):
     return torch.ops.manualconv.conv2d_grad_input(dy, w, list(size), [1, 1], [p, p], [1, 1], 1)
 
 
+def grad_weight(x, dy, size, p):
+    return torch.ops.manualconv.conv2d_grad_weight(x, dy, list(size), [1, 1], [p, p], [1, 1], 1)
+
+
 def integers(gen, *shape, high=4):
     return torch.randint(-high, high + 1, shape, generator=gen).float()
 
@@ -63,7 +67,7 @@ def check_layout(result, source):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("padding", (0, 1, 2))
 def test_exact_on_integer_data(winograd, padding, layout):
-    """Forward and input gradient equal torch's float64 results exactly on small integers, for
+    """Forward, input and weight gradients equal torch's float64 results exactly on small integers, for
     every size 1..9 (partial tiles), padding 0/1/2, channels 3/16/64, batch 1 and 3."""
     gen = torch.Generator().manual_seed(padding)
     for (H, W), (C, O), N in itertools.product(SIZES, CHANNELS, (1, 3)):
@@ -83,6 +87,9 @@ def test_exact_on_integer_data(winograd, padding, layout):
         expected = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), padding=padding)
         assert torch.equal(dx.double(), expected), f"grad_input {N, C, O, H, W} p={padding}"
         check_layout(dx, dyl)
+        dw = grad_weight(xl, dyl, w.shape, padding)
+        expected = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), padding=padding)
+        assert torch.equal(dw.double(), expected), f"grad_weight {N, C, O, H, W} p={padding}"
 
 
 def within_oracle_bound(x, w, b, dy, padding, what):
@@ -141,6 +148,55 @@ def test_three_channels_with_mixed_magnitudes_exceed_the_oracle_bound(winograd):
         for padding in (0, 1, 2):
             x, w, b, dy = random_data(3, "mixed", padding, gen)
             within_oracle_bound(x, w, b, dy, padding, f"C=3 mixed p={padding}")
+
+
+def grad_weight_within_oracle_bound(x, dy, shape, padding, what):
+    """∂W of the Winograd kernel within tests/oracle.py's float32 bound (n = N·H_out·W_out, the
+    direct sum's length), against torch.nn in float64 on the same float32 data."""
+    dw = grad_weight(x, dy, shape, padding)
+    exact = torch.nn.grad.conv2d_weight(x.double(), shape, dy.double(), padding=padding)
+    magnitude = torch.nn.grad.conv2d_weight(x.double().abs(), shape, dy.double().abs(), padding=padding)
+    bound = sum_error_bound(dy[:, 0].numel(), torch.float32, magnitude)
+    error = (dw.double() - exact).abs()
+    assert (error <= bound).all(), f"{what}: grad_weight error {(error / bound).max().item():.2f}× the bound"
+
+
+def grad_weight_data(channels, N, scale, padding, gen):
+    """x, δy of (N, channels, 9, 9) inputs, scaled as random_data's."""
+    H = W = 9
+    x = torch.randn(N, channels, H, W, generator=gen)
+    dy = torch.randn(N, channels, H + 2 * padding - 2, W + 2 * padding - 2, generator=gen)
+    if scale == "large":
+        x, dy = x * 1e6, dy * 1e6
+    if scale == "mixed":
+        x = x * 10 ** (6 * torch.rand(x.shape, generator=gen) - 3)
+        dy = dy * 10 ** (6 * torch.rand(dy.shape, generator=gen) - 3)
+    return x, dy
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels, scale", [(c, s) for c in (16, 32, 64) for s in ("randn", "large", "mixed")])
+def test_grad_weight_within_oracle_bound(winograd, channels, scale, layout):
+    """The weight gradient within the suite's bound on sums of at least 2048 terms (N·H_out·W_out,
+    where select_conv2d_kernel takes it): N = 48 samples of 9×9 maps, 2352–5808 terms."""
+    gen = torch.Generator().manual_seed(channels)
+    for padding in (0, 1, 2):
+        x, dy = grad_weight_data(channels, 48, scale, padding, gen)
+        grad_weight_within_oracle_bound(laid_out(x, layout), laid_out(dy, layout), (channels, channels, 3, 3), padding,
+                                        f"C={channels} {scale} p={padding}")
+
+
+def test_short_grad_weight_sums_with_mixed_magnitudes_exceed_the_oracle_bound(winograd):
+    """Why select_conv2d_kernel takes the Winograd weight gradient only on sums of at least 2048
+    terms: a tile's transforms multiply inputs and deltas that the direct sum never pairs (offsets
+    outside the kernel), so on mixed-magnitude data a short sum (3 samples of 7×7 to 11×11 δy,
+    147–363 terms, 12 draws) exceeds n·ε·Σ|terms| (measured up to 2.6× at 32 channels; 0.02× from 2048
+    terms on)."""
+    gen = torch.Generator().manual_seed(3)
+    with pytest.raises(AssertionError, match="the bound"):
+        for _, padding in itertools.product(range(4), (0, 1, 2)):  # 12 draws: some exceed the bound
+            x, dy = grad_weight_data(32, 3, "mixed", padding, gen)
+            grad_weight_within_oracle_bound(x, dy, (32, 32, 3, 3), padding, f"C=32 mixed p={padding}")
 
 
 def winograd_magnitude(d: torch.Tensor, g: torch.Tensor, padding: int) -> torch.Tensor:
@@ -217,23 +273,45 @@ def test_outside_its_geometry_the_switch_is_not_read(monkeypatch):
 
 
 @pytest.mark.parametrize("C, O, size, selected", [
-    (64, 64, 8, True), (64, 128, 5, True), (128, 64, 4, True),  # ≥ 64 channels each way, maps ≥ 4×4
-    (32, 32, 8, False), (16, 64, 8, False), (64, 16, 8, False),  # too few channels (measured slower)
-    (64, 64, 3, False),  # a map under 4×4
+    # (forward and input gradient, NCHW weight gradient; channels-last weight gradient)
+    (64, 64, 8, (True, True)), (32, 64, 5, (True, True)), (128, 32, 4, (True, True)),  # C·O ≥ 2048, ≥ 32 each way, maps ≥ 4×4
+    (32, 32, 8, (False, True)),  # C·O < 2048: only the channels-last weight gradient (measured faster)
+    (16, 128, 8, (False, False)), (128, 16, 8, (False, False)),  # under 32 channels one way
+    (64, 64, 3, (False, False)),  # a map under 4×4
 ])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_measured_selection(monkeypatch, C, O, size, selected, layout):
     """select_conv2d_kernel's measured choice (switch unset) gives the bits of the kernel it
-    names, forward and input gradient: Winograd's from 64 input and 64 output channels on maps of
-    at least 4×4, the GEMM/direct kernels' below."""
+    names, in each pass: Winograd's from C·O ≥ 2048 with at least 32 channels each way (for the
+    channels-last weight gradient from 32 channels each way), on maps of at least 4×4, and for
+    the weight gradient on sums of at least 2048 terms; the GEMM/direct kernels' otherwise."""
     gen = torch.Generator().manual_seed(C + O + size)
-    x = laid_out(torch.randn(2, C, size, size, generator=gen), layout)
-    w, dy = torch.randn(O, C, 3, 3, generator=gen), laid_out(torch.randn(2, O, size, size, generator=gen), layout)
+    N = 2048 // (size * size) + 1  # the weight gradient's sum N·H_out·W_out just over 2048 terms
+    x = laid_out(torch.randn(N, C, size, size, generator=gen), layout)
+    w, dy = torch.randn(O, C, 3, 3, generator=gen), laid_out(torch.randn(N, O, size, size, generator=gen), layout)
     results = {}
     for choice in ("", "always", "never"):
         monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
-        results[choice] = (forward(x, w, None, 1), grad_input(dy, w, x.shape, 1))
-    expected, other = ("always", "never") if selected else ("never", "always")
-    for k, what in enumerate(("forward", "grad_input")):
+        results[choice] = (forward(x, w, None, 1), grad_input(dy, w, x.shape, 1), grad_weight(x, dy, w.shape, 1))
+    products, grad_weight_selected = selected
+    for k, what in enumerate(("forward", "grad_input", "grad_weight")):
+        chosen = grad_weight_selected if what == "grad_weight" and layout == "channels_last" else products
+        expected = "always" if chosen else "never"
         assert not torch.equal(results["always"][k], results["never"][k]), f"{what}: the two kernels agree bit for bit"
         assert torch.equal(results[""][k], results[expected][k]), f"{what}: the measured choice is not {expected}"
+
+
+def test_short_grad_weight_sums_stay_off_winograd(monkeypatch):
+    """The weight gradient of 31 samples of 8×8 (1984 terms, under 2048) keeps the GEMM/direct
+    kernel where 33 samples (2112 terms) take Winograd (see the test above for why)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 64, 3, 3, generator=gen)
+    for N, selected in ((31, False), (33, True)):
+        x = laid_out(torch.randn(N, 64, 8, 8, generator=gen), "channels_last")
+        dy = laid_out(torch.randn(N, 64, 8, 8, generator=gen), "channels_last")
+        results = {}
+        for choice in ("", "always", "never"):
+            monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
+            results[choice] = grad_weight(x, dy, w.shape, 1)
+        assert not torch.equal(results["always"], results["never"])
+        assert torch.equal(results[""], results["always" if selected else "never"]), f"N={N}"
