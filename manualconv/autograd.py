@@ -496,8 +496,10 @@ class LinearFunction(Function):
 
     @staticmethod
     def forward(input, weight, bias):
+        if bias is not None and bias.dim() <= 1:  # z = b + x Wᵀ in one GEMM pass (b over the rows)
+            return torch.addmm(bias, _rows(input), weight.t()).reshape(input.shape[:-1] + weight.shape[:1])
         z = input.matmul(weight.t())
-        return z if bias is None else z + bias
+        return z if bias is None else z + bias  # (a bias with leading dimensions: broadcast)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
