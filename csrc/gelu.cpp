@@ -8,8 +8,8 @@
 // One pass over the tensors (x, and δy in the backward): each entry's y or δx is computed from x
 // alone, in a plain loop built for the kernels' capability (cpu_capability.h's run_for_cpu), which
 // the compiler vectorises: the transcendental functions are written out below as polynomials the
-// loop evaluates lane by lane (no call into libm), both branches of a piecewise formula computed
-// and one selected. float64 takes the C library's erf, exp and tanh (correctly rounded to ~1 ulp:
+// loop evaluates lane by lane (no call into libm but the baseline build's fmaf), both branches of a
+// piecewise formula computed and one selected. float64 takes the C library's erf, exp and tanh (correctly rounded to ~1 ulp:
 // the float64 tests compare with torch to 1e-14), a scalar loop.
 //
 // float32 erf, exp and tanh — the method:
