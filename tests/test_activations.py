@@ -144,8 +144,8 @@ GELU_KERNEL_INPUTS = {  # the layouts csrc/gelu.cpp walks as they are or copies 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_gelu_kernels_opcheck_and_layout(layout, approximate, dtype, cpp):
     """csrc/gelu.cpp: opcheck (schema, fake kernel, strides) and the output's strides equal the
-    input's where torch's do (a dense input); more entries than one chunk (kChunk = 32768), so the
-    chunk loop and its remainder run. δy in another layout than x takes the copying path."""
+    input's where torch's do (a dense input); more entries than one parallel task (kGrain = 32768), so
+    the split into tasks and its remainder run. δy in another layout than x takes the copying path."""
     torch.manual_seed(0)
     x = GELU_KERNEL_INPUTS[layout](4 * torch.randn(2, 9, 50, 80).to(dtype))
     delta = torch.randn(x.shape).to(dtype)
