@@ -20,9 +20,12 @@ CpuCapability cpu_capability();
 // f() (a loop written once in plain C++, e.g. a lambda over a kernel's channels) built for the
 // capability the kernels use: its body inlined whole (flatten) into a function compiled for
 // AVX-512 (F, BW, DQ, VL) or AVX2 + FMA, or as compiled (Default: the baseline, SSE2 on x86-64).
-// The compiler vectorizes it for that instruction set; no multiply-add is contracted (ISO C++
-// mode: -ffp-contract=off), so every build computes the same sums in the same order. The pools'
-// channel loops, the Winograd transforms and group norm's sums run through it.
+// The compiler vectorizes it for that instruction set, keeping the order of every sum. Where the
+// target has FMA, GCC contracts a·b + c into one fused multiply-add (its default,
+// -ffp-contract=fast, holds in ISO C++ mode too), which rounds once where the baseline build
+// rounds twice: such loops may differ between builds in the last bit, within the same error
+// bounds; loops without a multiply-add (the pools, the Winograd transforms) are bit-identical.
+// The pools' channel loops, the Winograd transforms, GELU and group norm's sums run through it.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 template <typename F>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"), flatten)) auto run_avx512(const F& f) {

@@ -15,12 +15,23 @@ import inspect
 import math
 
 import torch
-from torch.autograd import Function
 
 from .backend import kernels
 from .checks import check_conv2d
 from .reference import (GELU_TANH_KAPPA, SQRT_2_OVER_PI, conv2d_grad_bias, gelu_tanh_inner, max_pool2d_gather,
                         normal_pdf)
+
+
+class Function(torch.autograd.Function):
+    """torch's Function, with ``forward``'s signature computed once per class. ``Function.apply``
+    binds every call's arguments to forward's signature when the Function has ``setup_context``
+    (torch.autograd.function._bind_default_args), and ``inspect.signature`` recomputes it unless
+    the function carries ``__signature__``: ~25 µs a call, the bulk of the Python overhead of a
+    small layer (measured: ReLUFunction.apply 40 → 16 µs; AMD EPYC Zen 4, torch 2.14.1)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.forward.__signature__ = inspect.signature(cls.forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +56,7 @@ class forward_mode_rule:
 
     def __get__(self, instance, owner=None):
         if torch._guards.TracingContext.try_get() is not None:  # dynamo is tracing
-            return Function.jvp
+            return torch.autograd.Function.jvp
         return self.rule.__get__(instance, owner) if isinstance(self.rule, classmethod) else self.rule
 
 
@@ -475,22 +486,11 @@ class AdaptiveAvgPool2dBackwardFunction(Function):
         return AdaptiveAvgPool2dBackwardFunction.apply(grad_output_t, ctx.input_size, ctx.backend)  # linear
 
 
-def forward_signature_once(cls):
-    """Class decorator: ``cls.forward``'s signature computed once. torch's ``Function.apply`` binds
-    a call's arguments to forward's signature on every call of a Function with ``setup_context``
-    (torch.autograd.function._bind_default_args), and ``inspect.signature`` recomputes it unless
-    the function carries ``__signature__``: ~25 µs a call, the bulk of the Python overhead of a
-    small layer (measured: ReLUFunction.apply 40 → 16 µs; AMD EPYC Zen 4, torch 2.14.1)."""
-    cls.forward.__signature__ = inspect.signature(cls.forward)
-    return cls
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., F) as a matrix with one row per sample (also when F = 0, where reshape(-1, F) is ambiguous)."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-@forward_signature_once
 class LinearFunction(Function):
     """z = W·x + b (rows of x are samples: z = x Wᵀ + b); δx = Wᵀδ, ∂J/∂W = δ xᵀ, ∂J/∂b = δ."""
 
@@ -549,7 +549,6 @@ class LinearFunction(Function):
         )
 
 
-@forward_signature_once
 class ReLUFunction(Function):
     """y = max(z, 0); δz = δy ⊙ f′(z) with f′(z) = 1 where z > 0, else 0. The product is a
     selection: δz = δy where y > 0 (or y is NaN, as torch), else 0 — never δy·0, which is NaN for
@@ -1241,7 +1240,6 @@ class ElementwiseRules:
         return cls.input_grad(input, input_t, *getattr(ctx, "args", ()))
 
 
-@forward_signature_once
 class GELUFunction(ElementwiseRules, Function):
     """y = GELU(x) ('none' or 'tanh'); δx = δy ⊙ GELU′(x) (GELUBackwardFunction)."""
 
@@ -1265,7 +1263,6 @@ class GELUFunction(ElementwiseRules, Function):
         return GELUFunction.input_grad(input, delta, *ctx.args), None, None
 
 
-@forward_signature_once
 class GELUBackwardFunction(Function):
     """δx = δy ⊙ GELU′(x) as a Function of (δy, x), so second derivatives are hand-derived too:
     ∂δx/∂δy = GELU′(x) (this Function again), ∂δx/∂x = δy ⊙ GELU″(x)."""
