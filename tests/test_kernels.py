@@ -267,3 +267,28 @@ def test_channels_last_pool_builds_agree(tmp_path):
     for wide, base in zip(runs["chosen"], runs["default"]):
         assert wide.stride() == base.stride() and torch.equal(wide.isnan(), base.isnan())
         assert torch.equal(wide.nan_to_num(), base.nan_to_num()), "the builds differ"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,kwargs", [("max_pool2d", dict(kernel_size=2)), ("adaptive_avg_pool2d", dict(output_size=64))],
+                         ids=["max_pool2d", "adaptive_avg_pool2d"])
+def test_pools_large_outputs(cpp, layout, name, kwargs):
+    """A δx of 32 MiB (8×64×128×128 float32: the size output_memory.h advises to 2 MiB pages
+    before its first write) holds torch's values (NCHW path). Both are exact here: the max pool
+    routes each δy to one position and its windows do not overlap; the 2×2 adaptive windows tile
+    the image and δy / 4 is exact, as is the max's output and index."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(8, 64, 128, 128, generator=gen)
+    leaf = _in_layout(x, layout).requires_grad_()
+    y = getattr(MF, name)(leaf, **kwargs)
+    grad_output = _in_layout(torch.randn(y.shape, generator=gen), layout)
+    (grad_input,) = torch.autograd.grad(y, leaf, grad_output)
+    assert grad_input.nbytes >= 32 << 20
+    x_nchw = x.clone().requires_grad_()
+    expected = getattr(F, name)(x_nchw, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected, x_nchw, grad_output.contiguous())
+    assert torch.equal(grad_input, expected_grad)
+    if name == "max_pool2d":
+        assert torch.equal(y, expected)
+        assert torch.equal(MF.max_pool2d(leaf, **kwargs, return_indices=True)[1],
+                           F.max_pool2d(x_nchw, **kwargs, return_indices=True)[1])
