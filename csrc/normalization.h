@@ -79,16 +79,19 @@ void add_contiguous(ShiftedSums& s, const scalar_t* x, int64_t n, double K) {
 // Error: each lane is a sum of about n/kLaneCount terms and the fold adds log2(kLaneCount) more
 // roundings, within the recursive-summation bound n·ε·Σ|terms| that a sum of n terms in any order
 // meets (tests/oracle.py); the shift by K keeps Σ(x − K)² free of the cancellation that μ ≫ σ
-// would bring. Used where the sums are the kernel's hot loop (layer_norm.cpp).
+// would bring. Used where the sums are the kernel's hot loop (layer_norm.cpp, group_norm.cpp's NCHW sets).
 constexpr int kLaneCount = 32;
 
-// a[0] ← Σ a[l] over the kLaneCount lanes, added pairwise (so the fold itself vectorises).
-template <typename acc_t>
+// Σ a[l] over the kLaneCount lanes, added pairwise: a[l] += a[l + width] for width = kLaneCount/2,
+// …, 2, 1 (each step a constant-width loop, so the fold itself vectorises).
+template <int width = kLaneCount / 2, typename acc_t>
 __attribute__((always_inline)) inline acc_t fold_lanes(acc_t* a) {
-  for (int width = kLaneCount / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l) a[l] += a[l + width];
+  for (int l = 0; l < width; ++l) a[l] += a[l + width];
+  if constexpr (width > 1) {
+    return fold_lanes<width / 2>(a);
+  } else {
+    return a[0];
   }
-  return a[0];
 }
 
 template <typename scalar_t>
