@@ -175,18 +175,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * D / 4096));
     std::vector<scalar_t> partial_w(chunks * affine, 0), partial_b(chunks * affine, 0);
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      run_for_cpu([&] {
-        for (int64_t chunk = first; chunk < last; ++chunk) {
+      // the chunk's sums in the running thread's own buffers, copied out when the chunk is done:
+      // adjacent chunks' sums in one shared array would share a cache line that both threads
+      // write for every row (measured, Zen 4, 2 threads, 8192 rows of 384: 1.20 ms, no faster
+      // than 1 thread; torch 0.77)
+      std::vector<scalar_t> s_w(affine), s_b(affine);
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        std::fill(s_w.begin(), s_w.end(), scalar_t(0));
+        std::fill(s_b.begin(), s_b.end(), scalar_t(0));
+        run_for_cpu([&] {
           for (int64_t m = M * chunk / chunks; m < M * (chunk + 1) / chunks; ++m) {
             const scalar_t *row = xp + m * D, *d = dyp + m * D;
             const double is_m = ip[m];
             const auto [sum_g, sum_gc] = row_delta_sums(d, row, gp, D, mp[m]);
             row_grad_input(d, row, gp, D, mp[m], ip[m], static_cast<scalar_t>(-is_m * is_m * is_m * sum_gc / D),
                            static_cast<scalar_t>(-is_m * sum_g / D), dxp + m * D);
-            if (affine) row_affine_grads(d, row, D, mp[m], ip[m], &partial_w[chunk * affine], &partial_b[chunk * affine]);
+            if (affine) row_affine_grads(d, row, D, mp[m], ip[m], s_w.data(), s_b.data());
           }
-        }
-      });
+        });
+        std::copy(s_w.begin(), s_w.end(), partial_w.begin() + chunk * affine);
+        std::copy(s_b.begin(), s_b.end(), partial_b.begin() + chunk * affine);
+      }
     });
     scalar_t *gw = grad_weight.data_ptr<scalar_t>(), *gb = grad_bias.data_ptr<scalar_t>();
     for (int64_t j = 0; j < affine; ++j) {
