@@ -11,7 +11,6 @@ at the argmax, average spreading with average pooling.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -880,15 +879,6 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def signature_computed_once(cls):
-    """torch's Function.apply binds its arguments to forward's signature (inspect.signature, about
-    20 µs of a step's Python time) on every call of a Function with setup_context; stored on
-    forward as __signature__ (which inspect.signature returns as it is), it is computed once."""
-    cls.forward.__signature__ = inspect.signature(cls.forward)
-    return cls
-
-
-@signature_computed_once
 class LayerNormFunction(Function):
     """Rows of an (M, D) matrix: x̂ = (x − μ)·σ⁻¹, y = γ ⊙ x̂ + β (μ, σ per row). With g = γ ⊙ δy:
     δx = σ⁻¹/D·(D·g − Σg − x̂·Σ(g·x̂)); ∂J/∂γ = Σ_rows δy ⊙ x̂, ∂J/∂β = Σ_rows δy.
@@ -962,7 +952,6 @@ def _group_norm_x_hat(input, num_groups, eps):
     return x_hat, invstd
 
 
-@signature_computed_once
 class GroupNormFunction(Function):
     """Group norm of an (n, C, H, W) map (the 'cpp' kernels, csrc/group_norm.cpp): per (sample n,
     group g) of M = C/G·H·W entries x̂ = (x − μ_ng)·σ⁻¹_ng, y = γ_c·x̂ + β_c. With g = γ_c·δy:
