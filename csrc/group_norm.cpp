@@ -68,7 +68,7 @@ Groups groups_of(const at::Tensor& x, int64_t G, bool nhwc, const char* op) {
 // ---------------------------------------------------------------------------------------------
 // The hot loops, each built for the capability the kernels use (AVX-512, AVX2 or the baseline:
 // run_for_cpu). The NCHW sums run in kLaneCount lanes (normalization.h), so each add is independent
-// of the last and the loop vectorises; the sums are the same on every build, in a lane order.
+// of the last and the loop vectorises; the adds run in the same lane order on every build.
 
 // Σδy and Σδy·x̂ (x̂ = (x − μ)·σ⁻¹) of n contiguous entries.
 template <typename scalar_t>

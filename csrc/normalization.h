@@ -75,11 +75,13 @@ void add_contiguous(ShiftedSums& s, const scalar_t* x, int64_t n, double K) {
 // (float32 for float32: torch's layer and group norms accumulate float32 input in float32 too), the
 // lanes then folded pairwise. Lanes make each add independent of the last, so the loop vectorises
 // (16 float32 lanes per AVX-512 register, 2 registers per sum) when built for the CPU
-// (cpu_capability.h's run_for_cpu); the order is fixed by the lane count, the same on every build.
+// (cpu_capability.h's run_for_cpu); the order of the adds is fixed by the lane count, the same on
+// every build (the FMA builds fuse d·d into its add: last-bit differences, cpu_capability.h).
 // Error: each lane is a sum of about n/kLaneCount terms and the fold adds log2(kLaneCount) more
 // roundings, within the recursive-summation bound n·ε·Σ|terms| that a sum of n terms in any order
 // meets (tests/oracle.py); the shift by K keeps Σ(x − K)² free of the cancellation that μ ≫ σ
-// would bring. Used where the sums are the kernel's hot loop (layer_norm.cpp, group_norm.cpp's NCHW sets).
+// would bring. Used where the sums are the kernel's hot loop (layer_norm.cpp, group_norm.cpp's
+// NCHW sets).
 constexpr int kLaneCount = 32;
 
 // Σ a[l] over the kLaneCount lanes, added pairwise: a[l] += a[l + width] for width = kLaneCount/2,
