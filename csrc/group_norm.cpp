@@ -11,16 +11,22 @@
 //             ∂J/∂γ_c = Σ_n Σ(δy·x̂)_nc,   ∂J/∂β_c = Σ_n Σδy_nc
 //
 // Statistics in one pass (normalization.h): Σx for μ, and Σ(x − K), Σ(x − K)² about K = the set's
-// first entry (channel g·C/G, pixel 0) for the variance, accumulated in double, as batch_norm.cpp
-// and layer_norm.cpp. The per-(n, c) sums of the backward are accumulated in double too.
+// first entry (channel g·C/G, pixel 0) for the variance. NCHW: a set's sums and the per-(n, c)
+// sums of the backward run over contiguous runs in lanes of the input's precision (lane_sums, as
+// layer_norm.cpp; torch's group norm sums float32 in float32 too): a float32 sum of n terms in any
+// order meets the n·ε·Σ|terms| bound of tests/oracle.py, and lanes keep it about n/32 + 5 roundings
+// deep. NHWC: per-channel sums across the rows, in double (the loop runs across channels, so it
+// vectorises without lanes).
 // Layouts: NCHW (a set is one contiguous run of C/G planes: the (n, g) sets are spread over
 // threads) and channels-last NHWC (sample n is H·W rows of C channels: the samples are spread over
 // threads, each keeping per-channel sums). Each set (NCHW) or sample (NHWC) is summed and then
 // written while it is still in cache. Outputs have the input's layout. float32 and float64;
 // bfloat16 / float16 through InFloat32 (low_precision.h).
 // Speed (AMD EPYC Zen 4, AVX-512, 1 thread, float32, (128, 64, 16, 16) in 16 groups, against
-// torch's kernels in one process, machine shared so noisy): forward 0.50 vs 0.54 ms, backward
-// 0.71–0.91 vs 1.0–1.3 ms; the first version, two passes over the whole map with the sums in
+// torch's kernels in one process, median CPU time, machine shared so noisy): NCHW forward
+// 0.33–0.36 ms (torch 0.53–0.54), backward 0.54–0.78 ms (torch 0.74–0.98), where the sums in 8
+// double lanes took 0.52–0.54 and 0.77–0.86; NHWC forward 0.87–1.16 ms (torch 4.0–4.6), backward
+// 1.4–1.9 ms (torch 3.3–3.9). The first version, two passes over the whole map with the sums in
 // baseline (SSE2) code, took 2.4 and 2.5 ms.
 
 #include <ATen/ATen.h>
@@ -60,45 +66,23 @@ Groups groups_of(const at::Tensor& x, int64_t G, bool nhwc, const char* op) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The hot loops, in 8 independent double lanes (so that each add is independent of the last and
-// the compiler can vectorise them), each built for the capability the kernels use (AVX-512, AVX2
-// or the baseline: run_for_cpu). The sums are the same on every build, in a lane order.
-
-constexpr int kLanes = 8;
-
-// Σx, Σ(x − K), Σ(x − K)² of n contiguous entries.
-template <typename scalar_t>
-__attribute__((always_inline)) inline ShiftedSums run_sums(const scalar_t* x, int64_t n, double K) {
-  double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double v = x[i + l], d = v - K;
-      sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
-    }
-  }
-  ShiftedSums total;
-  for (; i < n; ++i) total.add(x[i], K);
-  for (int l = 0; l < kLanes; ++l) total.merge({sum[l], shifted[l], shifted_sq[l]});
-  return total;
-}
+// The hot loops, each built for the capability the kernels use (AVX-512, AVX2 or the baseline:
+// run_for_cpu). The NCHW sums run in kLaneCount lanes (normalization.h), so each add is independent
+// of the last and the loop vectorises; the adds run in the same lane order on every build.
 
 // Σδy and Σδy·x̂ (x̂ = (x − μ)·σ⁻¹) of n contiguous entries.
 template <typename scalar_t>
-__attribute__((always_inline)) inline std::pair<double, double> run_delta_sums(const scalar_t* dy, const scalar_t* x, int64_t n, double mu,
-                                                double is) {
-  double s_dy[kLanes] = {}, s_dy_xhat[kLanes] = {};
+__attribute__((always_inline)) inline std::pair<double, double> run_delta_sums(const scalar_t* dy, const scalar_t* x,
+                                                                               int64_t n, scalar_t mu, scalar_t is) {
+  scalar_t s_dy[kLaneCount] = {}, s_dy_xhat[kLaneCount] = {};
   int64_t p = 0;
-  for (; p + kLanes <= n; p += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double d = dy[p + l];
-      s_dy[l] += d, s_dy_xhat[l] += d * ((x[p + l] - mu) * is);
-    }
+  for (; p + kLaneCount <= n; p += kLaneCount) {
+    for (int l = 0; l < kLaneCount; ++l) s_dy[l] += dy[p + l], s_dy_xhat[l] += dy[p + l] * ((x[p + l] - mu) * is);
   }
-  double a = 0, b = 0;
-  for (; p < n; ++p) a += dy[p], b += static_cast<double>(dy[p]) * ((x[p] - mu) * is);
-  for (int l = 0; l < kLanes; ++l) a += s_dy[l], b += s_dy_xhat[l];
-  return {a, b};
+  for (int l = 0; p + l < n; ++l) {  // the tail, one entry per lane
+    s_dy[l] += dy[p + l], s_dy_xhat[l] += dy[p + l] * ((x[p + l] - mu) * is);
+  }
+  return {static_cast<double>(fold_lanes(s_dy)), static_cast<double>(fold_lanes(s_dy_xhat))};
 }
 
 // NHWC: per-channel Σx, Σ(x − K_c), Σ(x − K_c)² over P rows of C channels.
@@ -159,15 +143,8 @@ __attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, c
   }
 }
 
-// Each loop built for the kernels' capability (cpu_capability.h's run_for_cpu).
-template <typename T>
-ShiftedSums sums_of_run(const T* x, int64_t n, double K) {
-  return run_for_cpu([&] { return run_sums(x, n, K); });
-}
-template <typename T>
-std::pair<double, double> delta_sums_of_run(const T* dy, const T* x, int64_t n, double mu, double is) {
-  return run_for_cpu([&] { return run_delta_sums(dy, x, n, mu, is); });
-}
+// The NHWC loops, each built for the kernels' capability (cpu_capability.h's run_for_cpu; the NCHW
+// kernels below run their whole loop over sets through it).
 template <typename T>
 void sums_of_rows(const T* x, int64_t P, int64_t C, const double* K, double* sum, double* shifted,
                   double* shifted_sq) {
@@ -186,14 +163,6 @@ template <typename T>
 void grad_input_of_rows(const T* dy, const T* x, int64_t P, int64_t C, const T* mu, const T* u,
                         const T* v, const T* w, T* dx) {
   run_for_cpu([&] { rows_grad_input(dy, x, P, C, mu, u, v, w, dx); });
-}
-template <typename T>
-void affine_of_run(const T* x, int64_t n, T a, T b, T* y) {
-  run_for_cpu([&] { run_affine(x, n, a, b, y); });
-}
-template <typename T>
-void grad_input_of_run(const T* dy, const T* x, int64_t n, T mu, T u, T v, T w, T* dx) {
-  run_for_cpu([&] { run_grad_input(dy, x, n, mu, u, v, w, dx); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,15 +196,17 @@ void group_norm_forward_kernel(const scalar_t* x, const Groups& s, double eps, c
   const int64_t M = s.M(), Cg = s.Cg();
   if (!s.nhwc) {  // set (n, g) is the contiguous run x[(n·G + g)·M …], planes of channels g·C/G…
     at::parallel_for(0, s.n * s.G, set_grain(M), [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const scalar_t* set = x + ng * M;
-        set_statistics(sums_of_run(set, M, static_cast<double>(set[0])), M, eps, mean[ng], invstd[ng]);
-        for (int64_t k = 0; k < Cg; ++k) {
-          scalar_t a, b;
-          channel_coefficients((ng % s.G) * Cg + k, mean[ng], invstd[ng], gamma, beta, a, b);
-          affine_of_run(set + k * s.P, s.P, a, b, y + ng * M + k * s.P);
+      run_for_cpu([&] {
+        for (int64_t ng = begin; ng < end; ++ng) {
+          const scalar_t* set = x + ng * M;
+          set_statistics(lane_sums(set, M, set[0]), M, eps, mean[ng], invstd[ng]);
+          for (int64_t k = 0; k < Cg; ++k) {
+            scalar_t a, b;
+            channel_coefficients((ng % s.G) * Cg + k, mean[ng], invstd[ng], gamma, beta, a, b);
+            run_affine(set + k * s.P, s.P, a, b, y + ng * M + k * s.P);
+          }
         }
-      }
+      });
     });
     return;
   }
@@ -287,20 +258,22 @@ void group_norm_backward_kernel(const scalar_t* dy, const scalar_t* x, const Gro
   if (!s.nhwc) {
     at::parallel_for(0, s.n * s.G, set_grain(M), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> v(s.C);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / s.G, g = ng % s.G;
-        double *a = sum_dy + n * s.C, *b = sum_dy_xhat + n * s.C;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          const int64_t offset = (n * s.C + c) * s.P;
-          std::tie(a[c], b[c]) = delta_sums_of_run(dy + offset, x + offset, s.P, mean[ng], invstd[ng]);
+      run_for_cpu([&] {
+        for (int64_t ng = begin; ng < end; ++ng) {
+          const int64_t n = ng / s.G, g = ng % s.G;
+          double *a = sum_dy + n * s.C, *b = sum_dy_xhat + n * s.C;
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+            const int64_t offset = (n * s.C + c) * s.P;
+            std::tie(a[c], b[c]) = run_delta_sums(dy + offset, x + offset, s.P, mean[ng], invstd[ng]);
+          }
+          scalar_t u, w;
+          set_grad_coefficients(g, Cg, M, invstd[ng], gamma, a, b, u, w, v.data());
+          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+            const int64_t offset = (n * s.C + c) * s.P;
+            run_grad_input(dy + offset, x + offset, s.P, mean[ng], u, v[c], w, dx + offset);
+          }
         }
-        scalar_t u, w;
-        set_grad_coefficients(g, Cg, M, invstd[ng], gamma, a, b, u, w, v.data());
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          const int64_t offset = (n * s.C + c) * s.P;
-          grad_input_of_run(dy + offset, x + offset, s.P, mean[ng], u, v[c], w, dx + offset);
-        }
-      }
+      });
     });
     return;
   }

@@ -3,7 +3,8 @@
 //   μ = Σx / N,   var = Σ(x − K)²/N − (Σ(x − K)/N)²,   K = the set's first entry
 //
 // Σx gives the mean as torch's sum does (±inf stays ±inf); the sums shifted by K give the
-// variance without the cancellation of Σx²/N − μ² when |μ| ≫ σ. Accumulated in double.
+// variance without the cancellation of Σx²/N − μ² when |μ| ≫ σ. Accumulated in double
+// (ShiftedSums, add_contiguous), or in lanes of the input's precision (lane_sums).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -68,6 +69,49 @@ void add_contiguous(ShiftedSums& s, const scalar_t* x, int64_t n, double K) {
   }
   for (; i < n; ++i) lane[0].add(x[i], K);
   for (int l = 0; l < 4; ++l) s.merge(lane[l]);
+}
+
+// The same three sums of n contiguous entries in kLaneCount lanes of the input's own precision
+// (float32 for float32: torch's layer and group norms accumulate float32 input in float32 too), the
+// lanes then folded pairwise. Lanes make each add independent of the last, so the loop vectorises
+// (16 float32 lanes per AVX-512 register, 2 registers per sum) when built for the CPU
+// (cpu_capability.h's run_for_cpu); the order of the adds is fixed by the lane count, the same on
+// every build (the FMA builds fuse d·d into its add: last-bit differences, cpu_capability.h).
+// Error: each lane is a sum of about n/kLaneCount terms and the fold adds log2(kLaneCount) more
+// roundings, within the recursive-summation bound n·ε·Σ|terms| that a sum of n terms in any order
+// meets (tests/oracle.py); the shift by K keeps Σ(x − K)² free of the cancellation that μ ≫ σ
+// would bring. Used where the sums are the kernel's hot loop (layer_norm.cpp, group_norm.cpp's
+// NCHW sets).
+constexpr int kLaneCount = 32;
+
+// Σ a[l] over the kLaneCount lanes, added pairwise: a[l] += a[l + width] for width = kLaneCount/2,
+// …, 2, 1 (each step a constant-width loop, so the fold itself vectorises).
+template <int width = kLaneCount / 2, typename acc_t>
+__attribute__((always_inline)) inline acc_t fold_lanes(acc_t* a) {
+  for (int l = 0; l < width; ++l) a[l] += a[l + width];
+  if constexpr (width > 1) {
+    return fold_lanes<width / 2>(a);
+  } else {
+    return a[0];
+  }
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline ShiftedSums lane_sums(const scalar_t* x, int64_t n, scalar_t K) {
+  scalar_t sum[kLaneCount] = {}, shifted[kLaneCount] = {}, shifted_sq[kLaneCount] = {};
+  int64_t i = 0;
+  for (; i + kLaneCount <= n; i += kLaneCount) {
+    for (int l = 0; l < kLaneCount; ++l) {
+      const scalar_t v = x[i + l], d = v - K;
+      sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
+    }
+  }
+  for (int l = 0; i + l < n; ++l) {  // the tail, one entry per lane
+    const scalar_t v = x[i + l], d = v - K;
+    sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
+  }
+  return {static_cast<double>(fold_lanes(sum)), static_cast<double>(fold_lanes(shifted)),
+          static_cast<double>(fold_lanes(shifted_sq))};
 }
 
 // (μ, var) of `count` entries; var is clamped at 0 against rounding (NaN stays NaN).

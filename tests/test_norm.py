@@ -308,6 +308,7 @@ LN_CASES = [  # (input shape, normalized_shape, kwargs)
     ((2, 3, 4, 5), (4, 5), {}),
     ((3, 2, 7), [7], {"elementwise_affine": False}),
     ((3, 5, 4), (4,), {"bias": False, "eps": 1e-3}),
+    ((3, 70), 70, {}),  # rows of two full blocks of the kernel's 32 sum lanes and a tail of 6
 ]
 
 
@@ -356,7 +357,8 @@ def test_layer_norm_float32_equals_torch(backend, shape, normalized_shape, kwarg
 GN_CASES = [((2, 6, 3, 3), 3, {}), ((3, 4, 5), 2, {"affine": False}), ((2, 4), 4, {}), ((4, 6, 2, 2), 1, {"eps": 1e-3}),
             ((2, 8, 3, 3), 8, {}),  # C = groups: one channel per set
             ((3, 6, 1, 1), 2, {}),  # 1×1 planes
-            ((2, 4, 3, 2, 2), 2, {})]  # 3-D maps: (n, C, D·H·W) sets
+            ((2, 4, 3, 2, 2), 2, {}),  # 3-D maps: (n, C, D·H·W) sets
+            ((2, 4, 6, 7), 2, {})]  # planes of 42 (sets of 84): full blocks of the kernel's 32 sum lanes and tails
 # channels-last maps (csrc/group_norm.cpp's NHWC kernels): C = groups, 1×1 planes, wide channels
 GN_CHANNELS_LAST_CASES = [((2, 6, 3, 3), 3, {}), ((2, 8, 3, 3), 8, {}), ((3, 6, 1, 1), 2, {}),
                           ((2, 64, 4, 5), 16, {}), ((4, 6, 2, 2), 1, {"affine": False})]
