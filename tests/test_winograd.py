@@ -111,11 +111,10 @@ def within_oracle_bound(x, w, b, dy, padding, what):
     assert (error <= bound).all(), f"{what}: grad_input error {(error / bound).max().item():.2f}× the bound"
 
 
-def random_data(channels, scale, padding, gen):
-    """x, w, b, δy (N = 3, 9×8 maps): randn, or ×1e6 ('large': the bound is relative, so this
-    checks that nothing overflows or loses scale), or each entry of x and δy ×10^U(−3, 3)
+def random_data(channels, scale, padding, gen, N=3, H=9, W=8):
+    """x, w, b, δy (N samples of H×W maps): randn, or ×1e6 ('large': the bound is relative, so
+    this checks that nothing overflows or loses scale), or each entry of x and δy ×10^U(−3, 3)
     ('mixed': neighbouring pixels of very different size, what the transforms mix)."""
-    N, H, W = 3, 9, 8
     x, w = torch.randn(N, channels, H, W, generator=gen), torch.randn(channels, channels, 3, 3, generator=gen)
     b = torch.randn(channels, generator=gen)
     dy = torch.randn(N, channels, H + 2 * padding - 2, W + 2 * padding - 2, generator=gen)
@@ -161,19 +160,6 @@ def grad_weight_within_oracle_bound(x, dy, shape, padding, what):
     assert (error <= bound).all(), f"{what}: grad_weight error {(error / bound).max().item():.2f}× the bound"
 
 
-def grad_weight_data(channels, N, scale, padding, gen):
-    """x, δy of (N, channels, 9, 9) inputs, scaled as random_data's."""
-    H = W = 9
-    x = torch.randn(N, channels, H, W, generator=gen)
-    dy = torch.randn(N, channels, H + 2 * padding - 2, W + 2 * padding - 2, generator=gen)
-    if scale == "large":
-        x, dy = x * 1e6, dy * 1e6
-    if scale == "mixed":
-        x = x * 10 ** (6 * torch.rand(x.shape, generator=gen) - 3)
-        dy = dy * 10 ** (6 * torch.rand(dy.shape, generator=gen) - 3)
-    return x, dy
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("channels, scale", [(c, s) for c in (16, 32, 64) for s in ("randn", "large", "mixed")])
 def test_grad_weight_within_oracle_bound(winograd, channels, scale, layout):
@@ -181,7 +167,7 @@ def test_grad_weight_within_oracle_bound(winograd, channels, scale, layout):
     where select_conv2d_kernel takes it): N = 48 samples of 9×9 maps, 2352–5808 terms."""
     gen = torch.Generator().manual_seed(channels)
     for padding in (0, 1, 2):
-        x, dy = grad_weight_data(channels, 48, scale, padding, gen)
+        x, _, _, dy = random_data(channels, scale, padding, gen, N=48, H=9, W=9)
         grad_weight_within_oracle_bound(laid_out(x, layout), laid_out(dy, layout), (channels, channels, 3, 3), padding,
                                         f"C={channels} {scale} p={padding}")
 
@@ -195,7 +181,7 @@ def test_short_grad_weight_sums_with_mixed_magnitudes_exceed_the_oracle_bound(wi
     gen = torch.Generator().manual_seed(3)
     with pytest.raises(AssertionError, match="the bound"):
         for _, padding in itertools.product(range(4), (0, 1, 2)):  # 12 draws: some exceed the bound
-            x, dy = grad_weight_data(32, 3, "mixed", padding, gen)
+            x, _, _, dy = random_data(32, "mixed", padding, gen, N=3, H=9, W=9)
             grad_weight_within_oracle_bound(x, dy, (32, 32, 3, 3), padding, f"C=32 mixed p={padding}")
 
 
