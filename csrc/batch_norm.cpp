@@ -8,10 +8,12 @@
 //               both: ∂J/∂γ_c = Σ δy·x̂,  ∂J/∂β_c = Σ δy
 //
 // Statistics in one pass (normalization.h): Σx for μ, and Σ(x − K), Σ(x − K)² about K = the
-// channel's first entry for the variance, accumulated in double.
-// Layouts: NCHW (each channel is n contiguous planes of H·W: channels are spread over threads)
-// and channels-last NHWC (each pixel is a contiguous row of C channels: rows are spread over
-// threads, each chunk of rows keeps its own per-channel sums, added in chunk order). Outputs
+// channel's first entry for the variance, accumulated in double. The backward's two sums Σδy and
+// Σδy·x̂ = σ⁻¹·Σδy·(x − μ) in one pass; δx in the same pass (eval) or a second one (training).
+// Layouts: NCHW (each channel is n contiguous planes of H·W: channels are spread over threads, and
+// the training backward writes a channel's δx right after its sums, while its planes are in
+// cache) and channels-last NHWC (each pixel is a contiguous row of C channels: rows are spread
+// over threads, each chunk of rows keeps its own per-channel sums, added in chunk order). Outputs
 // have the input's layout. float32 and float64.
 
 #include <ATen/ATen.h>
@@ -68,6 +70,172 @@ int64_t row_chunks(int64_t rows) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The hot loops, plain C++ built for the capability the kernels use (run_for_cpu: AVX-512, AVX2
+// or the baseline), each sum in kLanes independent double lanes so that no add waits on the last
+// and the compiler vectorises it. NCHW: the lanes are kLanes consecutive entries of a plane.
+// NHWC: the lanes are a group of kLanes channels, summed over a block of kBlockRows rows in
+// registers and then added to the channel's partial sums (one load and store per block, not per
+// row). The order of every sum is fixed by kLanes, kBlockRows and the thread count, the same on
+// every build. Each loop over the lanes stays a loop (GCC unroll 1) so that the compiler's loop
+// vectoriser maps it onto registers: fully unrolled, GCC 12's basic-block vectoriser left some of
+// the sums scalar (objdump of batch_norm.o; NCHW statistics of (128, 128, 8, 8) took 0.6 ms). Double, as torch's CPU batch norm accumulates float32 (acc_type<float> = double):
+// a sum of N = n·H·W ≈ 10⁵ float32 terms in float32 would carry a relative error up to N·2⁻²⁴ ≈
+// 10⁻², in double it stays far under float32's rounding of the result.
+
+constexpr int kLanes = 16;         // one AVX-512 register of float32 (two of double)
+constexpr int64_t kBlockRows = 32;  // NHWC rows summed in registers before touching the arrays
+
+// NCHW: Σx, Σ(x − K), Σ(x − K)² of one channel, its n planes of P contiguous entries `stride` apart
+// (the lanes run on from plane to plane and are added once at the end).
+template <typename scalar_t>
+__attribute__((always_inline)) inline ShiftedSums planes_sums(const scalar_t* x, int64_t n, int64_t P, int64_t stride,
+                                                              double K) {
+  double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
+  ShiftedSums s;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* plane = x + i * stride;
+    int64_t p = 0;
+    for (; p + kLanes <= P; p += kLanes) {
+      #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double v = plane[p + l], d = v - K;
+        sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
+      }
+    }
+    for (; p < P; ++p) s.add(plane[p], K);
+  }
+  for (int l = 0; l < kLanes; ++l) s.merge({sum[l], shifted[l], shifted_sq[l]});
+  return s;
+}
+
+// NHWC: per channel c, Σx, Σ(x − K_c), Σ(x − K_c)² over `rows` rows of C channels, added to S, D, Q.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void add_rows_sums(const scalar_t* x, int64_t rows, int64_t C, const double* K,
+                                                         double* __restrict S, double* __restrict D,
+                                                         double* __restrict Q) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+    const int64_t r1 = std::min(rows, r0 + kBlockRows);
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= C; c0 += kLanes) {
+      double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = x + r * C + c0;
+        #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = row[l], d = v - K[c0 + l];
+          sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
+        }
+      }
+      for (int l = 0; l < kLanes; ++l) S[c0 + l] += sum[l], D[c0 + l] += shifted[l], Q[c0 + l] += shifted_sq[l];
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // the channels past the last full group
+      for (int64_t c = c0; c < C; ++c) {
+        const double v = x[r * C + c], d = v - K[c];
+        S[c] += v, D[c] += d, Q[c] += d * d;
+      }
+    }
+  }
+}
+
+// NCHW: Σδy and Σδy·(x − μ) of one channel, its n planes of P contiguous entries `stride` apart;
+// with dx (eval mode), δx = δy·a written in the same pass.
+template <typename scalar_t>
+__attribute__((always_inline)) inline std::pair<double, double> planes_delta_sums(const scalar_t* dy, const scalar_t* x,
+                                                                                  int64_t n, int64_t P, int64_t stride,
+                                                                                  double mu, scalar_t* dx, scalar_t a) {
+  double lane_dy[kLanes] = {}, lane_dy_xmu[kLanes] = {};
+  double s_dy = 0, s_dy_xmu = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t *d_plane = dy + i * stride, *x_plane = x + i * stride;
+    int64_t p = 0;
+    for (; p + kLanes <= P; p += kLanes) {
+      #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double d = d_plane[p + l];
+        lane_dy[l] += d, lane_dy_xmu[l] += d * (x_plane[p + l] - mu);
+      }
+    }
+    for (; p < P; ++p) s_dy += d_plane[p], s_dy_xmu += static_cast<double>(d_plane[p]) * (x_plane[p] - mu);
+    if (dx) {
+      for (int64_t q = 0; q < P; ++q) dx[i * stride + q] = d_plane[q] * a;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) s_dy += lane_dy[l], s_dy_xmu += lane_dy_xmu[l];
+  return {s_dy, s_dy_xmu};
+}
+
+// NHWC: per channel c, Σδy and Σδy·(x − μ_c) over `rows` rows of C channels, added to Sd, Sx;
+// with dx (eval mode), δx = δy·a_c written in the same pass.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void add_rows_delta_sums(const scalar_t* dy, const scalar_t* x, int64_t rows,
+                                                               int64_t C, const double* mu, double* __restrict Sd, double* __restrict Sx,
+                                                               scalar_t* dx, const scalar_t* a) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
+    const int64_t r1 = std::min(rows, r0 + kBlockRows);
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= C; c0 += kLanes) {
+      double lane_dy[kLanes] = {}, lane_dy_xmu[kLanes] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t *d_row = dy + r * C + c0, *x_row = x + r * C + c0;
+        #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const double d = d_row[l];
+          lane_dy[l] += d, lane_dy_xmu[l] += d * (x_row[l] - mu[c0 + l]);
+        }
+        if (dx) {
+          for (int l = 0; l < kLanes; ++l) dx[r * C + c0 + l] = d_row[l] * a[c0 + l];
+        }
+      }
+      for (int l = 0; l < kLanes; ++l) Sd[c0 + l] += lane_dy[l], Sx[c0 + l] += lane_dy_xmu[l];
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // the channels past the last full group
+      for (int64_t c = c0; c < C; ++c) {
+        const double d = dy[r * C + c];
+        Sd[c] += d, Sx[c] += d * (x[r * C + c] - mu[c]);
+        if (dx) dx[r * C + c] = dy[r * C + c] * a[c];
+      }
+    }
+  }
+}
+
+// y = x·a + b over n contiguous entries.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void run_affine(const scalar_t* x, int64_t n, scalar_t a, scalar_t b, scalar_t* y) {
+  for (int64_t p = 0; p < n; ++p) y[p] = x[p] * a + b;
+}
+
+// NHWC: y = x·a_c + b_c over `rows` rows of C channels.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rows_affine(const scalar_t* x, int64_t rows, int64_t C, const scalar_t* a,
+                                                       const scalar_t* b, scalar_t* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) y[r * C + c] = x[r * C + c] * a[c] + b[c];
+  }
+}
+
+// δx = (x − μ)·u + δy·v + w over n contiguous entries.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void run_grad_input(const scalar_t* dy, const scalar_t* x, int64_t n, scalar_t mu,
+                                                          scalar_t u, scalar_t v, scalar_t w, scalar_t* dx) {
+  for (int64_t p = 0; p < n; ++p) dx[p] = (x[p] - mu) * u + dy[p] * v + w;
+}
+
+// NHWC: δx = (x − μ_c)·u_c + δy·v_c + w_c over `rows` rows of C channels.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
+                                                           const scalar_t* mu, const scalar_t* u, const scalar_t* v,
+                                                           const scalar_t* w, scalar_t* dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) dx[r * C + c] = (x[r * C + c] - mu[c]) * u[c] + dy[r * C + c] * v[c] + w[c];
+  }
+}
+
+// Rows [first, last) of chunk k of `chunks` (NHWC: a thread's share, with its own partial sums).
+std::pair<int64_t, int64_t> chunk_rows(int64_t rows, int64_t chunks, int64_t k) {
+  return {rows * k / chunks, rows * (k + 1) / chunks};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Statistics
 
 template <typename scalar_t>
@@ -86,30 +254,21 @@ void statistics_kernel(const scalar_t* x, const Map& m, scalar_t* mean, scalar_t
     at::parallel_for(0, m.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const double K = x[c * m.P];
-        ShiftedSums s;
-        for (int64_t i = 0; i < m.n; ++i) add_contiguous(s, x + (i * m.C + c) * m.P, m.P, K);
-        finish(c, s);
+        finish(c, run_for_cpu([&] { return planes_sums(x + c * m.P, m.n, m.P, m.C * m.P, K); }));
       }
     });
     return;
   }
-  // per chunk of rows, the three sums of every channel in separate arrays (so the loop over a
-  // row's contiguous channels vectorizes), each channel's entries added in row order
+  // per chunk of rows, the three sums of every channel in separate arrays, added in chunk order
   const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
   std::vector<double> K(x, x + C);  // K = pixel 0's value
   std::vector<double> sum(chunks * C, 0.0), shifted(chunks * C, 0.0), shifted_sq(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      double *S = sum.data() + k * C, *D = shifted.data() + k * C, *Q = shifted_sq.data() + k * C;
-      const double* shift = K.data();
+      const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-          const scalar_t* row = x + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const double v = row[c], d = v - shift[c];
-            S[c] += v, D[c] += d, Q[c] += d * d;
-          }
-        }
+        add_rows_sums(x + first * C, last - first, C, K.data(), sum.data() + k * C, shifted.data() + k * C,
+                      shifted_sq.data() + k * C);
       });
     }
   });
@@ -130,22 +289,17 @@ void channel_affine_kernel(const scalar_t* x, const Map& m, const scalar_t* a, c
                            scalar_t* y) {
   if (!m.nhwc) {
     at::parallel_for(0, m.n * m.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % m.C;
-        const scalar_t ac = a[c], bc = b[c];
-        const scalar_t* in = x + plane * m.P;
-        scalar_t* out = y + plane * m.P;
-        for (int64_t p = 0; p < m.P; ++p) out[p] = in[p] * ac + bc;
-      }
+      run_for_cpu([&] {
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t c = plane % m.C;
+          run_affine(x + plane * m.P, m.P, a[c], b[c], y + plane * m.P);
+        }
+      });
     });
     return;
   }
-  at::parallel_for(0, m.entries(), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* in = x + r * m.C;
-      scalar_t* out = y + r * m.C;
-      for (int64_t c = 0; c < m.C; ++c) out[c] = in[c] * a[c] + b[c];
-    }
+  at::parallel_for(0, m.entries(), kBlockRows, [&](int64_t begin, int64_t end) {
+    run_for_cpu([&] { rows_affine(x + begin * m.C, end - begin, m.C, a, b, y + begin * m.C); });
   });
 }
 
@@ -175,112 +329,88 @@ struct DeltaSums {
   double dy = 0, dy_xhat = 0;
 };
 
-// Adds n contiguous entries of one channel to its sums, in four independent lanes; with dx, also
-// writes eval mode's δx = δy·a (a = γσ⁻¹) in the same pass.
-template <typename scalar_t>
-void add_delta_run(DeltaSums& s, const scalar_t* dy, const scalar_t* x, int64_t n, double mu, double is,
-                   scalar_t* dx, scalar_t a) {
-  double s_dy[4] = {0, 0, 0, 0}, s_dy_xhat[4] = {0, 0, 0, 0};
-  auto add = [&](int64_t p, int l) {
-    const double d = dy[p];
-    s_dy[l] += d;
-    s_dy_xhat[l] += d * ((x[p] - mu) * is);
-  };
-  int64_t p = 0;
-  for (; p + 4 <= n; p += 4) {
-    for (int l = 0; l < 4; ++l) add(p + l, l);
-  }
-  for (; p < n; ++p) add(p, 0);
-  for (int l = 0; l < 4; ++l) s.dy += s_dy[l], s.dy_xhat += s_dy_xhat[l];
-  if (dx) {
-    for (int64_t q = 0; q < n; ++q) dx[q] = dy[q] * a;
-  }
+// (Σδy, Σδy·x̂) from Σδy and Σδy·(x − μ): Σδy·x̂ = σ⁻¹·Σδy·(x − μ), as torch scales its dot product
+// (no entries: 0, whatever σ⁻¹ is).
+DeltaSums delta_sums_of(double s_dy, double s_dy_xmu, double is, int64_t count) {
+  return {s_dy, count == 0 ? 0.0 : s_dy_xmu * is};
 }
 
-// Σδy and Σδy·x̂ per channel; with dx (eval mode), δx = δy·a_c written in the same pass.
+// training: δx = (δy − Σδy/N − (x − μ)·σ⁻¹·Σ(δy·x̂)/N)·γσ⁻¹
+//   (the derived formula with x̂ = (x − μ)·σ⁻¹), as (x − μ)·u_c + δy·v_c + w_c: u_c, v_c, w_c of channel c.
 template <typename scalar_t>
-std::vector<DeltaSums> delta_sums(const scalar_t* dy, const scalar_t* x, const Map& m,
-                                  const scalar_t* mean, const scalar_t* invstd, scalar_t* dx,
-                                  const scalar_t* a) {
-  std::vector<DeltaSums> sums(m.C);
+void grad_input_coefficients(const DeltaSums& s, int64_t count, double is, double gamma, scalar_t& u, scalar_t& v,
+                             scalar_t& w) {
+  const double scale = gamma * is;
+  const double k = s.dy_xhat * is / count, mean_dy = s.dy / count;
+  u = static_cast<scalar_t>(-k * scale);
+  v = static_cast<scalar_t>(scale);
+  w = static_cast<scalar_t>(-mean_dy * scale);
+}
+
+// The backward's sums Σδy, Σδy·x̂ = σ⁻¹·Σδy·(x − μ) per channel, and δx: in eval mode δx = δy·a_c
+// (a_c = γ_c·σ⁻¹_c) written in the pass that sums; in training the derived formula, in a second
+// pass (NCHW: right after the channel's sums, while its planes are still in cache).
+template <typename scalar_t>
+std::vector<DeltaSums> backward_kernel(const scalar_t* dy, const scalar_t* x, const Map& m, const scalar_t* mean,
+                                       const scalar_t* invstd, const scalar_t* weight, bool training, scalar_t* dx) {
+  const int64_t count = m.entries(), C = m.C;
+  std::vector<scalar_t> a(C);
+  for (int64_t c = 0; c < C; ++c) a[c] = weight ? static_cast<scalar_t>(weight[c] * invstd[c]) : invstd[c];
+  auto gamma = [&](int64_t c) { return weight ? static_cast<double>(weight[c]) : 1.0; };
+  std::vector<DeltaSums> sums(C);
   if (!m.nhwc) {
-    at::parallel_for(0, m.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        for (int64_t i = 0; i < m.n; ++i) {
-          const int64_t offset = (i * m.C + c) * m.P;
-          add_delta_run(sums[c], dy + offset, x + offset, m.P, mean[c], invstd[c],
-                        dx ? dx + offset : nullptr, dx ? a[c] : scalar_t(0));
-        }
+        const int64_t first = c * m.P, stride = C * m.P;  // plane (0, c), and from one sample to the next
+        const auto [s_dy, s_dy_xmu] = run_for_cpu([&] {
+          return planes_delta_sums(dy + first, x + first, m.n, m.P, stride, static_cast<double>(mean[c]),
+                                   training ? nullptr : dx + first, a[c]);
+        });
+        sums[c] = delta_sums_of(s_dy, s_dy_xmu, invstd[c], count);
+        if (!training || count == 0) continue;
+        scalar_t u, v, w;
+        grad_input_coefficients(sums[c], count, invstd[c], gamma(c), u, v, w);
+        run_for_cpu([&] {
+          for (int64_t i = 0; i < m.n; ++i) {
+            const int64_t offset = first + i * stride;
+            run_grad_input(dy + offset, x + offset, m.P, mean[c], u, v, w, dx + offset);
+          }
+        });
       }
     });
     return sums;
   }
-  // per chunk of rows, Σδy and Σδy·x̂ of every channel in separate arrays (the loop over a row's
-  // contiguous channels vectorizes), each channel's entries added in row order
-  const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
-  std::vector<double> mu(mean, mean + C), is(invstd, invstd + C);
-  std::vector<double> s_dy(chunks * C, 0.0), s_dy_xhat(chunks * C, 0.0);
+  // per chunk of rows, Σδy and Σδy·(x − μ) of every channel in separate arrays, added in chunk order
+  const int64_t rows = count, chunks = row_chunks(rows);
+  std::vector<double> mu(mean, mean + C);
+  std::vector<double> s_dy(chunks * C, 0.0), s_dy_xmu(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      double *Sd = s_dy.data() + k * C, *Sx = s_dy_xhat.data() + k * C;
-      const double *M = mu.data(), *I = is.data();
+      const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        for (int64_t r = rows * k / chunks; r < rows * (k + 1) / chunks; ++r) {
-          const scalar_t *dy_row = dy + r * C, *x_row = x + r * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const double d = dy_row[c];
-            Sd[c] += d;
-            Sx[c] += d * ((x_row[c] - M[c]) * I[c]);
-          }
-          if (dx) {
-            for (int64_t c = 0; c < C; ++c) dx[r * C + c] = dy_row[c] * a[c];
-          }
-        }
+        add_rows_delta_sums(dy + first * C, x + first * C, last - first, C, mu.data(), s_dy.data() + k * C,
+                            s_dy_xmu.data() + k * C, training ? nullptr : dx + first * C, a.data());
       });
     }
   });
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t c = 0; c < C; ++c) {
-      sums[c].dy += s_dy[k * C + c];
-      sums[c].dy_xhat += s_dy_xhat[k * C + c];
-    }
+  for (int64_t c = 0; c < C; ++c) {
+    double total_dy = 0, total_dy_xmu = 0;
+    for (int64_t k = 0; k < chunks; ++k) total_dy += s_dy[k * C + c], total_dy_xmu += s_dy_xmu[k * C + c];
+    sums[c] = delta_sums_of(total_dy, total_dy_xmu, invstd[c], count);
   }
-  return sums;
-}
-
-// training: δx = (δy − Σδy/N − (x − μ)·σ⁻¹·Σ(δy·x̂)/N)·γσ⁻¹
-//   (the derived formula with x̂ = (x − μ)·σ⁻¹), as (x − μ)·u_c + δy·v_c + w_c
-template <typename scalar_t>
-void training_grad_input(const scalar_t* dy, const scalar_t* x, const Map& m, const scalar_t* mean,
-                         const scalar_t* invstd, const scalar_t* weight,
-                         const std::vector<DeltaSums>& sums, scalar_t* dx) {
-  const int64_t count = m.entries();
-  std::vector<scalar_t> u(m.C), v(m.C), w(m.C);
-  for (int64_t c = 0; c < m.C; ++c) {
-    const double is = invstd[c], scale = (weight ? static_cast<double>(weight[c]) : 1.0) * is;
-    const double k = sums[c].dy_xhat * is / count, mean_dy = sums[c].dy / count;
-    u[c] = static_cast<scalar_t>(-k * scale);
-    v[c] = static_cast<scalar_t>(scale);
-    w[c] = static_cast<scalar_t>(-mean_dy * scale);
-  }
-  auto body = [&](int64_t offset, int64_t c, int64_t len, int64_t step) {
-    const scalar_t mu = mean[c];
-    for (int64_t e = 0; e < len; ++e) {
-      const int64_t i = offset + e * step;
-      dx[i] = (x[i] - mu) * u[c] + dy[i] * v[c] + w[c];
-    }
-  };
-  if (!m.nhwc) {
-    at::parallel_for(0, m.n * m.C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) body(plane * m.P, plane % m.C, m.P, 1);
-    });
-    return;
-  }
-  at::parallel_for(0, m.entries(), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t c = 0; c < m.C; ++c) body(r * m.C + c, c, 1, 1);
+  if (!training || count == 0) return sums;
+  std::vector<scalar_t> u(C), v(C), w(C);
+  for (int64_t c = 0; c < C; ++c) grad_input_coefficients(sums[c], count, invstd[c], gamma(c), u[c], v[c], w[c]);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {  // the same rows per thread as the sums
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [first, last] = chunk_rows(rows, chunks, k);
+      run_for_cpu([&] {
+        rows_grad_input(dy + first * C, x + first * C, last - first, C, mean, u.data(), v.data(), w.data(),
+                        dx + first * C);
+      });
     }
   });
+  return sums;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,21 +476,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const scalar_t* mu_p = mu.const_data_ptr<scalar_t>();
     const scalar_t* is_p = is.const_data_ptr<scalar_t>();
     const scalar_t* g_p = g ? g->const_data_ptr<scalar_t>() : nullptr;
-    // eval: δx = δy·a_c, a_c = γ_c·σ⁻¹_c, written during the pass that sums δy and δy·x̂
-    std::vector<scalar_t> a(C);
-    for (int64_t c = 0; c < C; ++c) a[c] = g_p ? static_cast<scalar_t>(g_p[c] * is_p[c]) : is_p[c];
-    scalar_t* eval_dx = training ? nullptr : grad_input.data_ptr<scalar_t>();
     const std::vector<DeltaSums> sums =
-        delta_sums(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, mu_p, is_p, eval_dx, a.data());
+        backward_kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, mu_p, is_p, g_p, training,
+                        grad_input.data_ptr<scalar_t>());
     scalar_t* gw = grad_weight.data_ptr<scalar_t>();
     scalar_t* gb = grad_bias.data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
       gw[c] = static_cast<scalar_t>(sums[c].dy_xhat);  // Σ δy·x̂
       gb[c] = static_cast<scalar_t>(sums[c].dy);       // Σ δy
-    }
-    if (training) {
-      training_grad_input(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), m, mu_p, is_p, g_p,
-                          sums, grad_input.data_ptr<scalar_t>());
     }
   });
   return {grad_input, grad_weight, grad_bias};
