@@ -71,131 +71,166 @@ int64_t row_chunks(int64_t rows) {
 
 // ---------------------------------------------------------------------------------------------
 // The hot loops, plain C++ built for the capability the kernels use (run_for_cpu: AVX-512, AVX2
-// or the baseline), each sum in kLanes independent double lanes so that no add waits on the last
-// and the compiler vectorises it. NCHW: the lanes are kLanes consecutive entries of a plane.
-// NHWC: the lanes are a group of kLanes channels, summed over a block of kBlockRows rows in
-// registers and then added to the channel's partial sums (one load and store per block, not per
-// row). The order of every sum is fixed by kLanes, kBlockRows and the thread count, the same on
-// every build. Each loop over the lanes stays a loop (GCC unroll 1) so that the compiler's loop
-// vectoriser maps it onto registers: fully unrolled, GCC 12's basic-block vectoriser left some of
-// the sums scalar (objdump of batch_norm.o; NCHW statistics of (128, 128, 8, 8) took 0.6 ms). Double, as torch's CPU batch norm accumulates float32 (acc_type<float> = double):
-// a sum of N = n·H·W ≈ 10⁵ float32 terms in float32 would carry a relative error up to N·2⁻²⁴ ≈
-// 10⁻², in double it stays far under float32's rounding of the result.
+// or the baseline). Both layouts are read as rows of columns: NHWC, rows of C channels; NCHW, a
+// plane cut into rows of kLanes entries (each column then a lane of the channel's sums). Each
+// column's sums are taken over a block of kBlockRows rows in registers, kLanes columns at a time
+// (so that no add waits on the last and the loop vectorises), and then added to the column's
+// running sums. The order of every sum is fixed by kLanes, kBlockRows and the thread count, the
+// same on every build. Each loop over the kLanes columns stays a loop (GCC unroll 1) for the
+// compiler's loop vectoriser: fully unrolled, GCC 12's basic-block vectoriser left some of the
+// sums scalar (objdump of batch_norm.o; NCHW statistics of (128, 128, 8, 8) took 0.6 ms, 0.16 ms
+// as a loop).
+//
+// Precision: a block's sums are in the input's precision, a sum of at most kBlockRows = 32
+// terms, so within 32·ε·Σ|terms| (ε = 2⁻²⁴ for float32); the blocks are added in double, which
+// adds no error of that size however many there are (N·2⁻⁵³ ≪ 2⁻²⁴ for N = n·H·W up to 10⁸).
+// That is within the n·ε·Σ|terms| bound of any order of summation (tests/oracle.py) and tighter
+// than torch's own CPU kernels, which sum a whole plane (NCHW) or a thread's rows (NHWC) in
+// float32 before their double total. Blocks in float32 take half the vector work of double
+// (16 lanes a register, no conversions), which is what the small maps, held in cache, are bound by.
 
-constexpr int kLanes = 16;         // one AVX-512 register of float32 (two of double)
-constexpr int64_t kBlockRows = 32;  // NHWC rows summed in registers before touching the arrays
+constexpr int kLanes = 16;          // one AVX-512 register of float32
+constexpr int64_t kBlockRows = 32;  // rows summed in registers before the running sums
 
-// NCHW: Σx, Σ(x − K), Σ(x − K)² of one channel, its n planes of P contiguous entries `stride` apart
-// (the lanes run on from plane to plane and are added once at the end).
+// eval: δx = δy·a_c over `rows` rows of C columns.
 template <typename scalar_t>
-__attribute__((always_inline)) inline ShiftedSums planes_sums(const scalar_t* x, int64_t n, int64_t P, int64_t stride,
-                                                              double K) {
-  double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
-  ShiftedSums s;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t* plane = x + i * stride;
-    int64_t p = 0;
-    for (; p + kLanes <= P; p += kLanes) {
-      #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const double v = plane[p + l], d = v - K;
-        sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
-      }
-    }
-    for (; p < P; ++p) s.add(plane[p], K);
+__attribute__((always_inline)) inline void rows_scale(const scalar_t* dy, int64_t rows, int64_t C, const scalar_t* a,
+                                                      scalar_t* __restrict dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) dx[r * C + c] = dy[r * C + c] * a[c];
   }
-  for (int l = 0; l < kLanes; ++l) s.merge({sum[l], shifted[l], shifted_sq[l]});
-  return s;
 }
 
-// NHWC: per channel c, Σx, Σ(x − K_c), Σ(x − K_c)² over `rows` rows of C channels, added to S, D, Q.
+// Per column c of `rows` rows of C columns (`C` apart): Σx, Σ(x − K_c), Σ(x − K_c)², added to S, D, Q.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void add_rows_sums(const scalar_t* x, int64_t rows, int64_t C, const double* K,
+__attribute__((always_inline)) inline void add_rows_sums(const scalar_t* x, int64_t rows, int64_t C, const scalar_t* K,
                                                          double* __restrict S, double* __restrict D,
                                                          double* __restrict Q) {
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
     const int64_t r1 = std::min(rows, r0 + kBlockRows);
     int64_t c0 = 0;
     for (; c0 + kLanes <= C; c0 += kLanes) {
-      double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
+      scalar_t sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* row = x + r * C + c0;
-        #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
+#pragma GCC unroll 1  // a loop for the vectoriser (see above)
         for (int l = 0; l < kLanes; ++l) {
-          const double v = row[l], d = v - K[c0 + l];
+          const scalar_t v = row[l], d = v - K[c0 + l];
           sum[l] += v, shifted[l] += d, shifted_sq[l] += d * d;
         }
       }
+#pragma GCC unroll 1
       for (int l = 0; l < kLanes; ++l) S[c0 + l] += sum[l], D[c0 + l] += shifted[l], Q[c0 + l] += shifted_sq[l];
     }
-    for (int64_t r = r0; r < r1; ++r) {  // the channels past the last full group
-      for (int64_t c = c0; c < C; ++c) {
-        const double v = x[r * C + c], d = v - K[c];
-        S[c] += v, D[c] += d, Q[c] += d * d;
+    for (int64_t c = c0; c < C; ++c) {  // the columns past the last full group
+      scalar_t sum = 0, shifted = 0, shifted_sq = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t v = x[r * C + c], d = v - K[c];
+        sum += v, shifted += d, shifted_sq += d * d;
       }
+      S[c] += sum, D[c] += shifted, Q[c] += shifted_sq;
     }
   }
 }
 
-// NCHW: Σδy and Σδy·(x − μ) of one channel, its n planes of P contiguous entries `stride` apart;
-// with dx (eval mode), δx = δy·a written in the same pass.
-template <typename scalar_t>
-__attribute__((always_inline)) inline std::pair<double, double> planes_delta_sums(const scalar_t* dy, const scalar_t* x,
-                                                                                  int64_t n, int64_t P, int64_t stride,
-                                                                                  double mu, scalar_t* dx, scalar_t a) {
-  double lane_dy[kLanes] = {}, lane_dy_xmu[kLanes] = {};
-  double s_dy = 0, s_dy_xmu = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t *d_plane = dy + i * stride, *x_plane = x + i * stride;
-    int64_t p = 0;
-    for (; p + kLanes <= P; p += kLanes) {
-      #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const double d = d_plane[p + l];
-        lane_dy[l] += d, lane_dy_xmu[l] += d * (x_plane[p + l] - mu);
-      }
-    }
-    for (; p < P; ++p) s_dy += d_plane[p], s_dy_xmu += static_cast<double>(d_plane[p]) * (x_plane[p] - mu);
-    if (dx) {
-      for (int64_t q = 0; q < P; ++q) dx[i * stride + q] = d_plane[q] * a;
-    }
-  }
-  for (int l = 0; l < kLanes; ++l) s_dy += lane_dy[l], s_dy_xmu += lane_dy_xmu[l];
-  return {s_dy, s_dy_xmu};
-}
-
-// NHWC: per channel c, Σδy and Σδy·(x − μ_c) over `rows` rows of C channels, added to Sd, Sx;
-// with dx (eval mode), δx = δy·a_c written in the same pass.
+// Per column c of `rows` rows of C columns: Σδy and Σδy·(x − μ_c), added to Sd, Sx; with dx (eval
+// mode), δx = δy·a_c written in the same pass.
 template <typename scalar_t>
 __attribute__((always_inline)) inline void add_rows_delta_sums(const scalar_t* dy, const scalar_t* x, int64_t rows,
-                                                               int64_t C, const double* mu, double* __restrict Sd, double* __restrict Sx,
-                                                               scalar_t* dx, const scalar_t* a) {
+                                                               int64_t C, const scalar_t* mu, double* __restrict Sd,
+                                                               double* __restrict Sx, scalar_t* dx, const scalar_t* a) {
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows) {
     const int64_t r1 = std::min(rows, r0 + kBlockRows);
     int64_t c0 = 0;
     for (; c0 + kLanes <= C; c0 += kLanes) {
-      double lane_dy[kLanes] = {}, lane_dy_xmu[kLanes] = {};
+      scalar_t s_dy[kLanes] = {}, s_dy_xmu[kLanes] = {};
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t *d_row = dy + r * C + c0, *x_row = x + r * C + c0;
-        #pragma GCC unroll 1  // a loop for the vectoriser (see kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const double d = d_row[l];
-          lane_dy[l] += d, lane_dy_xmu[l] += d * (x_row[l] - mu[c0 + l]);
-        }
-        if (dx) {
-          for (int l = 0; l < kLanes; ++l) dx[r * C + c0 + l] = d_row[l] * a[c0 + l];
-        }
+#pragma GCC unroll 1  // a loop for the vectoriser (see above)
+        for (int l = 0; l < kLanes; ++l) s_dy[l] += d_row[l], s_dy_xmu[l] += d_row[l] * (x_row[l] - mu[c0 + l]);
       }
-      for (int l = 0; l < kLanes; ++l) Sd[c0 + l] += lane_dy[l], Sx[c0 + l] += lane_dy_xmu[l];
+#pragma GCC unroll 1
+      for (int l = 0; l < kLanes; ++l) Sd[c0 + l] += s_dy[l], Sx[c0 + l] += s_dy_xmu[l];
     }
-    for (int64_t r = r0; r < r1; ++r) {  // the channels past the last full group
-      for (int64_t c = c0; c < C; ++c) {
-        const double d = dy[r * C + c];
-        Sd[c] += d, Sx[c] += d * (x[r * C + c] - mu[c]);
-        if (dx) dx[r * C + c] = dy[r * C + c] * a[c];
+    for (int64_t c = c0; c < C; ++c) {  // the columns past the last full group
+      scalar_t s_dy = 0, s_dy_xmu = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t d = dy[r * C + c];
+        s_dy += d, s_dy_xmu += d * (x[r * C + c] - mu[c]);
       }
+      Sd[c] += s_dy, Sx[c] += s_dy_xmu;
+    }
+    if (dx) rows_scale(dy + r0 * C, r1 - r0, C, a, dx + r0 * C);  // the block's rows, still in cache
+  }
+}
+
+// NCHW: Σx, Σ(x − K), Σ(x − K)² of one channel, its n planes of P contiguous entries `stride` apart,
+// each plane as rows of kLanes entries (a block may run on from one plane into the next; a
+// plane's last P mod kLanes entries are added in double on their own).
+template <typename scalar_t>
+__attribute__((always_inline)) inline ShiftedSums planes_sums(const scalar_t* x, int64_t n, int64_t P, int64_t stride,
+                                                              scalar_t K) {
+  double sum[kLanes] = {}, shifted[kLanes] = {}, shifted_sq[kLanes] = {};
+  scalar_t b_sum[kLanes] = {}, b_shifted[kLanes] = {}, b_shifted_sq[kLanes] = {};  // the block's
+  auto end_block = [&] {
+    for (int l = 0; l < kLanes; ++l) {
+      sum[l] += b_sum[l], shifted[l] += b_shifted[l], shifted_sq[l] += b_shifted_sq[l];
+      b_sum[l] = b_shifted[l] = b_shifted_sq[l] = 0;
+    }
+  };
+  ShiftedSums s;
+  const int64_t rows = P / kLanes;
+  int64_t in_block = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* plane = x + i * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 1  // a loop for the vectoriser (see above)
+      for (int l = 0; l < kLanes; ++l) {
+        const scalar_t v = plane[r * kLanes + l], d = v - K;
+        b_sum[l] += v, b_shifted[l] += d, b_shifted_sq[l] += d * d;
+      }
+      if (++in_block == kBlockRows) end_block(), in_block = 0;
+    }
+    for (int64_t p = rows * kLanes; p < P; ++p) s.add(plane[p], K);
+  }
+  end_block();
+  for (int l = 0; l < kLanes; ++l) s.merge({sum[l], shifted[l], shifted_sq[l]});
+  return s;
+}
+
+// NCHW: Σδy and Σδy·(x − μ) of one channel, its n planes of P contiguous entries `stride` apart
+// (rows and blocks as planes_sums); with dx (eval mode), δx = δy·a written in the same pass.
+template <typename scalar_t>
+__attribute__((always_inline)) inline std::pair<double, double> planes_delta_sums(const scalar_t* dy, const scalar_t* x,
+                                                                                  int64_t n, int64_t P, int64_t stride,
+                                                                                  scalar_t mu, scalar_t* dx, scalar_t a) {
+  double s_dy[kLanes] = {}, s_dy_xmu[kLanes] = {};
+  scalar_t b_dy[kLanes] = {}, b_dy_xmu[kLanes] = {};  // the block's
+  auto end_block = [&] {
+    for (int l = 0; l < kLanes; ++l) s_dy[l] += b_dy[l], s_dy_xmu[l] += b_dy_xmu[l], b_dy[l] = b_dy_xmu[l] = 0;
+  };
+  double total_dy = 0, total_dy_xmu = 0;
+  const int64_t rows = P / kLanes;
+  int64_t in_block = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t *d_plane = dy + i * stride, *x_plane = x + i * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t *d_row = d_plane + r * kLanes, *x_row = x_plane + r * kLanes;
+#pragma GCC unroll 1  // a loop for the vectoriser (see above)
+      for (int l = 0; l < kLanes; ++l) b_dy[l] += d_row[l], b_dy_xmu[l] += d_row[l] * (x_row[l] - mu);
+      if (++in_block == kBlockRows) end_block(), in_block = 0;
+    }
+    for (int64_t p = rows * kLanes; p < P; ++p) {
+      total_dy += d_plane[p], total_dy_xmu += static_cast<double>(d_plane[p]) * (x_plane[p] - mu);
+    }
+    if (dx) {  // eval: δx = δy·a, the plane still in cache
+      scalar_t* __restrict out = dx + i * stride;
+      for (int64_t p = 0; p < P; ++p) out[p] = d_plane[p] * a;
     }
   }
+  end_block();
+  for (int l = 0; l < kLanes; ++l) total_dy += s_dy[l], total_dy_xmu += s_dy_xmu[l];
+  return {total_dy, total_dy_xmu};
 }
 
 // y = x·a + b over n contiguous entries.
@@ -253,7 +288,7 @@ void statistics_kernel(const scalar_t* x, const Map& m, scalar_t* mean, scalar_t
   if (!m.nhwc) {
     at::parallel_for(0, m.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const double K = x[c * m.P];
+        const scalar_t K = x[c * m.P];  // the channel's first entry
         finish(c, run_for_cpu([&] { return planes_sums(x + c * m.P, m.n, m.P, m.C * m.P, K); }));
       }
     });
@@ -261,13 +296,13 @@ void statistics_kernel(const scalar_t* x, const Map& m, scalar_t* mean, scalar_t
   }
   // per chunk of rows, the three sums of every channel in separate arrays, added in chunk order
   const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
-  std::vector<double> K(x, x + C);  // K = pixel 0's value
+  const scalar_t* K = x;  // K_c = pixel 0's value of channel c
   std::vector<double> sum(chunks * C, 0.0), shifted(chunks * C, 0.0), shifted_sq(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        add_rows_sums(x + first * C, last - first, C, K.data(), sum.data() + k * C, shifted.data() + k * C,
+        add_rows_sums(x + first * C, last - first, C, K, sum.data() + k * C, shifted.data() + k * C,
                       shifted_sq.data() + k * C);
       });
     }
@@ -363,7 +398,7 @@ std::vector<DeltaSums> backward_kernel(const scalar_t* dy, const scalar_t* x, co
       for (int64_t c = begin; c < end; ++c) {
         const int64_t first = c * m.P, stride = C * m.P;  // plane (0, c), and from one sample to the next
         const auto [s_dy, s_dy_xmu] = run_for_cpu([&] {
-          return planes_delta_sums(dy + first, x + first, m.n, m.P, stride, static_cast<double>(mean[c]),
+          return planes_delta_sums(dy + first, x + first, m.n, m.P, stride, mean[c],
                                    training ? nullptr : dx + first, a[c]);
         });
         sums[c] = delta_sums_of(s_dy, s_dy_xmu, invstd[c], count);
@@ -382,13 +417,12 @@ std::vector<DeltaSums> backward_kernel(const scalar_t* dy, const scalar_t* x, co
   }
   // per chunk of rows, Σδy and Σδy·(x − μ) of every channel in separate arrays, added in chunk order
   const int64_t rows = count, chunks = row_chunks(rows);
-  std::vector<double> mu(mean, mean + C);
   std::vector<double> s_dy(chunks * C, 0.0), s_dy_xmu(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        add_rows_delta_sums(dy + first * C, x + first * C, last - first, C, mu.data(), s_dy.data() + k * C,
+        add_rows_delta_sums(dy + first * C, x + first * C, last - first, C, mean, s_dy.data() + k * C,
                             s_dy_xmu.data() + k * C, training ? nullptr : dx + first * C, a.data());
       });
     }
