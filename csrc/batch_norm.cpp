@@ -270,6 +270,13 @@ std::pair<int64_t, int64_t> chunk_rows(int64_t rows, int64_t chunks, int64_t k) 
   return {rows * k / chunks, rows * (k + 1) / chunks};
 }
 
+// f(r0, r1) over rows [first, last) in blocks of kBlockRows, the last block first: NHWC's second
+// pass over a thread's rows starts with those its first pass read last, still in cache.
+template <typename F>
+__attribute__((always_inline)) inline void blocks_from_last(int64_t first, int64_t last, const F& f) {
+  for (int64_t end = last; end > first; end -= kBlockRows) f(std::max(first, end - kBlockRows), end);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Statistics
 
@@ -333,8 +340,17 @@ void channel_affine_kernel(const scalar_t* x, const Map& m, const scalar_t* a, c
     });
     return;
   }
-  at::parallel_for(0, m.entries(), kBlockRows, [&](int64_t begin, int64_t end) {
-    run_for_cpu([&] { rows_affine(x + begin * m.C, end - begin, m.C, a, b, y + begin * m.C); });
+  // each thread the rows whose statistics it summed, the last first (training: still in cache)
+  const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [first, last] = chunk_rows(rows, chunks, k);
+      run_for_cpu([&] {
+        blocks_from_last(first, last, [&](int64_t r0, int64_t r1) {
+          rows_affine(x + r0 * C, r1 - r0, C, a, b, y + r0 * C);
+        });
+      });
+    }
   });
 }
 
@@ -435,12 +451,14 @@ std::vector<DeltaSums> backward_kernel(const scalar_t* dy, const scalar_t* x, co
   if (!training || count == 0) return sums;
   std::vector<scalar_t> u(C), v(C), w(C);
   for (int64_t c = 0; c < C; ++c) grad_input_coefficients(sums[c], count, invstd[c], gamma(c), u[c], v[c], w[c]);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {  // the same rows per thread as the sums
+  // each thread the rows it summed, the last first (still in cache)
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        rows_grad_input(dy + first * C, x + first * C, last - first, C, mean, u.data(), v.data(), w.data(),
-                        dx + first * C);
+        blocks_from_last(first, last, [&](int64_t r0, int64_t r1) {
+          rows_grad_input(dy + r0 * C, x + r0 * C, r1 - r0, C, mean, u.data(), v.data(), w.data(), dx + r0 * C);
+        });
       });
     }
   });
