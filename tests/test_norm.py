@@ -116,6 +116,10 @@ BN_CASES = [  # (class, input shape, constructor kwargs)
     (torch.nn.BatchNorm2d, (3, 4, 2, 3), {"bias": False, "eps": 1e-3, "momentum": 0.3}),
     (torch.nn.BatchNorm1d, (8, 5), {}),
     (torch.nn.BatchNorm1d, (4, 3, 7), {"affine": False, "momentum": None}),
+    # the kernels' blocking (csrc/batch_norm.cpp: rows of 16 columns, blocks of 32 rows): NCHW planes
+    # of 90 = 5 rows of 16 and 10 more, 40 rows a channel (a block runs on into the next plane);
+    # NHWC 720 rows of 19 channels (a group of 16 and 3 more), 23 blocks, a chunk per thread
+    (torch.nn.BatchNorm2d, (8, 19, 9, 10), {}),
 ]
 BN_IDS = [f"{cls.__name__}-{'x'.join(map(str, shape))}-{kw}" for cls, shape, kw in BN_CASES]
 
