@@ -23,6 +23,7 @@
 
 #include "cpu_capability.h"
 #include "normalization.h"
+#include "output_memory.h"  // empty_output: large outputs on 2 MiB pages
 
 #include <algorithm>
 #include <limits>
@@ -39,6 +40,14 @@ namespace {
 // The (n, C, H, W) map as a dense tensor of one of the two layouts (a copy only for other strides).
 at::Tensor dense_map(const at::Tensor& t, bool nhwc) {
   return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+// An output of the dense map x's size and layout, written whole by the kernels: a 128×64×32×32
+// float32 y or δx (32 MiB) would otherwise fault in 8192 4 KiB pages on its first touch
+// (output_memory.h). NHWC: the (n, H, W, C) block seen as (n, C, H, W), channels-last strides.
+at::Tensor output_like(const at::Tensor& x, bool nhwc) {
+  if (!nhwc) return empty_output(x.sizes(), x.options());
+  return empty_output({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 3, 1, 2});
 }
 
 // A per-channel vector: C entries of the input's dtype (made contiguous).
@@ -494,7 +503,7 @@ at::Tensor batch_norm_apply(const at::Tensor& input, const at::Tensor& mean, con
   std::optional<at::Tensor> g, b;
   if (weight && weight->defined()) g = channel_vector(*weight, input, op, "weight");
   if (bias && bias->defined()) b = channel_vector(*bias, input, op, "bias");
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = output_like(x, nhwc);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_batch_norm_apply", [&] {
     std::vector<scalar_t> a, shift;
     affine_coefficients<scalar_t>(mu, is, g, b, a, shift);
@@ -521,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   std::optional<at::Tensor> g;
   if (weight && weight->defined()) g = channel_vector(*weight, input, op, "weight");
   const int64_t C = input.size(1);
-  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_input = output_like(x, nhwc);
   at::Tensor grad_weight = at::empty({C}, input.options()), grad_bias = at::empty({C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_batch_norm_backward", [&] {
     const Map m = map_of(x, nhwc);
