@@ -8,13 +8,19 @@
 //               both: ∂J/∂γ_c = Σ δy·x̂,  ∂J/∂β_c = Σ δy
 //
 // Statistics in one pass (normalization.h): Σx for μ, and Σ(x − K), Σ(x − K)² about K = the
-// channel's first entry for the variance, accumulated in double. The backward's two sums Σδy and
+// channel's first entry for the variance, in blocks of 32 rows in the input's precision added in
+// double (the hot loops' note says why that is within the bound). The backward's two sums Σδy and
 // Σδy·x̂ = σ⁻¹·Σδy·(x − μ) in one pass; δx in the same pass (eval) or a second one (training).
 // Layouts: NCHW (each channel is n contiguous planes of H·W: channels are spread over threads, and
 // the training backward writes a channel's δx right after its sums, while its planes are in
 // cache) and channels-last NHWC (each pixel is a contiguous row of C channels: rows are spread
-// over threads, each chunk of rows keeps its own per-channel sums, added in chunk order). Outputs
-// have the input's layout. float32 and float64.
+// over threads, each chunk of rows keeps its own per-channel sums, added in chunk order, and a
+// thread's second pass over its rows starts with the last, still in cache). Outputs have the
+// input's layout. float32 and float64.
+// Speed (AMD EPYC Zen 4, AVX-512, forward + backward against torch's in one process, batch 128,
+// machine shared so noisy; manualconv.bench rows): one thread, NCHW 64@32 train 58 vs 28 ms, eval
+// 41 vs 22 ms, NHWC 64@32 train 47 vs 28 ms, NHWC 128@8 2.9 vs 2.2–2.9 ms; the version with the
+// sums in baseline (SSE2) double code took 59, 46, 50 and 3.5 ms.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
