@@ -496,8 +496,10 @@ class LinearFunction(Function):
 
     @staticmethod
     def forward(input, weight, bias):
-        if bias is not None and bias.dim() <= 1:  # z = b + x Wᵀ in one GEMM pass (b over the rows)
-            return torch.addmm(bias, _rows(input), weight.t()).reshape(input.shape[:-1] + weight.shape[:1])
+        if input.dim() == 2 and bias is not None and bias.dim() <= 1:
+            # z = b + x Wᵀ in one GEMM pass (b over the rows). Only for a matrix x: a reshaped result
+            # would be a view, which in-place ops on the output (Hardswish(inplace=True)) may not modify
+            return torch.addmm(bias, input, weight.t())
         z = input.matmul(weight.t())
         return z if bias is None else z + bias  # (a bias with leading dimensions: broadcast)
 

@@ -177,6 +177,20 @@ def test_linear_shapes_match_torch(shapes, backend):
         _assert_same(g, h, f"grad {name}")
 
 
+@pytest.mark.parametrize("shape", [(3, 2), (2, 3, 2)], ids=["2d-input", "3d-input"])
+def test_linear_output_may_be_modified_in_place(shape, backend):
+    """An in-place op on the output (mobilenet_v3's Linear → Hardswish(inplace=True)) works as on
+    torch's: the output is no view made inside the Function (autograd would refuse it)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, dtype=torch.float64, generator=generator) for s in (shape, (4, 2), (4,))]
+    def then_in_place(linear):
+        return lambda x, w, b: linear(x, w, b).mul_(2).add_(1)
+    ours, native = _outputs_and_grads(then_in_place(MF.linear), tensors), _outputs_and_grads(then_in_place(F.linear), tensors)
+    _assert_same(ours[0], native[0], "output")
+    for g, h, name in zip(ours[1], native[1], ("input", "weight", "bias")):
+        _assert_same(g, h, f"grad {name}")
+
+
 def test_linear_bias_that_does_not_broadcast_is_rejected(backend):
     x, w, b = torch.randn(3, 2), torch.randn(4, 2), torch.randn(5)
     with pytest.raises(RuntimeError):
