@@ -32,7 +32,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 # -fopenmp at compile time selects ATen's OpenMP backend for at::parallel_for in our
 # headers (without it the kernels would run single-threaded); torch >= 2.10 needs C++20.
-extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++20"]}
+# -fno-trapping-math: nothing here reads floating-point exception flags, so the compiler may
+# evaluate both sides of a select (x < 0 ? a : b) where only AVX-512 could mask them; no value
+# changes (no reassociation, NaN and ±inf as before). Without it GCC left GELU's loops scalar in
+# the AVX2 build: 15.6 ms forward against 2.7 ms with it (AMD EPYC Zen 4, 1 thread, 2M entries).
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math"]}
 extra_link_args = ["-fopenmp"]
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
