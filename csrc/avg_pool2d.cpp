@@ -105,11 +105,11 @@ void avg_pool2d_backward_plane(const scalar_t* dy, const Pool2dGeometry& g, bool
 // 1.09); the backward also divides each δy once (a ring of output rows), not once per input row.
 constexpr int64_t kChannelBlock = 16;
 
-// out[c] = (Σ_k in_k[c]) / divisor for the nk pixels in_k (in order), c ∈ [0, C): blocks of
-// kChannelBlock channels summed in registers, then the tail.
-template <typename scalar_t>
-inline void channels_window_mean(const scalar_t* const* in, int64_t nk, int64_t C, scalar_t divisor,
-                                 scalar_t* __restrict out) {
+// out[c] = finish(Σ_k in_k[c]) for the nk pixels in_k (summed in order), c ∈ [0, C): blocks of
+// kChannelBlock channels summed in registers, then the tail. finish: the mean's division, or none.
+template <typename scalar_t, typename Finish>
+inline void channels_window_sum(const scalar_t* const* in, int64_t nk, int64_t C, const Finish& finish,
+                                scalar_t* __restrict out) {
   int64_t c0 = 0;
   for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
     scalar_t acc[kChannelBlock] = {};
@@ -117,31 +117,12 @@ inline void channels_window_mean(const scalar_t* const* in, int64_t nk, int64_t 
       const scalar_t* __restrict x = in[k] + c0;
       for (int64_t c = 0; c < kChannelBlock; ++c) acc[c] += x[c];
     }
-    for (int64_t c = 0; c < kChannelBlock; ++c) out[c0 + c] = acc[c] / divisor;
+    for (int64_t c = 0; c < kChannelBlock; ++c) out[c0 + c] = finish(acc[c]);
   }
   for (int64_t c = c0; c < C; ++c) {
     scalar_t acc = 0;
     for (int64_t k = 0; k < nk; ++k) acc += in[k][c];
-    out[c] = acc / divisor;
-  }
-}
-
-// out[c] = Σ_k in_k[c] for the nk pixels in_k (in order), c ∈ [0, C), blocked as above.
-template <typename scalar_t>
-inline void channels_window_sum(const scalar_t* const* in, int64_t nk, int64_t C, scalar_t* __restrict out) {
-  int64_t c0 = 0;
-  for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
-    scalar_t acc[kChannelBlock] = {};
-    for (int64_t k = 0; k < nk; ++k) {
-      const scalar_t* __restrict x = in[k] + c0;
-      for (int64_t c = 0; c < kChannelBlock; ++c) acc[c] += x[c];
-    }
-    for (int64_t c = 0; c < kChannelBlock; ++c) out[c0 + c] = acc[c];
-  }
-  for (int64_t c = c0; c < C; ++c) {
-    scalar_t acc = 0;
-    for (int64_t k = 0; k < nk; ++k) acc += in[k][c];
-    out[c] = acc;
+    out[c] = finish(acc);
   }
 }
 
@@ -161,7 +142,8 @@ void avg_pool2d_forward_pixel_channels_last(const scalar_t* x, const Pool2dGeome
   for (int64_t h = wh.lo; h < wh.hi; ++h) {
     for (int64_t w = ww.lo; w < ww.hi; ++w) taps[nk++] = x + (h * g.W + w) * C;
   }
-  channels_window_mean(taps, nk, C, static_cast<scalar_t>(divisor), y_px);
+  const scalar_t d = static_cast<scalar_t>(divisor);
+  channels_window_sum(taps, nk, C, [d](scalar_t sum) { return sum / d; }, y_px);
 }
 
 // Channels-last forward: samples' output rows (n, i) are spread over threads.
@@ -227,7 +209,7 @@ void avg_pool2d_backward_row_channels_last(const Pool2dGeometry& g, int64_t h, c
       const scalar_t* share = share_of(i);
       for (int64_t j = jr.lo; j < jr.hi; ++j) taps[nk++] = share + j * C;
     }
-    channels_window_sum(taps, nk, C, dx_row + w * C);
+    channels_window_sum(taps, nk, C, [](scalar_t sum) { return sum; }, dx_row + w * C);
   }
 }
 

@@ -248,38 +248,6 @@ __attribute__((always_inline)) inline std::pair<double, double> planes_delta_sum
   return {total_dy, total_dy_xmu};
 }
 
-// y = x·a + b over n contiguous entries.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void run_affine(const scalar_t* x, int64_t n, scalar_t a, scalar_t b, scalar_t* y) {
-  for (int64_t p = 0; p < n; ++p) y[p] = x[p] * a + b;
-}
-
-// NHWC: y = x·a_c + b_c over `rows` rows of C channels.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_affine(const scalar_t* x, int64_t rows, int64_t C, const scalar_t* a,
-                                                       const scalar_t* b, scalar_t* y) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < C; ++c) y[r * C + c] = x[r * C + c] * a[c] + b[c];
-  }
-}
-
-// δx = (x − μ)·u + δy·v + w over n contiguous entries.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void run_grad_input(const scalar_t* dy, const scalar_t* x, int64_t n, scalar_t mu,
-                                                          scalar_t u, scalar_t v, scalar_t w, scalar_t* dx) {
-  for (int64_t p = 0; p < n; ++p) dx[p] = (x[p] - mu) * u + dy[p] * v + w;
-}
-
-// NHWC: δx = (x − μ_c)·u_c + δy·v_c + w_c over `rows` rows of C channels.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
-                                                           const scalar_t* mu, const scalar_t* u, const scalar_t* v,
-                                                           const scalar_t* w, scalar_t* dx) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < C; ++c) dx[r * C + c] = (x[r * C + c] - mu[c]) * u[c] + dy[r * C + c] * v[c] + w[c];
-  }
-}
-
 // Rows [first, last) of chunk k of `chunks` (NHWC: a thread's share, with its own partial sums).
 std::pair<int64_t, int64_t> chunk_rows(int64_t rows, int64_t chunks, int64_t k) {
   return {rows * k / chunks, rows * (k + 1) / chunks};

@@ -111,38 +111,6 @@ __attribute__((always_inline)) inline void rows_delta_sums(const scalar_t* dy, c
   }
 }
 
-// y = x·a + b over n contiguous entries.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void run_affine(const scalar_t* x, int64_t n, scalar_t a, scalar_t b, scalar_t* y) {
-  for (int64_t p = 0; p < n; ++p) y[p] = x[p] * a + b;
-}
-
-// δx = (x − μ)·u + δy·v + w over n contiguous entries.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void run_grad_input(const scalar_t* dy, const scalar_t* x, int64_t n, scalar_t mu, scalar_t u, scalar_t v,
-                           scalar_t w, scalar_t* dx) {
-  for (int64_t p = 0; p < n; ++p) dx[p] = (x[p] - mu) * u + dy[p] * v + w;
-}
-
-// NHWC: y = x·a_c + b_c over P rows of C channels.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_affine(const scalar_t* x, int64_t P, int64_t C, const scalar_t* a,
-                                                       const scalar_t* b, scalar_t* y) {
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t c = 0; c < C; ++c) y[p * C + c] = x[p * C + c] * a[c] + b[c];
-  }
-}
-
-// NHWC: δx = (x − μ_c)·u_c + δy·v_c + w_c over P rows of C channels.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, const scalar_t* x, int64_t P, int64_t C,
-                                                           const scalar_t* mu, const scalar_t* u, const scalar_t* v,
-                                                           const scalar_t* w, scalar_t* dx) {
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t c = 0; c < C; ++c) dx[p * C + c] = (x[p * C + c] - mu[c]) * u[c] + dy[p * C + c] * v[c] + w[c];
-  }
-}
-
 // The NHWC loops, each built for the kernels' capability (cpu_capability.h's run_for_cpu; the NCHW
 // kernels below run their whole loop over sets through it).
 template <typename T>

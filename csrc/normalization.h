@@ -122,4 +122,40 @@ inline std::pair<double, double> mean_and_var(const ShiftedSums& s, int64_t coun
   return {mean, var < 0 ? 0.0 : var};
 }
 
+// The norms' elementwise passes (batch norm and group norm), built for the kernels' capability by
+// their callers (run_for_cpu): the affine map y = x·a + b and the backward's
+// δx = (x − μ)·u + δy·v + w, on contiguous runs (NCHW) or rows of C channels (NHWC).
+
+// y = x·a + b over n contiguous entries.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void run_affine(const scalar_t* x, int64_t n, scalar_t a, scalar_t b, scalar_t* y) {
+  for (int64_t p = 0; p < n; ++p) y[p] = x[p] * a + b;
+}
+
+// NHWC: y = x·a_c + b_c over `rows` rows of C channels.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rows_affine(const scalar_t* x, int64_t rows, int64_t C, const scalar_t* a,
+                                                       const scalar_t* b, scalar_t* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) y[r * C + c] = x[r * C + c] * a[c] + b[c];
+  }
+}
+
+// δx = (x − μ)·u + δy·v + w over n contiguous entries.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void run_grad_input(const scalar_t* dy, const scalar_t* x, int64_t n, scalar_t mu,
+                                                          scalar_t u, scalar_t v, scalar_t w, scalar_t* dx) {
+  for (int64_t p = 0; p < n; ++p) dx[p] = (x[p] - mu) * u + dy[p] * v + w;
+}
+
+// NHWC: δx = (x − μ_c)·u_c + δy·v_c + w_c over `rows` rows of C channels.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void rows_grad_input(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
+                                                           const scalar_t* mu, const scalar_t* u, const scalar_t* v,
+                                                           const scalar_t* w, scalar_t* dx) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) dx[r * C + c] = (x[r * C + c] - mu[c]) * u[c] + dy[r * C + c] * v[c] + w[c];
+  }
+}
+
 }  // namespace manualconv
