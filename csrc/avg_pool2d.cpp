@@ -12,7 +12,6 @@
 // contiguous channels, computed channel-vector at a time.
 
 #include "manualconv.h"
-#include "output_memory.h"
 #include "pool_channels_last.h"
 
 #include <ATen/Dispatch.h>
@@ -252,7 +251,7 @@ void avg_pool2d_backward_channels_last(const scalar_t* dy, const Pool2dGeometry&
 at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry& g,
                               bool count_include_pad, std::optional<int64_t> divisor_override) {
   if (is_channels_last(input)) {
-    at::Tensor y = empty_output(g.output_size(),
+    at::Tensor y = at::empty(g.output_size(),
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_avg_pool2d_forward_cl", [&] {
       avg_pool2d_forward_channels_last(input.const_data_ptr<scalar_t>(), g, count_include_pad,
@@ -262,7 +261,7 @@ at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry
   }
 
   const at::Tensor x = input.contiguous();
-  at::Tensor y = empty_output(g.output_size(), x.options());
+  at::Tensor y = at::empty(g.output_size(), x.options());
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_avg_pool2d_forward", [&] {
@@ -282,7 +281,7 @@ at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry
 at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dGeometry& g,
                                bool count_include_pad, std::optional<int64_t> divisor_override) {
   if (is_channels_last(grad_output)) {
-    at::Tensor dx = empty_output({g.N, g.C, g.H, g.W},
+    at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                               grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_avg_pool2d_backward_cl", [&] {
       avg_pool2d_backward_channels_last(grad_output.const_data_ptr<scalar_t>(), g,
@@ -292,7 +291,7 @@ at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dG
     return dx;
   }
   const at::Tensor dy = grad_output.contiguous();
-  at::Tensor dx = empty_output({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_avg_pool2d_backward", [&] {

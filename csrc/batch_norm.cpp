@@ -29,7 +29,6 @@
 
 #include "cpu_capability.h"
 #include "normalization.h"
-#include "output_memory.h"  // empty_output: large outputs on 2 MiB pages
 
 #include <algorithm>
 #include <limits>
@@ -48,12 +47,11 @@ at::Tensor dense_map(const at::Tensor& t, bool nhwc) {
   return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// An output of the dense map x's size and layout, written whole by the kernels: a 128×64×32×32
-// float32 y or δx (32 MiB) would otherwise fault in 8192 4 KiB pages on its first touch
-// (output_memory.h). NHWC: the (n, H, W, C) block seen as (n, C, H, W), channels-last strides.
+// An output of the dense map x's size and layout, written whole by the kernels.
+// NHWC: the (n, H, W, C) block seen as (n, C, H, W), channels-last strides.
 at::Tensor output_like(const at::Tensor& x, bool nhwc) {
-  if (!nhwc) return empty_output(x.sizes(), x.options());
-  return empty_output({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 3, 1, 2});
+  if (!nhwc) return at::empty(x.sizes(), x.options());
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 3, 1, 2});
 }
 
 // A per-channel vector: C entries of the input's dtype (made contiguous).

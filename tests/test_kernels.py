@@ -273,8 +273,8 @@ def test_channels_last_pool_builds_agree(tmp_path):
 @pytest.mark.parametrize("name,kwargs", [("max_pool2d", dict(kernel_size=2)), ("adaptive_avg_pool2d", dict(output_size=64))],
                          ids=["max_pool2d", "adaptive_avg_pool2d"])
 def test_pools_large_outputs(cpp, layout, name, kwargs):
-    """A δx of 32 MiB (8×64×128×128 float32: the size output_memory.h advises to 2 MiB pages
-    before its first write) holds torch's values (NCHW path). Both are exact here: the max pool
+    """A δx of 32 MiB (8×64×128×128 float32: always a fresh mmap from glibc, first touched by
+    the kernel that writes it) holds torch's values (NCHW path). Both are exact here: the max pool
     routes each δy to one position and its windows do not overlap; the 2×2 adaptive windows tile
     the image and δy / 4 is exact, as is the max's output and index."""
     gen = torch.Generator().manual_seed(19)
