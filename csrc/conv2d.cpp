@@ -40,49 +40,74 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): all three passes of float32, 3×3, stride-1,
   // dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the GEMM paths
   // (gradcheck's exact sums). MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
+  const bool avx512 = capability >= CpuCapability::Avx512;
+  const DirectTiling& tiling = avx512 ? kDirectTilingAvx512 : kDirectTilingAvx2;
+  // The direct weight-gradient tiles (also Winograd's weight-gradient products), up to:
+  // AVX2 (Zen 3): 8 or 16 output channels; at 32 the GEMM path took 4.5 ms, the direct kernel
+  // 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10). AVX-512 (Zen 4, one thread, batch 32, ms): up to 32
+  // output channels: 32 → 32 @16 direct 1.52 vs GEMM 1.93; 64 → 64 @8 1.80–1.96 vs 1.67–1.78.
+  // Winograd's products (Zen 4, 2 threads, batch 128, NHWC, ms, tiles vs BLAS): 32 → 32 @16
+  // 2.19 vs 2.93, 64 → 64 @8 2.38 vs 2.09, 128 → 128 @16 38.8 vs 26.8.
+  const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
   if (dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
       g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2) {
+    // Its 16 products per block of tiles on the direct kernels' register tiles where the CPU has
+    // them and the product's output channels fill whole vectors (the weight gradient's tiles also
+    // span tile_columns input channels, and as the direct weight gradient only up to
+    // max_direct_grad_weight_channels), else on BLAS; measured in conv2d_winograd.cpp.
+    const int64_t product_channels = pass == Conv2dPass::GradInput ? g.C : g.O;
+    const bool tiles = capability >= CpuCapability::Avx2 && product_channels % kDirectLanes == 0 &&
+                       (pass != Conv2dPass::GradWeight ||
+                        (g.C >= tiling.tile_columns && g.O <= max_direct_grad_weight_channels));
+    const Conv2dKernel winograd = !tiles ? Conv2dKernel::Winograd
+                                  : avx512 ? Conv2dKernel::WinogradAvx512
+                                           : Conv2dKernel::WinogradAvx2;
     const WinogradChoice choice = winograd_choice();
-    if (choice == WinogradChoice::Always) return Conv2dKernel::Winograd;
-    // Measured 2026-11-29 on an AMD EPYC Zen 4 (family 25 model 17, AVX-512; MKL's sgemm, the
-    // transforms compiled for AVX-512), 1 thread, batch 64 (one thread's share of batch 128),
-    // padding 1, min of 7 × 3 interleaved rounds, forward / input gradient in ms, Winograd
-    // against the path below (NHWC: direct ≤ 64 channels, else NHWC GEMM; NCHW: NCHW GEMM):
-    //   NHWC 64→64 @8  2.03 / 2.44 vs 2.85 / 2.94     NCHW 64→64 @8  2.35 / 2.70 vs 3.75 / 7.96
-    //   NHWC 128→128 @8 16.1 / 15.8 vs 29.3 / 29.2    NCHW 128→128 @8 16.8 / 18.0 vs 24.9 / 26.9
-    //   NHWC 64→128 @16 37.0 / 36.9 vs 63.0 / 46.2    NCHW 64→128 @16 35.4 / 35.2 vs 60.1 / 58.2
-    //   NHWC 256→256 @4 25.7 / 25.7 vs 30.1 / 29.6    NCHW 256→256 @4 20.4 / 20.7 vs 31.3 / 40.4
-    // but NHWC 32→32 @16 2.90 / 3.34 vs 2.87 / 2.93, NHWC 16→16 @32 8.07 / 10.4 vs 3.19 / 4.18
-    // (with few channels the transforms and the shallow GEMMs, K = N = 16, cost more than the
-    // products saved). Later (same machine and method, min of 5, a loaded machine), the
-    // products at 32 and 64 channels:
-    //   NHWC 32→64 @16 5.27 / 5.27 vs 5.94 / 8.36     NCHW 32→64 @16 8.20 / 10.6 vs 7.64 / 11.3
-    //   NHWC 32→32 @32 13.6 / 12.4 vs 12.0 / 12.2     NCHW 32→32 @16 5.57 / 10.2 vs 4.61 / 4.30
-    //   NHWC 16→32 @16 2.18 / 2.54 vs 1.69 / 1.65
-    // So: C·O ≥ 2048 (32 → 64 and up), at least 32 channels each side.
-    // The weight gradient (section 18's adjoint: 16 GEMMs of depth T tiles), ms, Winograd vs the
-    // path below:
-    //   NHWC 32→32 @16 2.78 vs 3.29    NHWC 32→32 @32 10.9 vs 12.2    NHWC 16→32 @16 1.61 vs 1.72
-    //   NHWC 64→64 @8  1.92 vs 3.25    NHWC 128→128 @8 7.22 vs 12.9   NHWC 64→128 @16 14.2 vs 25.9
-    //   NCHW 32→32 @32 18.9 vs 16.0    NCHW 32→32 @16 4.77 vs 4.98    NCHW 32→64 @16 5.96 vs 7.39
-    //   NCHW 64→64 @8  2.25 vs 3.57    NCHW 128→256 @8 19.4 vs 29.8   NHWC 16→16 @32 5.94 vs 3.60
-    // (NCHW pays for copying x and δy to channels-last). So: channels-last from 32 channels each
-    // side; NCHW as the forward. All on maps of at least 4×4 (the smallest measured).
+    if (choice == WinogradChoice::Always) return winograd;
+    // Measured 2026-11-29 (evening) on an AMD EPYC Zen 4 (family 25 model 17, AVX-512: the
+    // products on the AVX-512 tiles, the weight gradient's on MKL from 64 output channels), 2
+    // threads, batch 128, padding 1, median of 9, ms, Winograd against the path below (NHWC:
+    // direct ≤ 64 channels, else NHWC GEMM; NCHW: NCHW GEMM), forward / input grad / weight grad:
+    //   NHWC 32→32 @8   0.66 / 0.66 / 0.56 vs 0.73 / 0.73 / 0.94
+    //   NHWC 32→32 @16  2.64 / 2.73 / 2.10 vs 2.81 / 2.83 / 3.16
+    //   NHWC 32→32 @32  10.9 / 11.1 / 9.85 vs 11.7 / 11.6 / 11.9
+    //   NHWC 32→64 @16  4.79 / 4.19 / 4.22 vs 5.63 / 5.50 / 6.87
+    //   NHWC 64→64 @8   1.91 / 1.94 / 1.89 vs 2.77 / 2.79 / 3.33
+    //   NHWC 64→64 @32  41.5 / 41.9 / 30.6 vs 55.9 / 55.8 / 58.4
+    //   NHWC 128→128 @4 2.12 / 2.19 / 2.32 vs 3.26 / 3.23 / 3.20
+    //   NCHW 32→32 @16  3.18 / 3.07 / 2.81 vs 3.90 / 3.96 / 3.92
+    //   NCHW 64→64 @16  10.4 / 10.6 / 10.9 vs 14.1 / 14.2 / 14.2
+    //   NCHW 128→128 @4 2.17 / 2.30 / 2.36 vs 4.59 / 5.52 / 4.02
+    // but with 16 channels on a side the transforms cost more than the products save:
+    //   NHWC 16→16 @32  4.63 / 4.68 / 4.10 vs 3.28 / 3.12 / 3.24
+    //   NHWC 16→32 @32  7.83 / 6.68 / 6.86 vs 6.33 / 6.31 / 6.21
+    //   NHWC 32→16 @16  1.45 / 1.76 / 1.27 vs 1.48 / 1.47 / 1.65
+    // and NCHW maps of 32×32 pay for copying x, δy and the result between layouts (32 MiB each,
+    // freshly faulted in):
+    //   NCHW 32→32 @32  24.1 / 34.3 / 23.0 vs 16.6 / 16.9 / 16.0
+    //   NCHW 64→64 @32  80.6 / 81.6 / 77.5 vs 67.7 / 69.3 / 54.5
+    // The same machine with manualconv restricted to AVX2 (AVX2 tiles) and to the baseline
+    // (BLAS products), NHWC: 32→32 @8 0.77 / 0.74 / 0.60 vs 0.99 / 0.75 / 0.97 and
+    // 0.73 / 0.74 / 0.64 vs 1.38 / 1.17 / 0.97; 32→32 @16 2.93 / 2.92 / 2.33 vs 2.90 / 2.90 / 4.01
+    // and 3.04 / 2.96 / 2.45 vs 3.94 / 5.48 / 3.95; 64→64 @8 2.96 / 2.91 / 2.41 vs 3.01 / 3.60 /
+    // 4.01 and 2.11 / 2.13 / 1.96 vs 3.32 / 3.44 / 3.31: the same rule holds.
+    // So: at least 32 channels each side; NCHW only on maps of up to 16×16; maps of at least 4×4
+    // (the smallest measured).
     // Accuracy: 3 summed channels exceeded tests/oracle.py's bound on mixed-magnitude data
     // (tests/test_winograd.py); 16 and more stayed within it. The weight gradient sums
     // n = N·H_out·W_out terms, and a tile's transforms also multiply inputs and deltas the direct
     // sum never pairs: on mixed-magnitude data the worst error was 0.4–2.6× the bound at
     // n = 243, 0.13–0.42× at 512, 0.013–0.018× at 2048 (16–64 channels). So: n ≥ 2048.
     constexpr int64_t kMinWinogradChannels = 32;
-    constexpr int64_t kMinWinogradProducts = 2048;  // C·O
+    constexpr int64_t kMaxWinogradNchwPixels = 16 * 16;
     constexpr int64_t kMinWinogradMap = 4;
     constexpr int64_t kMinWinogradGradWeightTerms = 2048;  // N·H_out·W_out
-    const bool wide = std::min(g.C, g.O) >= kMinWinogradChannels &&
-                      (g.C * g.O >= kMinWinogradProducts || (pass == Conv2dPass::GradWeight && channels_last));
+    const bool wide = std::min(g.C, g.O) >= kMinWinogradChannels;
+    const bool layout = channels_last || std::max(g.H * g.W, g.L()) <= kMaxWinogradNchwPixels;
     const bool long_sums = pass != Conv2dPass::GradWeight || g.N * g.L() >= kMinWinogradGradWeightTerms;
-    if (choice == WinogradChoice::Measured && wide && long_sums &&
+    if (choice == WinogradChoice::Measured && wide && layout && long_sums &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
-      return Conv2dKernel::Winograd;
+      return winograd;
     }
   }
   // NCHW stays NCHW: routing small-map NCHW convs through the channels-last kernels measured
@@ -93,9 +118,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   if (dtype != at::kFloat || g.groups != 1 || capability < CpuCapability::Avx2) {
     return Conv2dKernel::NhwcGemm;
   }
-  const bool avx512 = capability >= CpuCapability::Avx512;
   const Conv2dKernel direct_kernel = avx512 ? Conv2dKernel::DirectAvx512 : Conv2dKernel::DirectAvx2;
-  const DirectTiling& tiling = avx512 ? kDirectTilingAvx512 : kDirectTilingAvx2;
   // Forward and input gradient: up to 64 channels (the channels the tiles run over, in whole
   // vectors). AVX2 (AMD EPYC Zen 3): at 128 channels the direct kernel measured 0.69–0.83×
   // native, the GEMM path 0.79–0.90× (stop 10). AVX-512 (AMD EPYC Zen 4, family 25 model 17,
@@ -103,10 +126,6 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // 64 → 64 @8 direct 1.60 / 1.60 vs GEMM 1.68 / 1.73; 128 → 128 @8 10.5 / 10.8 vs 10.8 / 10.8
   // (a tie, within the noise); 128 → 256 @8 25.3 / 24.1 vs 26.6 / 20.8: the same limit.
   const int64_t max_direct_channels = 64;
-  // Weight gradient. AVX2 (Zen 3): 8 or 16 output channels; at 32 the GEMM path took 4.5 ms, the
-  // direct kernel 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10). AVX-512 (Zen 4, as above, ms): up to 32
-  // output channels: 32 → 32 @16 direct 1.52 vs GEMM 1.93; 64 → 64 @8 1.80–1.96 vs 1.67–1.78.
-  const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
   auto direct_for = [](int64_t channels, int64_t limit) {
     return channels % kDirectLanes == 0 && channels <= limit;
   };
@@ -259,7 +278,9 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
     case Conv2dKernel::DirectAvx512:
       return conv2d_forward_direct(input, weight, bias, g, kernel);
     case Conv2dKernel::Winograd:
-      return conv2d_forward_winograd(input, weight, bias, g);
+    case Conv2dKernel::WinogradAvx2:
+    case Conv2dKernel::WinogradAvx512:
+      return conv2d_forward_winograd(input, weight, bias, g, kernel);
     case Conv2dKernel::NhwcGemm:
       return conv2d_forward_channels_last(input, weight, bias, g);
     case Conv2dKernel::NchwGemm:
@@ -313,7 +334,9 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     case Conv2dKernel::DirectAvx512:
       return conv2d_grad_input_direct(grad_output, weight, g, kernel);
     case Conv2dKernel::Winograd:
-      return conv2d_grad_input_winograd(grad_output, weight, g);
+    case Conv2dKernel::WinogradAvx2:
+    case Conv2dKernel::WinogradAvx512:
+      return conv2d_grad_input_winograd(grad_output, weight, g, kernel);
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_input_channels_last(grad_output, weight, g);
     case Conv2dKernel::NchwGemm:
@@ -370,7 +393,9 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
       return conv2d_grad_weight_channels_last(
           input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g);
     case Conv2dKernel::Winograd:
-      return conv2d_grad_weight_winograd(input, grad_output, g);
+    case Conv2dKernel::WinogradAvx2:
+    case Conv2dKernel::WinogradAvx512:
+      return conv2d_grad_weight_winograd(input, grad_output, g, kernel);
     case Conv2dKernel::NchwGemm:
       break;  // below
   }

@@ -19,7 +19,11 @@ enum class Conv2dKernel {
   // per instruction set (conv2d_direct_avx2.cpp, conv2d_direct_avx512.cpp)
   DirectAvx2,
   DirectAvx512,
-  Winograd,  // conv2d_winograd.cpp: F(2×2, 3×3), 16 GEMMs per block of tiles
+  // conv2d_winograd.cpp: F(2×2, 3×3), 16 products per block of tiles, run by BLAS GEMMs
+  // (Winograd) or by the direct kernels' register tiles as 1×1 convs (WinogradAvx2/Avx512)
+  Winograd,
+  WinogradAvx2,
+  WinogradAvx512,
 };
 
 // The kernel that computes `pass` of a conv with geometry g on tensors of `dtype`, channels-last
@@ -27,7 +31,19 @@ enum class Conv2dKernel {
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
                                   bool channels_last, CpuCapability capability);
 
-// The direct kernels' register tiles per instruction set: conv2d_direct_isa.h (DirectTiling).
+// The per-ISA kernels of a Direct* or Winograd{Avx2,Avx512} kernel choice (conv2d_direct_isa.h),
+// defined in conv2d_direct.cpp.
+struct DirectKernels {
+  DirectTiling tiling;
+  DirectConvSample conv_sample;
+  DirectGradWeightSample grad_weight_sample;
+};
+DirectKernels direct_kernels(Conv2dKernel kernel);
+
+// The (K, C_out) row-major weights regrouped into blocks of `block` output channels (the last one
+// narrower when `block` does not divide C_out), block o0 at o0·K, each (K, width) contiguous: the
+// layout the direct kernels read (conv2d_direct_isa.h's DirectConv).
+at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block);
 
 // The channels-last GEMM kernels (conv2d_channels_last.cpp). Arguments are already checked;
 // x / dy are channels-last, weight any layout; bias may be undefined.
@@ -56,12 +72,17 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
 // gives them: float32, a 3×3 kernel, stride 1, dilation 1, one group, padding ≤ 2 (so that the
 // input gradient's padding 2 − p is ≥ 0); x / dy in either layout (read channels-last, the
 // result in x's / dy's layout; the weight gradient channels-last, as the other NHWC kernels').
+// `kernel` is Winograd (BLAS products) or WinogradAvx2/Avx512 (the direct tiles' products: the
+// CPU runs that instruction set, and the product's output channels — O for the forward and the
+// weight gradient, C for the input gradient — are a multiple of kDirectLanes; for the weight
+// gradient also C ≥ the tiling's tile_columns).
 at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& bias, const Conv2dGeometry& g);
+                                   const at::Tensor& bias, const Conv2dGeometry& g,
+                                   Conv2dKernel kernel);
 at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
-                                      const Conv2dGeometry& g);
+                                      const Conv2dGeometry& g, Conv2dKernel kernel);
 at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
-                                       const Conv2dGeometry& g);
+                                       const Conv2dGeometry& g, Conv2dKernel kernel);
 
 // MANUALCONV_WINOGRAD=always|never forces Winograd on or off wherever it applies (the tests run
 // the kernel with it); unset, select_conv2d_kernel's measured choice holds. Read at every call.

@@ -30,21 +30,17 @@
 #include <vector>
 
 namespace manualconv {
-namespace {
 
-// The per-ISA kernels of a Direct* kernel (conv2d_direct_isa.h).
-struct DirectKernels {
-  DirectTiling tiling;
-  DirectConvSample conv_sample;
-  DirectGradWeightSample grad_weight_sample;
-};
-
+// The per-ISA kernels of a kernel choice: a Direct* kernel's own, a Winograd{Avx2,Avx512} kernel's
+// products (conv2d_winograd.cpp).
 DirectKernels direct_kernels(Conv2dKernel kernel) {
 #ifdef MANUALCONV_HAVE_DIRECT_KERNELS
   switch (kernel) {
     case Conv2dKernel::DirectAvx2:
+    case Conv2dKernel::WinogradAvx2:
       return {kDirectTilingAvx2, direct_conv_sample_avx2, direct_grad_weight_sample_avx2};
     case Conv2dKernel::DirectAvx512:
+    case Conv2dKernel::WinogradAvx512:
       return {kDirectTilingAvx512, direct_conv_sample_avx512, direct_grad_weight_sample_avx512};
     default:
       break;
@@ -54,9 +50,7 @@ DirectKernels direct_kernels(Conv2dKernel kernel) {
   return {};
 }
 
-// The (kH, kW, C_in, C_out) weights regrouped into blocks of `block` output channels (the last one
-// narrower when `block` does not divide C_out), block o0 at o0·K, each (kH, kW, C_in, width)
-// contiguous.
+// wt (K, C_out) → blocks of `block` output channels, each (K, width) contiguous (conv2d.h)
 at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block) {
   const int64_t K = wt.numel() / C_out;
   at::Tensor packed = at::empty_like(wt);
@@ -68,6 +62,8 @@ at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block
   }
   return packed;
 }
+
+namespace {
 
 // Copies sample x (H, W, C) into the interior of padded (Hp, Wp, C), pad_h / pad_w from the
 // top / left; the border is never written, so it stays zero.

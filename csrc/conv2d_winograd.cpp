@@ -27,8 +27,15 @@
 //   ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G,
 // for each ξ one GEMM over the tiles: W_ξ (C_in × C_out) += V_ξᵀ · D_ξ, D_ξ[t, o] = (A δy_t[o] Aᵀ)_ξ.
 //
+// The 16 products of a block run as BLAS GEMMs (kernel Winograd), or on the direct kernels'
+// register tiles (WinogradAvx2/Avx512): M_ξ = V_ξ·U_ξ is a 1×1 conv of the block's T tiles as
+// pixels, W_ξ += D_ξᵀ·V_ξ that conv's weight gradient (conv2d_direct_tiles.h). MKL's sgemm on
+// these small products (64×64×64 at 64 channels) ran well below its peak; the tiles need no
+// packing of V and no call overhead (forward, AMD EPYC Zen 4, AVX-512, 2 threads, batch 128,
+// NHWC, ms: 64→64 @8 2.25 → 1.88, 128→128 @8 8.00 → 6.55, 32→32 @16 2.65 → 2.35).
+//
 // Parallelism: blocks of tiles (over all samples) are spread over threads, each thread owning
-// its V and M buffers and calling single-threaded GEMMs (BLAS inside a parallel region).
+// its V and M buffers and calling single-threaded products (BLAS inside a parallel region).
 
 #include "blas.h"
 #include "conv2d.h"
@@ -151,14 +158,59 @@ int64_t tile_block(const WinogradConv& s) {
   return std::max<int64_t>(1, std::min(T, ceil_div<int64_t>(s.tiles(), at::get_num_threads())));
 }
 
-// out = in ⋆ g + b for the correlation s, with U = transform_weights(g) (16, Ci, Co)
-void winograd_correlate(const WinogradConv& s, const float* in, const float* U, const float* bias,
-                        float* out) {
+// Floats from one ξ plane of a block's buffer (T rows of `width` floats) to the next: one cache
+// line more than the plane. A tile's 16 values of a channel lie one plane apart, and planes of a
+// power-of-two size (T·width = 4096 floats at 32 channels) put all 16 in one L1 set, which then
+// thrashes (forward, AMD EPYC Zen 4, 2 threads, batch 128, NHWC 32→32 @16: 4.17 → 2.65 ms).
+int64_t plane_stride(int64_t T, int64_t width) { return T * width + 16; }
+
+// The block's 16 products, by BLAS or by the direct tiles (see the top of this file).
+struct WinogradProducts {
+  bool tiles;       // the direct kernels' register tiles, else BLAS
+  DirectKernels k;  // (tiles only)
+
+  explicit WinogradProducts(Conv2dKernel kernel)
+      : tiles(kernel != Conv2dKernel::Winograd), k(tiles ? direct_kernels(kernel) : DirectKernels{}) {}
+
+  // U (16, Ci, Co) as multiply() reads it: each plane in blocks of output channels for the tiles
+  at::Tensor weights(const at::Tensor& U) const {
+    if (!tiles) return U;
+    std::vector<at::Tensor> planes;
+    for (int64_t xi = 0; xi < kPoints; ++xi) planes.push_back(pack_weight_blocks(U[xi], U.size(2), k.tiling.block_channels));
+    return at::stack(planes);
+  }
+
+  // M_ξ (T × Co) = V_ξ (T × Ci) · U_ξ (Ci × Co)   (rows of M Co floats apart)
+  void multiply(int64_t T, int64_t Ci, int64_t Co, const float* V, const float* U, float* M) const {
+    if (tiles) {
+      const DirectConv pixels{1, T, Ci, Co, 1, 1, 1, 1, 1, 1, 1, T};  // a 1×1 conv of T pixels
+      k.conv_sample(pixels, V, U, nullptr, M);
+    } else {
+      gemm(false, false, T, Co, Ci, 1.0f, V, Ci, U, Co, 0.0f, M, Co);
+    }
+  }
+
+  // W_ξ (Co × Ci) += D_ξᵀ (Co × T) · V_ξ (T × Ci); column[c] = c (c < Ci) for the tiles
+  void accumulate(int64_t T, int64_t Ci, int64_t Co, const float* V, const float* D,
+                  const int64_t* column, float* W) const {
+    if (tiles) {
+      const DirectConv pixels{1, T, Ci, Co, 1, 1, 1, 1, 1, 1, 1, T};  // that conv's weight gradient
+      k.grad_weight_sample(pixels, V, D, column, W);
+    } else {
+      gemm(true, false, Co, Ci, T, 1.0f, D, Co, V, Ci, 1.0f, W, Ci);
+    }
+  }
+};
+
+// out = in ⋆ g + b for the correlation s, with U = products.weights(transform_weights(g))
+void winograd_correlate(const WinogradConv& s, const WinogradProducts& products, const float* in,
+                        const float* U, const float* bias, float* out) {
   const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
   const int64_t block = tile_block(s);
+  const int64_t ldv = plane_stride(block, s.Ci), ldm = plane_stride(block, s.Co);
   at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<float> V(kPoints * block * s.Ci), M(kPoints * block * s.Co);
+    std::vector<float> V(kPoints * ldv), M(kPoints * ldm);
     const std::vector<float> zeros(s.Ci, 0.0f);  // an input pixel in the padding
     std::vector<float> discard(s.Co);              // an output pixel past the image
     const float* d[16];
@@ -168,12 +220,11 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
       // V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ
       for (int64_t t = 0; t < T; ++t) {
         input_tile_pixels(s, in, t0 + t, zeros.data(), d);
-        run_for_cpu([&] { transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci); });
+        run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, V.data() + t * s.Ci); });
       }
       // M_ξ = V_ξ · U_ξ   (T × Co)
       for (int64_t xi = 0; xi < kPoints; ++xi) {
-        gemm(false, false, T, s.Co, s.Ci, 1.0f, V.data() + xi * T * s.Ci, s.Ci, U + xi * s.Ci * s.Co,
-             s.Co, 0.0f, M.data() + xi * T * s.Co, s.Co);
+        products.multiply(T, s.Ci, s.Co, V.data() + xi * ldv, U + xi * s.Ci * s.Co, M.data() + xi * ldm);
       }
       // y_t = Aᵀ M_t A + b
       for (int64_t t = 0; t < T; ++t) {
@@ -185,7 +236,7 @@ void winograd_correlate(const WinogradConv& s, const float* in, const float* U, 
             y[i * 2 + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
           }
         }
-        run_for_cpu([&] { transform_output_tile(M.data() + t * s.Co, T * s.Co, s.Co, bias, y); });
+        run_for_cpu([&] { transform_output_tile(M.data() + t * s.Co, ldm, s.Co, bias, y); });
       }
     }
   });
@@ -212,7 +263,7 @@ void transform_grad_output_tile(const float* const* dy, int64_t Co, int64_t ld, 
   }
 }
 
-// ∂J/∂g[o, c] = Gᵀ Wξ[c, o] G for Wξ = Σ_t Vξ[t, c]·Dξ[t, o] (16, Ci, Co): computed in float64 and
+// ∂J/∂g[o, c] = Gᵀ Wξ[o, c] G for Wξ = Σ_t Dξ[t, o]·Vξ[t, c] (16, Co, Ci): computed in float64 and
 // rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last (Co, 3, 3, Ci).
 at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co) {
   static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
@@ -223,7 +274,7 @@ at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co
   for (int64_t c = 0; c < Ci; ++c) {
     for (int64_t o = 0; o < Co; ++o) {
       double m[4][4];
-      for (int r = 0; r < 16; ++r) m[r / 4][r % 4] = w_data[(r * Ci + c) * Co + o];
+      for (int r = 0; r < 16; ++r) m[r / 4][r % 4] = w_data[(r * Co + o) * Ci + c];
       double mG[4][3];  // Wξ G
       for (int r = 0; r < 4; ++r) {
         for (int b = 0; b < 3; ++b) mG[r][b] = m[r][0] * G[0][b] + m[r][1] * G[1][b] + m[r][2] * G[2][b] + m[r][3] * G[3][b];
@@ -239,16 +290,19 @@ at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co
   return dg.permute({0, 3, 1, 2});
 }
 
-// W = Σ_t Vξ[t, ·]ᵀ Dξ[t, ·] (16, Ci, Co) of the correlation s (in: its input, dy: the gradient of
-// its output): per block of tiles, 16 GEMMs of depth T into each thread's own accumulator.
-at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const float* in, const float* dy,
-                                     const at::TensorOptions& options) {
+// W = Σ_t Dξ[t, ·]ᵀ Vξ[t, ·] (16, Co, Ci) of the correlation s (in: its input, dy: the gradient of
+// its output): per block of tiles, 16 products of depth T into each thread's own accumulator.
+at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProducts& products,
+                                     const float* in, const float* dy, const at::TensorOptions& options) {
   const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
   const int64_t block = tile_block(s);
-  const PerThreadSum W(at::get_num_threads(), {kPoints, s.Ci, s.Co}, options);
+  const int64_t ldv = plane_stride(block, s.Ci), ldd = plane_stride(block, s.Co);
+  std::vector<int64_t> column(s.Ci);  // the tiles' weight columns: channel c of a tile's row
+  for (int64_t c = 0; c < s.Ci; ++c) column[c] = c;
+  const PerThreadSum W(at::get_num_threads(), {kPoints, s.Co, s.Ci}, options);
   at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<float> V(kPoints * block * s.Ci), D(kPoints * block * s.Co);
+    std::vector<float> V(kPoints * ldv), D(kPoints * ldd);
     const std::vector<float> zeros(std::max(s.Ci, s.Co), 0.0f);  // a pixel in the padding / past the output
     float* w = W.mine<float>();
     const float* d[16];
@@ -258,7 +312,7 @@ at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const float* in, con
       for (int64_t t = 0; t < T; ++t) {
         // Vξ[t, c] = (Bᵀ d_t[c] B)_ξ
         input_tile_pixels(s, in, t0 + t, zeros.data(), d);
-        run_for_cpu([&] { transform_input_tile(d, s.Ci, T * s.Ci, V.data() + t * s.Ci); });
+        run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, V.data() + t * s.Ci); });
         // Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ
         const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
         const float* sample = dy + n * s.Ho * s.Wo * s.Co;
@@ -268,12 +322,12 @@ at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const float* in, con
             e[i * 2 + j] = h < s.Ho && c < s.Wo ? sample + (h * s.Wo + c) * s.Co : zeros.data();
           }
         }
-        run_for_cpu([&] { transform_grad_output_tile(e, s.Co, T * s.Co, D.data() + t * s.Co); });
+        run_for_cpu([&] { transform_grad_output_tile(e, s.Co, ldd, D.data() + t * s.Co); });
       }
-      // Wξ += Vξᵀ · Dξ   (Ci × Co, a sum over the block's T tiles)
+      // Wξ += Dξᵀ · Vξ   (Co × Ci, a sum over the block's T tiles)
       for (int64_t xi = 0; xi < kPoints; ++xi) {
-        gemm(true, false, s.Ci, s.Co, T, 1.0f, V.data() + xi * T * s.Ci, s.Ci, D.data() + xi * T * s.Co,
-             s.Co, 1.0f, w + xi * s.Ci * s.Co, s.Co);
+        products.accumulate(T, s.Ci, s.Co, V.data() + xi * ldv, D.data() + xi * ldd, column.data(),
+                            w + xi * s.Co * s.Ci);
       }
     }
   });
@@ -292,26 +346,29 @@ WinogradChoice winograd_choice() {
 
 // y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A + b per 2×2 output tile
 at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
-                                   const at::Tensor& bias, const Conv2dGeometry& g) {
+                                   const at::Tensor& bias, const Conv2dGeometry& g,
+                                   Conv2dKernel kernel) {
+  const WinogradProducts products(kernel);
   const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor U = transform_weights(weight);
+  const at::Tensor U = products.weights(transform_weights(weight));
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
-  winograd_correlate(s, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
+  winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
                      b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
   return y.contiguous(output_layout(x));
 }
 
 // δx = (δy padded by 2 − p) ⋆ rot180(W) with W's channels swapped, per 2×2 tile of δx
 at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
-                                      const Conv2dGeometry& g) {
+                                      const Conv2dGeometry& g, Conv2dKernel kernel) {
+  const WinogradProducts products(kernel);
   const at::Tensor in = dy.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor U = transform_weights(weight.flip({2, 3}).transpose(0, 1));  // (C, O, 3, 3)
+  const at::Tensor U = products.weights(transform_weights(weight.flip({2, 3}).transpose(0, 1)));  // (C, O, 3, 3)
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W};
-  winograd_correlate(s, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
+  winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
                      dx.mutable_data_ptr<float>());
   return dx.contiguous(output_layout(dy));
 }
@@ -319,11 +376,11 @@ at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& we
 // ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G  (section 18: the adjoint of the forward's
 // y_t = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d_t B)]A in g)
 at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
-                                       const Conv2dGeometry& g) {
+                                       const Conv2dGeometry& g, Conv2dKernel kernel) {
   const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor delta = dy.contiguous(at::MemoryFormat::ChannelsLast);
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
-  const at::Tensor W = winograd_grad_weight_sums(s, in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+  const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                                                  x.options());
   return inverse_transform_weights(W, g.C, g.O);
 }

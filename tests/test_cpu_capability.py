@@ -85,6 +85,16 @@ def test_selected_kernel_follows_capability(cpp):
         SUPPORTED, key=CAPABILITIES.index)), capability
     for passname in ("forward", "grad_input", "grad_weight"):
         assert _selected_kernel(passname) == EXPECTED_KERNEL[capability], passname
+    # Winograd (3×3, stride 1, ≥ 32 channels each way): its products on the capability's direct
+    # tiles, BLAS on the baseline; the weight gradient's on the tiles only up to the direct weight
+    # gradient's output channels (32 on AVX-512, 16 on AVX2)
+    tiles = {"default": "winograd", "avx2": "winograd_avx2", "avx512": "winograd_avx512"}[capability]
+    wide = dict(input_size=[64, 64, 8, 8], weight_size=[64, 64, 3, 3])
+    assert _selected_kernel("forward", **wide) == tiles
+    assert _selected_kernel("grad_input", **wide) == tiles
+    assert _selected_kernel("grad_weight", **wide) == "winograd"
+    narrow = dict(input_size=[64, 32, 8, 8], weight_size=[32, 32, 3, 3])
+    assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" else "winograd")
     # NCHW, float64 (not expressible here: the op asks for float32), groups: never direct
     assert _selected_kernel("forward", channels_last=False) == "nchw_gemm"
     assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"

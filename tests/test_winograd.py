@@ -259,18 +259,19 @@ def test_outside_its_geometry_the_switch_is_not_read(monkeypatch):
 
 
 @pytest.mark.parametrize("C, O, size, selected", [
-    # (forward and input gradient, NCHW weight gradient; channels-last weight gradient)
-    (64, 64, 8, (True, True)), (32, 64, 5, (True, True)), (128, 32, 4, (True, True)),  # C·O ≥ 2048, ≥ 32 each way, maps ≥ 4×4
-    (32, 32, 8, (False, True)),  # C·O < 2048: only the channels-last weight gradient (measured faster)
+    # (NCHW, channels-last), every pass
+    (64, 64, 8, (True, True)), (32, 64, 5, (True, True)), (128, 32, 4, (True, True)),  # ≥ 32 each way, maps ≥ 4×4
+    (32, 32, 8, (True, True)),  # 32 each way is enough (the direct tiles' products)
+    (32, 64, 32, (False, True)),  # an NCHW 32×32 map: the layout copies cost more than Winograd saves
     (16, 128, 8, (False, False)), (128, 16, 8, (False, False)),  # under 32 channels one way
     (64, 64, 3, (False, False)),  # a map under 4×4
 ])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_measured_selection(monkeypatch, C, O, size, selected, layout):
     """select_conv2d_kernel's measured choice (switch unset) gives the bits of the kernel it
-    names, in each pass: Winograd's from C·O ≥ 2048 with at least 32 channels each way (for the
-    channels-last weight gradient from 32 channels each way), on maps of at least 4×4, and for
-    the weight gradient on sums of at least 2048 terms; the GEMM/direct kernels' otherwise."""
+    names, in each pass: Winograd's with at least 32 channels each way, on maps of at least 4×4
+    (NCHW: of at most 16×16), and for the weight gradient on sums of at least 2048 terms; the
+    GEMM/direct kernels' otherwise."""
     gen = torch.Generator().manual_seed(C + O + size)
     N = 2048 // (size * size) + 1  # the weight gradient's sum N·H_out·W_out just over 2048 terms
     x = laid_out(torch.randn(N, C, size, size, generator=gen), layout)
@@ -279,10 +280,9 @@ def test_measured_selection(monkeypatch, C, O, size, selected, layout):
     for choice in ("", "always", "never"):
         monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
         results[choice] = (forward(x, w, None, 1), grad_input(dy, w, x.shape, 1), grad_weight(x, dy, w.shape, 1))
-    products, grad_weight_selected = selected
+    chosen = selected[layout == "channels_last"]
+    expected = "always" if chosen else "never"
     for k, what in enumerate(("forward", "grad_input", "grad_weight")):
-        chosen = grad_weight_selected if what == "grad_weight" and layout == "channels_last" else products
-        expected = "always" if chosen else "never"
         assert not torch.equal(results["always"][k], results["never"][k]), f"{what}: the two kernels agree bit for bit"
         assert torch.equal(results[""][k], results[expected][k]), f"{what}: the measured choice is not {expected}"
 
