@@ -4,6 +4,7 @@ else passes through; convert(model) runs the model's forward under it, revert re
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import pickle
 
@@ -231,6 +232,37 @@ def test_converted_model_forward_is_captured_and_revert_removes_it():
     manualconv.convert(converted, inplace=True)  # converting twice: still one capture per forward
     assert not native_nodes(converted(x)) and not torch.overrides._get_current_function_mode_stack()
     assert not converted._forward_pre_hooks and not converted._forward_hooks, "no hook on the model itself"
+
+
+def test_manualconv_layers_step_out_of_the_capture():
+    """A converted model's manualconv layers run their forward outside the capture (their calls
+    are manualconv's own, never routed): a conv and a linear layer add no call the capture sees,
+    while the model's own functional calls around them are still routed, the capture is back on
+    top after each layer, and a user's forward pre-hook on a layer still runs captured."""
+    converted = manualconv.convert(FunctionalNet().double())
+    seen = []
+    module = importlib.import_module("manualconv.capture")  # (manualconv.capture is the class)
+    original = module.capture.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return original(self, func, types, args, kwargs)
+
+    module.capture.__torch_function__ = spy
+    try:
+        out = converted(X)
+        assert {"ReLUFunctionBackward", "HardswishFunctionBackward", "LogSoftmaxFunctionBackward"} <= grad_fn_names(out)
+        assert sorted(seen) == sorted(["relu", "max_pool2d", "hardswish", "mean", "log_softmax"]), seen
+        seen.clear()
+        hook_calls = []
+        converted.conv.register_forward_pre_hook(lambda m, args: hook_calls.append(F.relu(args[0]).grad_fn))
+        converted(X.clone().requires_grad_(True))
+        assert type(hook_calls[0]).__name__ == "ReLUFunctionBackward", "the pre-hook's F.relu is routed"
+        layer_calls = [name for name in seen if name not in ("relu", "max_pool2d", "hardswish", "mean", "log_softmax")]
+        assert layer_calls, "a layer with a user's pre-hook keeps the capture (its own calls are seen)"
+    finally:
+        module.capture.__torch_function__ = original
+    assert not torch.overrides._get_current_function_mode_stack()
 
 
 def test_capture_is_left_when_forward_raises():

@@ -317,3 +317,36 @@ def test_cross_entropy_target_out_of_range_under_vmap(backend):
     targets = torch.tensor([[0, 1], [2, 7]])
     with pytest.raises(IndexError, match="Target 7 is out of bounds"):
         vmap(grad(lambda a, b: MF.cross_entropy(a, b)))(t(2, 2, 4), targets)
+
+
+def _functions():
+    from manualconv import autograd
+    seen, stack = [], [autograd.Function]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            seen.append(sub)
+            stack.append(sub)
+    return seen
+
+
+def test_forward_signatures_bind_as_inspect_does():
+    """Every Function's forward carries the signature Function.apply binds (autograd.py's fast
+    bind): a call passing every parameter positionally binds to the same args and kwargs as
+    inspect's general Signature.bind + apply_defaults, and any other call falls back to it."""
+    import inspect
+
+    functions = _functions()
+    assert len(functions) > 30, [f.__name__ for f in functions]
+    for function in functions:
+        signature = function.forward.__signature__
+        plain = inspect.Signature(list(signature.parameters.values()))
+        names = list(signature.parameters)
+        positional = tuple(object() for _ in names)
+        bound, expected = signature.bind(*positional), plain.bind(*positional)
+        bound.apply_defaults(), expected.apply_defaults()
+        assert (bound.args, bound.kwargs) == (expected.args, expected.kwargs), function.__name__
+        if len(names) > 1:  # the last parameter by keyword: inspect's own binding
+            bound = signature.bind(*positional[:-1], **{names[-1]: positional[-1]})
+            assert bound.args == positional and bound.kwargs == {}, function.__name__
+            with pytest.raises(TypeError):
+                signature.bind(*positional, **{names[0]: positional[0]})
