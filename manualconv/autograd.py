@@ -52,6 +52,17 @@ class _ForwardSignature(inspect.Signature):
         return super().bind(*args, **kwargs)
 
 
+def derivative(function, *args):
+    """``function.apply(*args)`` inside a backward: a Function where the result may be
+    differentiated again (create_graph, a torch.func transform, forward-mode AD), else the same
+    kernel call without a Function's bookkeeping (its forward alone: ~30 µs less a call; two a
+    conv backward). As ReLU's and batch norm's backward choose their kernel path."""
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() \
+            or torch.autograd.forward_ad._current_level >= 0:
+        return function.apply(*args)
+    return function.forward(*args)
+
+
 class Function(torch.autograd.Function):
     """torch's Function, with ``forward``'s signature computed once per class and a fast bind.
     ``Function.apply`` binds every call's arguments to forward's signature when the Function has
@@ -173,9 +184,9 @@ class Conv2dFunction(Function):
         input, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = Conv2dGradInputFunction.apply(grad_output, weight, ctx.input_size, *ctx.conf)
+            grad_input = derivative(Conv2dGradInputFunction, grad_output, weight, ctx.input_size, *ctx.conf)
         if ctx.needs_input_grad[1]:
-            grad_weight = Conv2dGradWeightFunction.apply(input, grad_output, ctx.weight_size, *ctx.conf)
+            grad_weight = derivative(Conv2dGradWeightFunction, input, grad_output, ctx.weight_size, *ctx.conf)
         if ctx.needs_input_grad[2]:
             grad_bias = conv2d_grad_bias(grad_output)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
@@ -329,7 +340,7 @@ class MaxPool2dFunction(Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad_input = MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.backend)
+        grad_input = derivative(MaxPool2dBackwardFunction, grad_output, indices, ctx.input_size, ctx.backend)
         return grad_input, None, None, None, None, None, None
 
     @staticmethod
@@ -391,7 +402,7 @@ class AvgPool2dFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_input = AvgPool2dBackwardFunction.apply(grad_output, ctx.input_size, *ctx.conf)
+        grad_input = derivative(AvgPool2dBackwardFunction, grad_output, ctx.input_size, *ctx.conf)
         return (grad_input,) + (None,) * 7
 
     @staticmethod
@@ -452,7 +463,7 @@ class AdaptiveMaxPool2dFunction(Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
-        return MaxPool2dBackwardFunction.apply(grad_output, indices, ctx.input_size, ctx.backend), None, None
+        return derivative(MaxPool2dBackwardFunction, grad_output, indices, ctx.input_size, ctx.backend), None, None
 
     @staticmethod
     def vmap(info, in_dims, input, output_size, backend):
@@ -481,7 +492,7 @@ class AdaptiveAvgPool2dFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return AdaptiveAvgPool2dBackwardFunction.apply(grad_output, ctx.input_size, ctx.backend), None, None
+        return derivative(AdaptiveAvgPool2dBackwardFunction, grad_output, ctx.input_size, ctx.backend), None, None
 
     @staticmethod
     def vmap(info, in_dims, input, output_size, backend):
@@ -1152,7 +1163,7 @@ class DropoutFunction(Function):
     @staticmethod
     def backward(ctx, grad_output):
         (noise,) = ctx.saved_tensors
-        return DropoutFunction.apply(grad_output, noise), None
+        return derivative(DropoutFunction, grad_output, noise), None
 
     @staticmethod
     def vmap(info, in_dims, input, noise):
@@ -1294,7 +1305,7 @@ class GELUFunction(ElementwiseRules, Function):
 
     @staticmethod
     def input_grad(input, delta, approximate, backend):
-        return GELUBackwardFunction.apply(delta, input, approximate, backend)
+        return derivative(GELUBackwardFunction, delta, input, approximate, backend)
 
     @staticmethod
     def backward(ctx, delta):
