@@ -25,7 +25,7 @@
 // The weight gradient is the forward's adjoint in g: with y_t = Aᵀ(U ⊙ V_t)A and U = G g Gᵀ,
 // ⟨δy_t, Aᵀ(dU ⊙ V_t)A⟩ = ⟨(A δy_t Aᵀ) ⊙ V_t, G dg Gᵀ⟩ = ⟨Gᵀ[(A δy_t Aᵀ) ⊙ V_t]G, dg⟩, so
 //   ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G,
-// for each ξ one GEMM over the tiles: W_ξ (C_in × C_out) += V_ξᵀ · D_ξ, D_ξ[t, o] = (A δy_t[o] Aᵀ)_ξ.
+// for each ξ one product over the tiles: W_ξ (C_out × C_in) += D_ξᵀ · V_ξ, D_ξ[t, o] = (A δy_t[o] Aᵀ)_ξ.
 //
 // The 16 products of a block run as BLAS GEMMs (kernel Winograd), or on the direct kernels'
 // register tiles (WinogradAvx2/Avx512): M_ξ = V_ξ·U_ξ is a 1×1 conv of the block's T tiles as
