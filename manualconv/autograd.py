@@ -58,7 +58,7 @@ def derivative(function, *args):
     kernel call without a Function's bookkeeping (its forward alone: ~30 µs less a call; two a
     conv backward). As ReLU's and batch norm's backward choose their kernel path."""
     if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() \
-            or torch.autograd.forward_ad._current_level >= 0:
+            or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # (unknown: a dual level may be open)
         return function.apply(*args)
     return function.forward(*args)
 

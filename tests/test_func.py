@@ -350,3 +350,34 @@ def test_forward_signatures_bind_as_inspect_does():
             assert bound.args == positional and bound.kwargs == {}, function.__name__
             with pytest.raises(TypeError):
                 signature.bind(*positional, **{names[0]: positional[0]})
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "max_pool2d", "avg_pool2d"])
+def test_forward_over_reverse_through_the_backward(layer, backend):
+    """A Hessian-vector product by forward-mode AD over a backward pass (torch.autograd.forward_ad,
+    no torch.func): the backward's derivative Functions run with their jvp rules (autograd.derivative
+    keeps them Functions while a dual level is open) and equal torch's in float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=gen)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen)
+    tangent_x, tangent_w = torch.randn_like(x), torch.randn_like(w)
+    calls = {"conv2d": lambda f, x, w: f.conv2d(x, w, None, padding=1),
+             "max_pool2d": lambda f, x, w: f.max_pool2d(x * x, 2),
+             "avg_pool2d": lambda f, x, w: f.avg_pool2d(x * x, 3, 1, 1)}
+
+    def hvp(functional):
+        with fwAD.dual_level():
+            xd = fwAD.make_dual(x.clone().requires_grad_(), tangent_x)
+            wd = fwAD.make_dual(w.clone().requires_grad_(), tangent_w)
+            y = calls[layer](functional, xd, wd)
+            grads = torch.autograd.grad((y ** 2).sum(), (xd, wd), allow_unused=True, materialize_grads=True)
+            return [fwAD.unpack_dual(g).tangent for g in grads]
+
+    ours, theirs = hvp(MF), hvp(F)
+    assert ours[0] is not None and theirs[0] is not None  # x's gradient carries a tangent
+    for mine, native in zip(ours, theirs):  # (the pools' unused w: no tangent on either side)
+        assert (mine is None) == (native is None)
+        if native is not None:
+            torch.testing.assert_close(mine, native, rtol=1e-10, atol=1e-10)
