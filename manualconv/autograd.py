@@ -52,15 +52,20 @@ class _ForwardSignature(inspect.Signature):
         return super().bind(*args, **kwargs)
 
 
+def differentiated_again() -> bool:
+    """Whether a backward's result may itself be differentiated: create_graph (grad mode on), a
+    torch.func transform, or forward-mode AD (an open dual level: forward over reverse). Then a
+    backward computes in Functions or differentiable tensor code; otherwise it may call a kernel
+    directly, whose result carries no derivative."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() \
+        or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0  # (unknown: a level may be open)
+
+
 def derivative(function, *args):
-    """``function.apply(*args)`` inside a backward: a Function where the result may be
-    differentiated again (create_graph, a torch.func transform, forward-mode AD), else the same
-    kernel call without a Function's bookkeeping (its forward alone: ~30 µs less a call; two a
-    conv backward). As ReLU's and batch norm's backward choose their kernel path."""
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() \
-            or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # (unknown: a dual level may be open)
-        return function.apply(*args)
-    return function.forward(*args)
+    """``function.apply(*args)`` inside a backward where the result may be differentiated again,
+    else the same kernel call without a Function's bookkeeping (its forward alone: ~30 µs less a
+    call; two a conv backward)."""
+    return function.apply(*args) if differentiated_again() else function.forward(*args)
 
 
 class Function(torch.autograd.Function):
@@ -617,7 +622,7 @@ class ReLUFunction(Function):
     @staticmethod
     def backward(ctx, delta):
         (output,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the selection in differentiable tensor code
+        if differentiated_again():  # create_graph or forward AD: the selection in differentiable tensor code
             return _reference.relu_backward(delta, output), None
         return elementwise_kernels(ctx.backend, output).relu_backward(delta, output), None
 
@@ -893,7 +898,7 @@ class BatchNormFunction(Function):
     def backward(ctx, grad_output):
         input, weight, mean, invstd = ctx.saved_tensors
         training, eps, backend = ctx.conf
-        if torch.is_grad_enabled():  # create_graph: the formula in differentiable pieces
+        if differentiated_again():  # create_graph or forward AD: the formula in differentiable pieces
             if training:
                 mean, invstd = _differentiable_batch_statistics(input, eps)
             grad_input, grad_weight, grad_bias = _reference.batch_norm_backward(
@@ -965,7 +970,7 @@ class LayerNormFunction(Function):
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         input, weight, mean, invstd = ctx.saved_tensors
         eps, backend = ctx.conf
-        if torch.is_grad_enabled():  # create_graph: statistics recomputed from x, formula in plain tensor code
+        if differentiated_again():  # create_graph or forward AD: statistics recomputed from x, formula in plain tensor code
             _, mean, invstd = _reference.layer_norm_forward(input, None, None, eps)
             grads = _reference.layer_norm_backward(grad_output, input, mean, invstd, weight)
         else:
@@ -1039,7 +1044,7 @@ class GroupNormFunction(Function):
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         input, weight, mean, invstd = ctx.saved_tensors
         num_groups, eps, backend = ctx.conf
-        if torch.is_grad_enabled():  # create_graph: statistics recomputed from x, formula in plain tensor code
+        if differentiated_again():  # create_graph or forward AD: statistics recomputed from x, formula in plain tensor code
             shape = (1, -1) + (1,) * (input.dim() - 2)
             g = grad_output if weight is None else grad_output * weight.reshape(shape)
             x_hat, invstd = _group_norm_x_hat(input, num_groups, eps)
