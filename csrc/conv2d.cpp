@@ -36,7 +36,10 @@ namespace manualconv {
 // closing notes of issue 5 (`issues stops`: stops 9 and 10) and docs/benchmark-cpu.md. Later
 // paths (per-ISA direct kernels, Winograd for 3×3 stride 1) are further cases here.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
-                                  bool channels_last, CpuCapability capability) {
+                                  bool channels_last, CpuCapability capability, bool winograd_allowed,
+                                  bool finite_weight) {
+  // The input gradient of a NaN or ±inf weight: the GEMM kernels (col2im, as torch's; conv2d.h)
+  const bool padding_products_ok = pass != Conv2dPass::GradInput || finite_weight;
   // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): all three passes of float32, 3×3, stride-1,
   // dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the GEMM paths
   // (gradcheck's exact sums). MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
@@ -49,8 +52,8 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // Winograd's products (Zen 4, 2 threads, batch 128, NHWC, ms, tiles vs BLAS): 32 → 32 @16
   // 2.19 vs 2.93, 64 → 64 @8 2.38 vs 2.09, 128 → 128 @16 38.8 vs 26.8.
   const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
-  if (dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 &&
-      g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2) {
+  if (winograd_allowed && padding_products_ok && dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 &&
+      g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2) {
     // Its 16 products per block of tiles on the direct kernels' register tiles where the CPU has
     // them and the product's output channels fill whole vectors (the weight gradient's tiles also
     // span tile_columns input channels, and as the direct weight gradient only up to
@@ -138,7 +141,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
       // δx is the stride-1 "full" correlation of δy, padded by d·(k − 1) − p ≥ 0, with the
       // rotated kernel: a direct conv over the input channels, for stride 1 only
       direct = direct_for(g.C, max_direct_channels) && g.sH == 1 && g.sW == 1 &&
-               g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1);
+               g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1) && padding_products_ok;
       break;
     case Conv2dPass::GradWeight:
       // a tile spans tile_columns weight columns (a, b, c): K must have that many
@@ -268,11 +271,29 @@ inline int64_t plane_offset(int64_t n, int64_t channels, int64_t g, int64_t chan
 
 }  // namespace
 
+bool all_finite(const at::Tensor& t) {
+  const at::Tensor dense = t.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "manualconv_all_finite", [&] {
+    const scalar_t* data = dense.const_data_ptr<scalar_t>();
+    int bad = 0;  // v − v is 0 for a finite v, NaN for ±inf and NaN
+    for (int64_t i = 0; i < dense.numel(); ++i) bad |= (data[i] - data[i]) != scalar_t(0);
+    finite = bad == 0;
+  });
+  return finite;
+}
+
 // y = W · im2col(x) + b   (per sample and group)
 at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight,
                           const at::Tensor& bias, const Conv2dGeometry& g) {
-  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(),
-                                                   is_channels_last(input), cpu_capability());
+  Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(),
+                                             is_channels_last(input), cpu_capability());
+  if (is_winograd(kernel)) {
+    at::Tensor y = conv2d_forward_winograd(input, weight, bias, g, kernel);
+    if (y.defined()) return y;
+    kernel = select_conv2d_kernel(Conv2dPass::Forward, g, input.scalar_type(), is_channels_last(input),
+                                  cpu_capability(), /*winograd=*/false);  // a NaN or ±inf (conv2d.h)
+  }
   switch (kernel) {
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
@@ -280,7 +301,7 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
-      return conv2d_forward_winograd(input, weight, bias, g, kernel);
+      break;  // (not selected without Winograd)
     case Conv2dKernel::NhwcGemm:
       return conv2d_forward_channels_last(input, weight, bias, g);
     case Conv2dKernel::NchwGemm:
@@ -327,8 +348,19 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
 // 180°-rotated kernel, per sample and group)
 at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tensor& weight,
                              const Conv2dGeometry& g) {
-  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
-                                                   is_channels_last(grad_output), cpu_capability());
+  const bool channels_last = is_channels_last(grad_output);
+  Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
+                                             channels_last, cpu_capability());
+  if (kernel != Conv2dKernel::NchwGemm && kernel != Conv2dKernel::NhwcGemm && !all_finite(weight)) {
+    kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(), channels_last,
+                                  cpu_capability(), /*winograd=*/true, /*finite_weight=*/false);
+  }
+  if (is_winograd(kernel)) {
+    at::Tensor dx = conv2d_grad_input_winograd(grad_output, weight, g, kernel);
+    if (dx.defined()) return dx;
+    kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(), channels_last,
+                                  cpu_capability(), /*winograd=*/false);
+  }
   switch (kernel) {
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
@@ -336,7 +368,7 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
-      return conv2d_grad_input_winograd(grad_output, weight, g, kernel);
+      break;  // (not selected without Winograd)
     case Conv2dKernel::NhwcGemm:
       return conv2d_grad_input_channels_last(grad_output, weight, g);
     case Conv2dKernel::NchwGemm:
@@ -382,8 +414,14 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
 // and the sum is transposed back to (O, C/G, kH, kW) once at the end.
 at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& grad_output,
                               const Conv2dGeometry& g) {
-  const Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
-                                                   is_channels_last(input), cpu_capability());
+  Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
+                                             is_channels_last(input), cpu_capability());
+  if (is_winograd(kernel)) {
+    at::Tensor dw = conv2d_grad_weight_winograd(input, grad_output, g, kernel);
+    if (dw.defined()) return dw;
+    kernel = select_conv2d_kernel(Conv2dPass::GradWeight, g, input.scalar_type(),
+                                  is_channels_last(input), cpu_capability(), /*winograd=*/false);
+  }
   switch (kernel) {
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
@@ -395,7 +433,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
-      return conv2d_grad_weight_winograd(input, grad_output, g, kernel);
+      break;  // (not selected without Winograd)
     case Conv2dKernel::NchwGemm:
       break;  // below
   }

@@ -28,8 +28,22 @@ enum class Conv2dKernel {
 
 // The kernel that computes `pass` of a conv with geometry g on tensors of `dtype`, channels-last
 // or NCHW, on a CPU with `capability`. Every path and the reason for it is in this one function.
+// winograd = false: the kernel Winograd stands in for (a Winograd result with a NaN or ±inf is
+// recomputed by it; see the Winograd kernels below). finite_weight = false (the weight holds a NaN
+// or ±inf): the input gradient avoids the kernels that correlate the zero-padded δy with the
+// rotated kernel (direct, Winograd), where 0·inf = NaN at the padding; torch's col2im, as the GEMM
+// kernels', never multiplies the padding.
 Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::ScalarType dtype,
-                                  bool channels_last, CpuCapability capability);
+                                  bool channels_last, CpuCapability capability, bool winograd = true,
+                                  bool finite_weight = true);
+
+// Whether every entry of a float32 / float64 tensor is finite (no NaN, no ±inf).
+bool all_finite(const at::Tensor& t);
+
+inline bool is_winograd(Conv2dKernel kernel) {
+  return kernel == Conv2dKernel::Winograd || kernel == Conv2dKernel::WinogradAvx2 ||
+         kernel == Conv2dKernel::WinogradAvx512;
+}
 
 // The per-ISA kernels of a Direct* or Winograd{Avx2,Avx512} kernel choice (conv2d_direct_isa.h),
 // defined in conv2d_direct.cpp.
@@ -76,6 +90,11 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
 // CPU runs that instruction set, and the product's output channels — O for the forward and the
 // weight gradient, C for the input gradient — are a multiple of kDirectLanes; for the weight
 // gradient also C ≥ the tiling's tile_columns).
+// Each returns an undefined tensor when its result holds a NaN or ±inf: the transforms add and
+// subtract inputs, so one inf input gives inf − inf = NaN where the direct sum (and torch) give
+// ±inf; the caller then recomputes the result with the direct / GEMM kernel. (A non-finite input
+// or weight always leaves a NaN or ±inf in the result, as every product meets it; with finite
+// ones only an overflow can, and the recomputation is then right too.)
 at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& bias, const Conv2dGeometry& g,
                                    Conv2dKernel kernel);

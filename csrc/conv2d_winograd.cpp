@@ -34,6 +34,12 @@
 // packing of V and no call overhead (forward, AMD EPYC Zen 4, AVX-512, 2 threads, batch 128,
 // NHWC, ms: 64→64 @8 2.25 → 1.88, 128→128 @8 8.00 → 6.55, 32→32 @16 2.65 → 2.35).
 //
+// Non-finite values: the transforms add and subtract inputs, so an inf input becomes inf − inf =
+// NaN where the direct sum gives ±inf (torch's result). The output transform notes any NaN or
+// ±inf it writes (the weight gradient checks its sums), and the kernel then returns nothing: its
+// caller recomputes with the direct / GEMM kernel (conv2d.h). Finite data costs one compare per
+// output value.
+//
 // Parallelism: blocks of tiles (over all samples) are spread over threads, each thread owning
 // its V and M buffers and calling single-threaded products (BLAS inside a parallel region).
 
@@ -44,6 +50,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -113,10 +120,11 @@ void transform_input_tile(const float* const* d, int64_t Ci, int64_t ld, float* 
 
 // y[i][j] = (Aᵀ M A)[i][j] + b for every output channel of one tile: M_ξ = m + ξ·ld (Co floats
 // each); y[2·i + j] points at the Co channels of output pixel (i, j) (a scratch row where the
-// pixel lies past the output); bias may be null.
-void transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* bias,
+// pixel lies past the output); bias may be null. Returns whether every value written is finite.
+bool transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* bias,
                            float* const* y) {
   float *y00 = y[0], *y01 = y[1], *y10 = y[2], *y11 = y[3];
+  int nonfinite = 0;  // v − v is 0 for a finite v, NaN for ±inf and NaN
 #pragma GCC ivdep  // y never overlaps m (y rows are distinct pixels, or the scratch row nobody reads)
   for (int64_t o = 0; o < Co; ++o) {
     const float b = bias ? bias[o] : 0.0f;
@@ -130,9 +138,12 @@ void transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* 
     const float r12 = m[6 * ld + o] - m[10 * ld + o] - m[14 * ld + o];
     const float r13 = m[7 * ld + o] - m[11 * ld + o] - m[15 * ld + o];
     // (Aᵀ M) A: the same on the columns of each row
-    y00[o] = r00 + r01 + r02 + b, y01[o] = r01 - r02 - r03 + b;
-    y10[o] = r10 + r11 + r12 + b, y11[o] = r11 - r12 - r13 + b;
+    const float v00 = r00 + r01 + r02 + b, v01 = r01 - r02 - r03 + b;
+    const float v10 = r10 + r11 + r12 + b, v11 = r11 - r12 - r13 + b;
+    y00[o] = v00, y01[o] = v01, y10[o] = v10, y11[o] = v11;
+    nonfinite |= ((v00 - v00) + (v01 - v01) + (v10 - v10) + (v11 - v11)) != 0.0f;
   }
+  return nonfinite == 0;
 }
 
 // The input pointers of tile t's 4×4 input pixels (zeros where in the padding or past the image)
@@ -202,9 +213,11 @@ struct WinogradProducts {
   }
 };
 
-// out = in ⋆ g + b for the correlation s, with U = products.weights(transform_weights(g))
-void winograd_correlate(const WinogradConv& s, const WinogradProducts& products, const float* in,
+// out = in ⋆ g + b for the correlation s, with U = products.weights(transform_weights(g)).
+// Returns whether every output is finite.
+bool winograd_correlate(const WinogradConv& s, const WinogradProducts& products, const float* in,
                         const float* U, const float* bias, float* out) {
+  std::atomic<bool> finite{true};
   const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
   const int64_t block = tile_block(s);
   const int64_t ldv = plane_stride(block, s.Ci), ldm = plane_stride(block, s.Co);
@@ -236,10 +249,13 @@ void winograd_correlate(const WinogradConv& s, const WinogradProducts& products,
             y[i * 2 + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
           }
         }
-        run_for_cpu([&] { transform_output_tile(M.data() + t * s.Co, ldm, s.Co, bias, y); });
+        if (!run_for_cpu([&] { return transform_output_tile(M.data() + t * s.Co, ldm, s.Co, bias, y); })) {
+          finite = false;
+        }
       }
     }
   });
+  return finite;
 }
 
 // Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ for every output channel of one tile: δy[2·i + j] points at the Co
@@ -354,8 +370,10 @@ at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
-  winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
-                     b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
+  if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
+                          b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>())) {
+    return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
+  }
   return y.contiguous(output_layout(x));
 }
 
@@ -368,8 +386,10 @@ at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& we
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W};
-  winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
-                     dx.mutable_data_ptr<float>());
+  if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
+                          dx.mutable_data_ptr<float>())) {
+    return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
+  }
   return dx.contiguous(output_layout(dy));
 }
 
@@ -382,7 +402,9 @@ at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
   const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                                                  x.options());
-  return inverse_transform_weights(W, g.C, g.O);
+  const at::Tensor dg = inverse_transform_weights(W, g.C, g.O);
+  if (!at::isfinite(dg).all().item<bool>()) return at::Tensor();  // as the forward (conv2d.h)
+  return dg;
 }
 
 }  // namespace manualconv

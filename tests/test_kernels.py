@@ -292,3 +292,32 @@ def test_pools_large_outputs(cpp, layout, name, kwargs):
         assert torch.equal(y, expected)
         assert torch.equal(MF.max_pool2d(leaf, **kwargs, return_indices=True)[1],
                            F.max_pool2d(x_nchw, **kwargs, return_indices=True)[1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("channels,kernel,padding", [(8, 3, 1), (16, 5, 2), (32, 3, 1), (64, 3, 0)],
+                         ids=["direct-8", "direct-16-5x5", "winograd-32", "winograd-64-p0"])
+def test_grad_input_of_a_non_finite_weight_matches_torch(cpp, layout, channels, kernel, padding):
+    """A weight holding inf, −inf and NaN: torch's input gradient (col2im) never multiplies δy's
+    zero padding, so where only padding meets a bad tap its δx stays finite. The direct and
+    Winograd kernels correlate the zero-padded δy (0·inf = NaN there), so select_conv2d_kernel
+    gives such a weight the GEMM kernel: NaN and ±inf exactly where torch's float32 δx has them,
+    the finite values within the suite's bound."""
+    from oracle import sum_error_bound
+
+    gen = torch.Generator().manual_seed(channels + kernel)
+    x = _in_layout(torch.randn(2, channels, 9, 9, generator=gen), layout).requires_grad_()
+    w = torch.randn(channels, channels, kernel, kernel, generator=gen)
+    w.view(-1)[[3, channels * kernel * kernel + 1, 7 * kernel * kernel]] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    y = F.conv2d(x, w, padding=padding)
+    dy = _in_layout(torch.randn(y.shape, generator=gen), layout)
+    (expected,) = torch.autograd.grad(y, x, dy)
+    (got,) = torch.autograd.grad(MF.conv2d(x, w, padding=padding), x, dy)
+    assert torch.equal(got.isnan(), expected.isnan()), "NaN where torch has none, or the reverse"
+    assert torch.equal(got.isinf(), expected.isinf()) and torch.equal(got[got.isinf()], expected[expected.isinf()])
+    finite = expected.isfinite()
+    # float32 sums of channels·k² terms, both sides within n·ε·Σ|terms| (oracle.py) of the exact
+    # value, so within twice that of each other, over the finite entries
+    bound = sum_error_bound(channels * kernel * kernel, torch.float32,
+                            torch.nn.grad.conv2d_input(x.shape, w.nan_to_num(0, 0, 0).abs(), dy.abs(), padding=padding))
+    assert ((got - expected).abs()[finite] <= 2 * bound[finite]).all()

@@ -301,3 +301,32 @@ def test_short_grad_weight_sums_stay_off_winograd(monkeypatch):
             results[choice] = grad_weight(x, dy, w.shape, 1)
         assert not torch.equal(results["always"], results["never"])
         assert torch.equal(results[""], results["always" if selected else "never"]), f"N={N}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", ["input", "weight", "grad_output"])
+def test_non_finite_values_give_torchs_nan_and_inf(monkeypatch, where, layout):
+    """An inf, −inf or NaN among the data: the transforms would turn an inf into inf − inf = NaN
+    where the direct sum (and torch) give ±inf, so a Winograd result holding a NaN or ±inf is
+    recomputed by the direct / GEMM kernel: forced Winograd gives the bits of that kernel, and
+    NaN and ±inf exactly where torch's float64 conv has them, in all three passes."""
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(3, 32, 8, 8, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
+    dy = torch.randn(3, 32, 8, 8, generator=gen)
+    target = {"input": x, "weight": w, "grad_output": dy}[where]
+    target.view(-1)[[5, 700, 1300]] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    xl, dyl = laid_out(x, layout), laid_out(dy, layout)
+    results = {}
+    for choice in ("always", "never"):
+        monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
+        results[choice] = (forward(xl, w, None, 1), grad_input(dyl, w, x.shape, 1), grad_weight(xl, dyl, w.shape, 1))
+    expected = (F.conv2d(x.double(), w.double(), padding=1),
+                torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), padding=1),
+                torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), padding=1))
+    for what, winograd, other, native in zip(("forward", "grad_input", "grad_weight"), results["always"],
+                                             results["never"], expected):
+        if not native.isfinite().all():  # (a pass the bad value does not reach stays on Winograd)
+            assert torch.equal(winograd.isnan(), other.isnan()) and torch.equal(winograd.nan_to_num(), other.nan_to_num()), what
+        assert torch.equal(winograd.isnan(), native.isnan()), f"{what}: NaN where torch has none, or the reverse"
+        assert torch.equal(winograd.isinf(), native.isinf()), f"{what}: ±inf positions differ from torch's"
+        assert torch.equal(winograd[winograd.isinf()].double(), native[native.isinf()]), f"{what}: inf signs differ"
