@@ -309,7 +309,10 @@ def test_non_finite_values_give_torchs_nan_and_inf(monkeypatch, where, layout):
     """An inf, −inf or NaN among the data: the transforms would turn an inf into inf − inf = NaN
     where the direct sum (and torch) give ±inf, so a Winograd result holding a NaN or ±inf is
     recomputed by the direct / GEMM kernel: forced Winograd gives the bits of that kernel, and
-    NaN and ±inf exactly where torch's float64 conv has them, in all three passes."""
+    NaN and ±inf exactly where torch's float64 conv has them, in all three passes. (float64: with
+    a NaN / ±inf weight torch's own float32 forward disagrees with itself — oneDNN skips the
+    padding taps, its im2col path multiplies the zeros there, 0·inf = NaN — and its float64
+    path is im2col, as ours.)"""
     gen = torch.Generator().manual_seed(8)
     x, w = torch.randn(3, 32, 8, 8, generator=gen), torch.randn(32, 32, 3, 3, generator=gen)
     dy = torch.randn(3, 32, 8, 8, generator=gen)
