@@ -52,8 +52,9 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // Winograd's products (Zen 4, 2 threads, batch 128, NHWC, ms, tiles vs BLAS): 32 → 32 @16
   // 2.19 vs 2.93, 64 → 64 @8 2.38 vs 2.09, 128 → 128 @16 38.8 vs 26.8.
   const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
-  if (winograd_allowed && padding_products_ok && dtype == at::kFloat && g.groups == 1 && g.kH == 3 && g.kW == 3 &&
-      g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 && g.pH <= 2 && g.pW <= 2) {
+  if (winograd_allowed && padding_products_ok && dtype == at::kFloat && g.groups == 1 &&
+      g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 && g.pH <= 2 &&
+      g.pW <= 2) {
     // Its 16 products per block of tiles on the direct kernels' register tiles where the CPU has
     // them and the product's output channels fill whole vectors (the weight gradient's tiles also
     // span tile_columns input channels, and as the direct weight gradient only up to
@@ -67,7 +68,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
                                            : Conv2dKernel::WinogradAvx2;
     const WinogradChoice choice = winograd_choice();
     if (choice == WinogradChoice::Always) return winograd;
-    // Measured 2026-11-29 (evening) on an AMD EPYC Zen 4 (family 25 model 17, AVX-512: the
+    // Measured 2026-11-29 (night) on an AMD EPYC Zen 4 (family 25 model 17, AVX-512: the
     // products on the AVX-512 tiles, the weight gradient's on MKL from 64 output channels), 2
     // threads, batch 128, padding 1, median of 9, ms, Winograd against the path below (NHWC:
     // direct ≤ 64 channels, else NHWC GEMM; NCHW: NCHW GEMM), forward / input grad / weight grad:
