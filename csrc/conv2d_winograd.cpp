@@ -403,7 +403,7 @@ at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy
   const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                                                  x.options());
   const at::Tensor dg = inverse_transform_weights(W, g.C, g.O);
-  if (!at::isfinite(dg).all().item<bool>()) return at::Tensor();  // as the forward (conv2d.h)
+  if (!all_finite(dg)) return at::Tensor();  // as the forward (conv2d.h)
   return dg;
 }
 
