@@ -14,9 +14,14 @@
 // Layouts: NCHW (each channel is n contiguous planes of H·W: channels are spread over threads, and
 // the training backward writes a channel's δx right after its sums, while its planes are in
 // cache) and channels-last NHWC (each pixel is a contiguous row of C channels: rows are spread
-// over threads, each chunk of rows keeps its own per-channel sums, added in chunk order, and a
-// thread's second pass over its rows starts with the last, still in cache). Outputs have the
-// input's layout. float32 and float64.
+// over threads, each chunk of rows keeps its own per-channel sums, added in chunk order, and
+// every pass reads its rows in memory order). Outputs have the input's layout. float32 and float64.
+// Memory order, not last-rows-first: a second pass that started with the rows its first pass had
+// read last (to find them in cache) walked memory backwards in 2 KiB blocks, which the hardware
+// prefetchers do not follow. With x and δy out of cache, as in a training step (AMD EPYC Zen 4,
+// AVX-512, 2 threads, NHWC (128, 16, 32, 32)): apply 0.97 → 0.45 ms, backward 1.66 → 0.89 ms
+// (torch: 0.89 ms for its whole forward, 1.30 ms backward); a ResNet-20 step's 57 batch-norm
+// applies took 28 → 15 ms, its backwards 50 → 39 ms.
 // Speed (AMD EPYC Zen 4, AVX-512, forward + backward against torch's in one process, batch 128,
 // machine shared so noisy; manualconv.bench rows): one thread, NCHW 64@32 train 58 vs 28 ms, eval
 // 41 vs 22 ms, NHWC 64@32 train 47 vs 28 ms, NHWC 128@8 2.9 vs 2.2–2.9 ms; the version with the
@@ -251,13 +256,6 @@ std::pair<int64_t, int64_t> chunk_rows(int64_t rows, int64_t chunks, int64_t k) 
   return {rows * k / chunks, rows * (k + 1) / chunks};
 }
 
-// f(r0, r1) over rows [first, last) in blocks of kBlockRows, the last block first: NHWC's second
-// pass over a thread's rows starts with those its first pass read last, still in cache.
-template <typename F>
-__attribute__((always_inline)) inline void blocks_from_last(int64_t first, int64_t last, const F& f) {
-  for (int64_t end = last; end > first; end -= kBlockRows) f(std::max(first, end - kBlockRows), end);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Statistics
 
@@ -321,16 +319,12 @@ void channel_affine_kernel(const scalar_t* x, const Map& m, const scalar_t* a, c
     });
     return;
   }
-  // each thread the rows whose statistics it summed, the last first (training: still in cache)
+  // each thread the rows whose statistics it summed, in memory order (see the top)
   const int64_t rows = m.entries(), chunks = row_chunks(rows), C = m.C;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [first, last] = chunk_rows(rows, chunks, k);
-      run_for_cpu([&] {
-        blocks_from_last(first, last, [&](int64_t r0, int64_t r1) {
-          rows_affine(x + r0 * C, r1 - r0, C, a, b, y + r0 * C);
-        });
-      });
+      run_for_cpu([&] { rows_affine(x + first * C, last - first, C, a, b, y + first * C); });
     }
   });
 }
@@ -432,14 +426,13 @@ std::vector<DeltaSums> backward_kernel(const scalar_t* dy, const scalar_t* x, co
   if (!training || count == 0) return sums;
   std::vector<scalar_t> u(C), v(C), w(C);
   for (int64_t c = 0; c < C; ++c) grad_input_coefficients(sums[c], count, invstd[c], gamma(c), u[c], v[c], w[c]);
-  // each thread the rows it summed, the last first (still in cache)
+  // each thread the rows it summed, in memory order (see the top)
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [first, last] = chunk_rows(rows, chunks, k);
       run_for_cpu([&] {
-        blocks_from_last(first, last, [&](int64_t r0, int64_t r1) {
-          rows_grad_input(dy + r0 * C, x + r0 * C, r1 - r0, C, mean, u.data(), v.data(), w.data(), dx + r0 * C);
-        });
+        rows_grad_input(dy + first * C, x + first * C, last - first, C, mean, u.data(), v.data(), w.data(),
+                        dx + first * C);
       });
     }
   });
