@@ -1,9 +1,51 @@
-// Shared by the elementwise kernels (gelu.cpp, relu.cpp): the layout they walk in storage order.
+// Shared by the elementwise kernels (gelu.cpp, relu.cpp, activations.cpp): the layout they walk
+// in storage order, their input check and their parallel loop.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu_capability.h"
 
 namespace manualconv {
+
+constexpr int64_t kElementwiseGrain = 32768;  // entries per parallel task
+
+// out[i] = f(i) for i in [0, n), in parallel tasks of kElementwiseGrain entries, each a loop
+// built for the kernels' capability (run_for_cpu: the compiler vectorises it). Each loop calls its
+// own copy of f: the values f captured (an activation's parameters) are then locals no store to
+// out can reach, kept in registers; read through the caller's f they would be reloaded for every
+// entry, and the loop not vectorised (measured: hardtanh forward + backward of (128, 64, 32, 32)
+// float32 38 ms against torch's 21 ms; 20 ms with the copy; AMD EPYC Zen 4, 2 threads).
+template <typename scalar_t, typename F>
+void map_entries(int64_t n, scalar_t* out, const F& f) {
+  at::parallel_for(0, n, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    run_for_cpu([&] {
+      const F entry = f;
+      for (int64_t i = begin; i < end; ++i) out[i] = entry(i);
+    });
+  });
+}
+
+// δy of a backward: the size, dtype and device of `like` (the saved input or output, `name`d)
+inline void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& like,
+                              const char* name) {
+  TORCH_CHECK(grad_output.sizes() == like.sizes(), op, ": grad_output must have the ", name, "'s size ",
+              like.sizes(), ", but got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == like.scalar_type(), op, ": grad_output must have the ", name,
+              "'s dtype ", like.scalar_type(), ", but got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == like.device(), op, ": grad_output must be on the ", name, "'s device");
+}
+
+// A CPU tensor of float32 or float64 (bfloat16 / float16 reach the kernels as float32: InFloat32)
+inline void check_elementwise_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, but got device ",
+              input.device());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": input must be float32 or float64 (bfloat16/float16 are computed in float32), but "
+              "got dtype ",
+              input.scalar_type());
+}
 
 // The tensor an elementwise kernel walks: t as it is when dense (non-overlapping, no gaps: its
 // storage order is an order of its entries), else a contiguous copy. The output is empty_like it.

@@ -13,19 +13,15 @@
 // the float64 tests compare with torch to 1e-14), a scalar loop.
 //
 // float32 erf, exp and tanh — the method:
-//   e^a (a ≤ 0): Cody–Waite reduction a = n·ln2 + r, |r| ≤ ½ln2, n = round(a/ln2), ln2 split in a
-//     part exact in n·ln2_hi and a remainder (W. J. Cody, W. Waite, "Software Manual for the
-//     Elementary Functions", 1980, ch. 6); e^r by a degree-6 polynomial; 2ⁿ built in the exponent
-//     bits. a < −87 gives 0 (the result would be below FLT_MIN, subnormal in torch: |φ| < 2e-38).
+//   e^a (a ≤ 0): exp.h (Cody–Waite reduction, a degree-6 polynomial; shared with activations.cpp).
 //   erf(z) = 1 − erfc(z), erfc through the scaled complement erfcx(z) = e^(z²)·erfc(z) (smooth,
 //     1 at 0, of order 1/z), a polynomial T(t) of degree 10 in t = 1/(1 + 0.4|z|) over all z ≥ 0
 //     (t ∈ (0, 1]; the form of Numerical Recipes' erfcc, W. H. Press et al., 3rd ed., §6.2.2,
 //     there with e^(poly) and a Chebyshev fit): erfc(|z|) = e^(−z²)·T(t). Φ(x) = ½erfc(−x/√2) is
 //     then ½erfc(|z|) for x < 0 (no cancellation in 1 + erf) or 1 − ½erfc(|z|) (≥ ½).
-//   T and the exponential's polynomial are minimax fits in relative error (Lawson's iteratively
-//   reweighted least squares on 4000 Chebyshev nodes of z ∈ [0, 9.3] (Φ underflows beyond) and
-//   r, numpy float64, against scipy's erfcx and exp; coefficients rounded to float32). Fit
-//   errors: T 1.2e-9, exp 1.9e-9.
+//   T is a minimax fit in relative error (Lawson's iteratively reweighted least squares on 4000
+//   Chebyshev nodes of z ∈ [0, 9.3] (Φ underflows beyond), numpy float64, against scipy's erfcx;
+//   coefficients rounded to float32; as exp.h's polynomial). Fit error: T 1.2e-9.
 //   e^(−x²/2) takes x² exactly (its rounding error by an FMA) so that its error does not grow
 //   with x².
 //   'tanh': 1 + t = 2/(1 + e^(−2u)) and 1 − t² = 4e^(−2|u|)/(1 + e^(−2|u|))² (identities of tanh,
@@ -49,12 +45,11 @@
 
 #include "cpu_capability.h"
 #include "elementwise.h"
+#include "exp.h"
 #include "low_precision.h"
 
 namespace manualconv {
 namespace {
-
-constexpr int64_t kGrain = 32768;  // entries per parallel task
 
 constexpr double kSqrt1_2 = 0.70710678118654752440;      // 1/√2
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/√(2π)
@@ -68,34 +63,6 @@ Approximate parse_approximate(std::string_view approximate) {
               "gelu: approximate argument must be either none or tanh, but got approximate=",
               approximate);
   return approximate == "tanh" ? Approximate::Tanh : Approximate::None;
-}
-
-// c[0] + c[1]·t + … + c[N−1]·t^(N−1) by Horner's rule
-template <size_t N>
-inline float polynomial(const float (&c)[N], float t) {
-  float acc = c[N - 1];
-  for (size_t k = N - 1; k-- > 0;) acc = acc * t + c[k];
-  return acc;
-}
-
-// e^(a + a_lo) for a ≤ 0 (or NaN: NaN), a_lo a correction ≪ ulp(a) (the rounding error of a's
-// product): a + a_lo = n·ln2 + r, 2ⁿ·E(r) (Cody–Waite, see the top)
-inline float exp_nonpositive(float a, float a_lo = 0.0f) {
-  constexpr float kMin = -87.0f;                 // e^−87 = 1.6e-38: 2ⁿ stays normal (n ≥ −126)
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kRound = 12582912.0f;          // 1.5·2²³: v + kRound rounds v to an integer
-  constexpr float kLn2Hi = 0.693145751953125f;   // 0x3F317200: n·kLn2Hi is exact for |n| < 2⁸
-  constexpr float kLn2Lo = 1.42860676533018704e-6f;
-  constexpr float kE[] = {1.000000000e+00f, 1.000000000e+00f, 4.999999106e-01f, 1.666641980e-01f,
-                          4.166822508e-02f, 8.374815807e-03f, 1.383684226e-03f};
-  const float b = a < kMin ? kMin : a;           // (NaN stays NaN)
-  const float k = b * kLog2e + kRound;           // its low mantissa bits hold n
-  const float n = k - kRound;
-  const float r = ((b - n * kLn2Hi) - n * kLn2Lo) + a_lo;
-  const uint32_t n_bits = std::bit_cast<uint32_t>(k) - std::bit_cast<uint32_t>(kRound);
-  const float two_n = std::bit_cast<float>((n_bits + 127u) << 23);  // 2ⁿ
-  const float e = polynomial(kE, r) * two_n;
-  return a < kMin ? 0.0f : e;
 }
 
 // l = x² − h exactly, h = fl(x·x): the product's rounding error, which one fused multiply-add
@@ -178,28 +145,8 @@ inline scalar_t gelu_tanh_grad(scalar_t dy, scalar_t x) {
                scalar_t(0.5) * x * one_minus_tanh_squared(u, e) * du);
 }
 
-// out[i] = f(i) for i in [0, n), in parallel tasks of kGrain entries, each a loop built for the
-// kernels' capability
-template <typename scalar_t, typename F>
-void map_entries(int64_t n, scalar_t* out, F f) {
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    run_for_cpu([&] {
-      for (int64_t i = begin; i < end; ++i) out[i] = f(i);
-    });
-  });
-}
-
-void check_input(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, but got device ",
-              input.device());
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-              ": input must be float32 or float64 (bfloat16/float16 are computed in float32), but "
-              "got dtype ",
-              input.scalar_type());
-}
-
 at::Tensor gelu_forward(const at::Tensor& input, c10::string_view approximate) {
-  check_input("gelu_forward", input);
+  check_elementwise_input("gelu_forward", input);
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
   const at::Tensor x = dense(input);
@@ -218,13 +165,8 @@ at::Tensor gelu_forward(const at::Tensor& input, c10::string_view approximate) {
 
 at::Tensor gelu_backward(const at::Tensor& grad_output, const at::Tensor& input,
                          c10::string_view approximate) {
-  check_input("gelu_backward", input);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "gelu_backward: grad_output must have the "
-              "input's size ", input.sizes(), ", but got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "gelu_backward: grad_output must "
-              "have the input's dtype ", input.scalar_type(), ", but got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), "gelu_backward: grad_output must be on the "
-              "input's device");
+  check_elementwise_input("gelu_backward", input);
+  check_grad_output("gelu_backward", grad_output, input, "input");
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
   const at::Tensor x = dense(input);

@@ -19,18 +19,13 @@
 namespace manualconv {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // entries per parallel task
-
 at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output) {
   TORCH_CHECK(output.device().is_cpu(), "relu_backward: output must be a CPU tensor, but got device ",
               output.device());
   TORCH_CHECK(output.scalar_type() == at::kFloat || output.scalar_type() == at::kDouble,
               "relu_backward: output must be float32 or float64 (bfloat16/float16 are computed in "
               "float32), but got dtype ", output.scalar_type());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "relu_backward: grad_output must have the "
-              "output's size ", output.sizes(), ", but got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == output.scalar_type(), "relu_backward: grad_output must "
-              "have the output's dtype ", output.scalar_type(), ", but got ", grad_output.scalar_type());
+  check_grad_output("relu_backward", grad_output, output, "output");
   at::NoGradGuard no_grad;
   // walked in storage order: y as it is when dense (else a contiguous copy), δy in y's strides
   const at::Tensor y = dense(output);
@@ -40,13 +35,9 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      run_for_cpu([&] {
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t d = dy_data[i];  // loaded whatever y is: the select becomes a blend
-          dz_data[i] = y_data[i] <= scalar_t(0) ? scalar_t(0) : d;  // f′ = 0 on y ≤ 0 selects 0
-        }
-      });
+    map_entries(y.numel(), dz_data, [&](int64_t i) {
+      const scalar_t d = dy_data[i];  // loaded whatever y is: the select becomes a blend
+      return y_data[i] <= scalar_t(0) ? scalar_t(0) : d;  // f′ = 0 on y ≤ 0 selects 0
     });
   });
   return dz;

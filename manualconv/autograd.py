@@ -1194,11 +1194,6 @@ class DropoutFunction(Function):
 # is torch's. Every backward is differentiable tensor algebra: double backward works.
 
 
-# torch's hardsigmoid backward multiplies by 1/6 rounded to float32, also for float64 tensors
-# (0.1666666716337204); manualconv uses the same constant, so float64 gradients equal torch's
-HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
-
-
 def elementwise_kernels(backend: str, input: torch.Tensor):
     """The kernels of an elementwise op with only CPU kernels in csrc (GELU): a CUDA tensor takes
     the reference formulas (torch's elementwise CUDA math)."""
@@ -1216,67 +1211,10 @@ def gelu_second_derivative(x, approximate):
     return normal_pdf(x) * (2 - x * x)
 
 
-def silu(x):
-    """SiLU(x) = x·σ(x) (σ by torch.sigmoid, as SigmoidFunction)."""
-    return x * torch.sigmoid(x)
-
-
 def silu_derivative(x):
     """SiLU′(x) = σ(x)(1 + x(1 − σ(x))) (σ by SigmoidFunction: its derivative is hand-derived too)."""
     s = SigmoidFunction.apply(x)
     return s * (1 + x * (1 - s))
-
-
-def hardtanh(x, min_val, max_val):
-    """clamp(x, min_val, max_val); ReLU6 is min_val = 0, max_val = 6."""
-    return x.clamp(min_val, max_val)
-
-
-def hardtanh_grad(x, delta, min_val, max_val):
-    """δ where min_val < x < max_val, else 0 (0 at both breakpoints and at NaN, as torch)."""
-    return torch.where((x > min_val) & (x < max_val), delta, torch.zeros_like(delta))
-
-
-def hardswish(x):
-    """x·min(max(x + 3, 0), 6)/6."""
-    return x * (x + 3).clamp(0, 6) / 6
-
-
-def hardswish_grad(x, delta):
-    """0 for x ≤ −3, δ·(x/3 + ½) for −3 < x < 3, δ for x ≥ 3: torch's breakpoints; a NaN x takes
-    the middle branch (NaN), as torch's vectorised kernel does."""
-    upper = torch.where(x >= 3, delta, delta * (x / 3 + 0.5))
-    return torch.where(x <= -3, torch.zeros_like(delta), upper)
-
-
-def hardsigmoid(x):
-    """min(max(x + 3, 0), 6)/6."""
-    return (x + 3).clamp(0, 6) / 6
-
-
-def hardsigmoid_grad(x, delta):
-    """δ/6 for −3 < x < 3, else 0 (0 at ±3 and at NaN, as torch)."""
-    return torch.where((x > -3) & (x < 3), delta * HARDSIGMOID_SLOPE, torch.zeros_like(delta))
-
-
-def leaky_relu(x, negative_slope):
-    """x for x > 0, a·x otherwise."""
-    return torch.where(x > 0, x, x * negative_slope)
-
-
-def leaky_relu_grad(x, delta, negative_slope):
-    """δ for x > 0, a·δ otherwise (x = 0 and NaN take the slope, as torch)."""
-    return torch.where(x > 0, delta, delta * negative_slope)
-
-
-def elu(x, alpha):
-    """α(eˣ − 1) for x ≤ 0, x otherwise."""
-    return torch.where(x <= 0, alpha * torch.expm1(x), x)
-
-
-def elu_grad(x, delta, alpha):
-    """δ for x > 0, δ·αeˣ otherwise (a NaN x gives NaN, as torch's vectorised kernel)."""
-    return torch.where(x > 0, delta, delta * (alpha * torch.exp(x)))
 
 
 class ElementwiseRules:
@@ -1359,155 +1297,167 @@ class GELUBackwardFunction(Function):
         )
 
 
-class SiLUFunction(ElementwiseRules, Function):
+def activation_kernel_forward(kind, input, *args):
+    """y = f(x) by the activation kernel ``kind`` (csrc/activations.cpp; the reference backend and
+    CUDA tensors: reference.py's same formulas); args = (*params, backend)."""
+    *params, backend = args
+    return elementwise_kernels(backend, input).activation_forward(input, kind, [float(p) for p in params])
+
+
+def activation_input_grad(kind, differentiable_grad, input, delta, args):
+    """δx = δ ⊙ f′(x) of the activation ``kind`` (args = its (*params, backend)): the backward
+    kernel, or, where the result may be differentiated again, ``differentiable_grad(x, δ, *params)``
+    in tensor code that autograd differentiates once more (double backward, torch.func, forward AD)."""
+    if differentiated_again():
+        return differentiable_grad(input, delta, *args[:-1])
+    *params, backend = args
+    return elementwise_kernels(backend, input).activation_backward(delta, input, kind, [float(p) for p in params])
+
+
+def activation_backward(kind, differentiable_grad, ctx, delta):
+    """The backward of the activation ``kind``: δx, and None for each of its (*params, backend)."""
+    (input,) = ctx.saved_tensors
+    return (activation_input_grad(kind, differentiable_grad, input, delta, ctx.args),) + (None,) * len(ctx.args)
+
+
+class KernelActivation(ElementwiseRules):
+    """An activation Function of (input, *params, backend) whose forward and backward are the
+    activation kernels of its ``kind``; subclasses give ``forward`` (named parameters),
+    ``differentiable_grad(x, δ, *params)``, and ``backward`` and ``input_grad`` as static methods
+    naming their kind and differentiable_grad (torch.compile traces those, not class methods or a
+    class attribute passed on)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.args = inputs[0], inputs[1:]
+        ctx.save_for_backward(input)
+        ctx.save_for_forward(input)  # jvp
+
+
+class SiLUFunction(KernelActivation, Function):
     """y = x·σ(x); δx = δy ⊙ σ(x)(1 + x(1 − σ(x)))."""
 
     @staticmethod
-    def forward(input):
-        return silu(input)
+    def forward(input, backend):
+        return activation_kernel_forward("silu", input, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])  # jvp
-
-    @staticmethod
-    def input_grad(input, delta):
-        return delta * silu_derivative(input)
+    def input_grad(input, delta, *args):
+        return activation_input_grad("silu", SiLUFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
     def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return SiLUFunction.input_grad(input, delta)
+        return activation_backward("silu", SiLUFunction.differentiable_grad, ctx, delta)
+
+    @staticmethod
+    def differentiable_grad(input, delta):
+        return delta * silu_derivative(input)
 
 
-class HardtanhFunction(ElementwiseRules, Function):
+class HardtanhFunction(KernelActivation, Function):
     """y = clamp(x, min_val, max_val); δx = δy where min_val < x < max_val, else 0."""
 
     @staticmethod
-    def forward(input, min_val, max_val):
-        return hardtanh(input, min_val, max_val)
+    def forward(input, min_val, max_val, backend):
+        return activation_kernel_forward("hardtanh", input, min_val, max_val, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, ctx.args = inputs[0], inputs[1:]
-        ctx.save_for_backward(input)
-        ctx.save_for_forward(input)  # jvp
-
-    @staticmethod
-    def input_grad(input, delta, min_val, max_val):
-        return hardtanh_grad(input, delta, min_val, max_val)
+    def input_grad(input, delta, *args):
+        return activation_input_grad("hardtanh", HardtanhFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
     def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return HardtanhFunction.input_grad(input, delta, *ctx.args), None, None
+        return activation_backward("hardtanh", HardtanhFunction.differentiable_grad, ctx, delta)
+
+    differentiable_grad = staticmethod(_reference.hardtanh_grad)
 
 
-class HardswishFunction(ElementwiseRules, Function):
+class HardswishFunction(KernelActivation, Function):
     """y = x·relu6(x + 3)/6; δx = 0 | δ(x/3 + ½) | δ on x ≤ −3 | −3 < x < 3 | x ≥ 3."""
 
     @staticmethod
-    def forward(input):
-        return hardswish(input)
+    def forward(input, backend):
+        return activation_kernel_forward("hardswish", input, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])  # jvp
-
-    @staticmethod
-    def input_grad(input, delta):
-        return hardswish_grad(input, delta)
+    def input_grad(input, delta, *args):
+        return activation_input_grad("hardswish", HardswishFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
     def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return hardswish_grad(input, delta)
+        return activation_backward("hardswish", HardswishFunction.differentiable_grad, ctx, delta)
+
+    differentiable_grad = staticmethod(_reference.hardswish_grad)
 
 
-class HardsigmoidFunction(ElementwiseRules, Function):
+class HardsigmoidFunction(KernelActivation, Function):
     """y = relu6(x + 3)/6; δx = δ/6 where −3 < x < 3, else 0."""
 
     @staticmethod
-    def forward(input):
-        return hardsigmoid(input)
+    def forward(input, backend):
+        return activation_kernel_forward("hardsigmoid", input, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])  # jvp
-
-    @staticmethod
-    def input_grad(input, delta):
-        return hardsigmoid_grad(input, delta)
+    def input_grad(input, delta, *args):
+        return activation_input_grad("hardsigmoid", HardsigmoidFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
     def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return hardsigmoid_grad(input, delta)
+        return activation_backward("hardsigmoid", HardsigmoidFunction.differentiable_grad, ctx, delta)
+
+    differentiable_grad = staticmethod(_reference.hardsigmoid_grad)
 
 
-class LeakyReLUFunction(ElementwiseRules, Function):
+class LeakyReLUFunction(KernelActivation, Function):
     """y = x | a·x on x > 0 | x ≤ 0; δx = δ | a·δ."""
 
     @staticmethod
-    def forward(input, negative_slope):
-        return leaky_relu(input, negative_slope)
+    def forward(input, negative_slope, backend):
+        return activation_kernel_forward("leaky_relu", input, negative_slope, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, ctx.args = inputs[0], inputs[1:]
-        ctx.save_for_backward(input)
-        ctx.save_for_forward(input)  # jvp
+    def input_grad(input, delta, *args):
+        return activation_input_grad("leaky_relu", LeakyReLUFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
-    def input_grad(input, delta, negative_slope):
-        return leaky_relu_grad(input, delta, negative_slope)
+    def backward(ctx, delta):
+        return activation_backward("leaky_relu", LeakyReLUFunction.differentiable_grad, ctx, delta)
+
+    differentiable_grad = staticmethod(_reference.leaky_relu_grad)
 
     @staticmethod
-    def check_inplace_backward(negative_slope):
+    def check_inplace_backward(negative_slope, backend):
         if negative_slope < 0:  # torch's in-place leaky_relu_ backward refuses a negative slope
             raise RuntimeError(
                 "In-place leakyReLu backward calculation is triggered with a negative slope which is not "
                 "supported. This is caused by calling in-place forward function with a negative slope, "
                 "please call out-of-place version instead.")
 
-    @staticmethod
-    def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return leaky_relu_grad(input, delta, *ctx.args), None
 
-
-class ELUFunction(ElementwiseRules, Function):
+class ELUFunction(KernelActivation, Function):
     """y = α(eˣ − 1) | x on x ≤ 0 | x > 0; δx = δ·αeˣ | δ."""
 
     @staticmethod
-    def forward(input, alpha):
-        return elu(input, alpha)
+    def forward(input, alpha, backend):
+        return activation_kernel_forward("elu", input, alpha, backend)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, ctx.args = inputs[0], inputs[1:]
-        ctx.save_for_backward(input)
-        ctx.save_for_forward(input)  # jvp
+    def input_grad(input, delta, *args):
+        return activation_input_grad("elu", ELUFunction.differentiable_grad, input, delta, args)
 
     @staticmethod
-    def input_grad(input, delta, alpha):
-        return elu_grad(input, delta, alpha)
+    def backward(ctx, delta):
+        return activation_backward("elu", ELUFunction.differentiable_grad, ctx, delta)
+
+    differentiable_grad = staticmethod(_reference.elu_grad)
 
     @staticmethod
-    def check_inplace_backward(alpha):
+    def check_inplace_backward(alpha, backend):
         if alpha < 0:  # torch's in-place elu_ backward refuses a negative alpha
             raise RuntimeError(
                 "In-place elu backward calculation is triggered with a negative slope which is not supported. "
                 "This is caused by calling in-place forward function with a negative slope, please call "
                 "out-of-place version instead.")
-
-    @staticmethod
-    def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
-        return elu_grad(input, delta, *ctx.args), None
 
 
 class InplaceActivationFunction(Function):
@@ -1534,73 +1484,61 @@ class InplaceActivationFunction(Function):
         return ctx.function.input_grad(original, delta, *ctx.args), None, None, None
 
 
-def softmax(x, dim):
-    """softmax(x) = e^(x − max x) / Σ e^(x − max x) along dim (a row of −inf only gives NaN, as torch)."""
-    if x.dim() > 0 and x.shape[dim] == 0:
-        return x.clone()
-    e = torch.exp(x - x.amax(dim, keepdim=True))
-    return e / e.sum(dim, keepdim=True)
-
-
-def log_softmax(x, dim):
-    """log softmax(x) = (x − max x) − log Σ e^(x − max x) along dim."""
-    if x.dim() > 0 and x.shape[dim] == 0:
-        return x.clone()
-    shifted = x - x.amax(dim, keepdim=True)
-    return shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))
-
-
 class SoftmaxFunction(Function):
-    """y = softmax(x) along dim; δx = y ⊙ (δy − Σ δy ⊙ y)."""
+    """y = softmax(x) along dim; δx = y ⊙ (δy − Σ δy ⊙ y) (csrc/softmax.cpp; reference.py)."""
 
     @staticmethod
-    def forward(input, dim):
-        return softmax(input, dim)
+    def forward(input, dim, backend):
+        return elementwise_kernels(backend, input).softmax_forward(input, dim, False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.dim = inputs[1]
+        ctx.dim, ctx.backend = inputs[1:]
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (y,) = ctx.saved_tensors
-        return y * (delta - (delta * y).sum(ctx.dim, keepdim=True)), None
+        if differentiated_again():  # the formula in differentiable tensor code
+            return _reference.softmax_backward(delta, y, ctx.dim, False), None, None
+        return elementwise_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, False), None, None
 
     @staticmethod
-    def vmap(info, in_dims, input, dim):
-        return SoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim), 0
+    def vmap(info, in_dims, input, dim, backend):
+        return SoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim, backend), 0
 
     @forward_mode_rule
-    def jvp(ctx, input_t, _):
+    def jvp(ctx, input_t, *_):
         (y,) = ctx.saved_tensors  # ẏ = y ⊙ (ẋ − Σ ẋ ⊙ y): the Jacobian diag(y) − y yᵀ is symmetric
-        return y * (input_t - (input_t * y).sum(ctx.dim, keepdim=True))
+        return _reference.softmax_backward(input_t, y, ctx.dim, False)
 
 
 class LogSoftmaxFunction(Function):
-    """y = log softmax(x) along dim; δx = δy − e^y · Σ δy."""
+    """y = log softmax(x) along dim; δx = δy − e^y · Σ δy (csrc/softmax.cpp; reference.py)."""
 
     @staticmethod
-    def forward(input, dim):
-        return log_softmax(input, dim)
+    def forward(input, dim, backend):
+        return elementwise_kernels(backend, input).softmax_forward(input, dim, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.dim = inputs[1]
+        ctx.dim, ctx.backend = inputs[1:]
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (y,) = ctx.saved_tensors
-        return delta - torch.exp(y) * delta.sum(ctx.dim, keepdim=True), None
+        if differentiated_again():  # the formula in differentiable tensor code
+            return _reference.softmax_backward(delta, y, ctx.dim, True), None, None
+        return elementwise_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, True), None, None
 
     @staticmethod
-    def vmap(info, in_dims, input, dim):
-        return LogSoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim), 0
+    def vmap(info, in_dims, input, dim, backend):
+        return LogSoftmaxFunction.apply(input.movedim(in_dims[0], 0), dim + 1 if dim >= 0 else dim, backend), 0
 
     @forward_mode_rule
-    def jvp(ctx, input_t, _):
+    def jvp(ctx, input_t, *_):
         (y,) = ctx.saved_tensors  # ẏ = ẋ − Σ e^y ⊙ ẋ
         return input_t - (torch.exp(y) * input_t).sum(ctx.dim, keepdim=True)

@@ -152,6 +152,14 @@ SUITE += [  # normalisation and dropout (train.py's and ResNet-20's sizes)
     # the activations of train.py's nets, channels-last as they run there (airbench: GELU; ResNet-20: ReLU)
     Layer("NHWC gelu 64@32", "other", "gelu", (64, 32, 32), {}, channels_last=True),
     Layer("NHWC relu 16@32", "other", "relu", (16, 32, 32), {}, channels_last=True),
+    # the activations of torchvision's mobile nets (csrc/activations.cpp): mobilenet_v2's ReLU6,
+    # mobilenet_v3's hardswish, efficientnet's SiLU
+    Layer("NHWC relu6 64@32", "other", "relu6", (64, 32, 32), {}, channels_last=True),
+    Layer("NHWC hardswish 64@32", "other", "hardswish", (64, 32, 32), {}, channels_last=True),
+    Layer("NHWC silu 64@32", "other", "silu", (64, 32, 32), {}, channels_last=True),
+    # csrc/softmax.cpp: rows (attention-like, the last dim) and the class dim of a map (segmentation)
+    Layer("softmax 16x1024 rows", "other", "softmax", (16, 1024), dict(dim=-1)),
+    Layer("log_softmax 21 classes @32", "other", "log_softmax", (21, 32, 32), dict(dim=1)),
 ]
 
 

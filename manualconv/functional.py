@@ -783,7 +783,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x·σ(x) with δx = δ ⊙ σ(x)(1 + x(1 − σ(x)))."""
     _activation_input("silu", input)
-    return _activation(SiLUFunction, input, inplace)
+    return _activation(SiLUFunction, input, inplace, get_backend())
 
 
 def hardtanh(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> torch.Tensor:
@@ -794,7 +794,7 @@ def hardtanh(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, i
     if not input.is_floating_point():  # integers carry no gradient: the clamp alone, in their dtype
         y = input.clamp(min_val, max_val).to(input.dtype)
         return input.copy_(y) if inplace else y
-    return _activation(HardtanhFunction, input, inplace, min_val, max_val)
+    return _activation(HardtanhFunction, input, inplace, min_val, max_val, get_backend())
 
 
 def hardtanh_(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0) -> torch.Tensor:
@@ -809,19 +809,19 @@ def relu6(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def hardswish(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x·relu6(x + 3)/6 with δx = 0 | δ(x/3 + ½) | δ on x ≤ −3 | −3 < x < 3 | x ≥ 3."""
     _activation_input("hardswish", input)
-    return _activation(HardswishFunction, input, inplace)
+    return _activation(HardswishFunction, input, inplace, get_backend())
 
 
 def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """relu6(x + 3)/6 with δx = δ/6 where −3 < x < 3, else 0."""
     _activation_input("hardsigmoid", input)
-    return _activation(HardsigmoidFunction, input, inplace)
+    return _activation(HardsigmoidFunction, input, inplace, get_backend())
 
 
 def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     """x | a·x on x > 0 | x ≤ 0, with δx = δ | a·δ."""
     _activation_input("leaky_relu", input)
-    return _activation(LeakyReLUFunction, input, inplace, negative_slope)
+    return _activation(LeakyReLUFunction, input, inplace, negative_slope, get_backend())
 
 
 def leaky_relu_(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
@@ -831,7 +831,7 @@ def leaky_relu_(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tens
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """α(eˣ − 1) | x on x ≤ 0 | x > 0, with δx = δ·αeˣ | δ."""
     _activation_input("elu", input)
-    return _activation(ELUFunction, input, inplace, alpha)
+    return _activation(ELUFunction, input, inplace, alpha, get_backend())
 
 
 def elu_(input: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -858,10 +858,10 @@ def _softmax_args(op: str, input, dim, stacklevel: int, dtype) -> Tuple[torch.Te
 def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
     """e^(x − max) / Σ e^(x − max) along dim, with δx = y ⊙ (δ − Σ δ ⊙ y)."""
     x, dim = _softmax_args("softmax", input, dim, _stacklevel, dtype)
-    return SoftmaxFunction.apply(x, dim)
+    return SoftmaxFunction.apply(x, dim, get_backend())
 
 
 def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> torch.Tensor:
     """(x − max) − log Σ e^(x − max) along dim, with δx = δ − softmax(x) · Σ δ."""
     x, dim = _softmax_args("log_softmax", input, dim, _stacklevel, dtype)
-    return LogSoftmaxFunction.apply(x, dim)
+    return LogSoftmaxFunction.apply(x, dim, get_backend())

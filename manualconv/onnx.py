@@ -12,8 +12,11 @@ the same function: conv2d → Conv, conv2d's input gradient (conv_transpose2d's 
 ConvTranspose, max_pool2d → MaxPool with indices (made per-plane, as torch's), avg_pool2d →
 AveragePool, adaptive pools → GlobalAveragePool / AveragePool / MaxPool where the windows are
 uniform, else one ReduceMean/ReduceMax (and ArgMax) per window; the norms' statistics and
-normalisation → ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add; GELU → Erf (or Tanh), Mul, Add.
-Linear, the other activations and the loss are plain tensor code and export through torch's own translations (MatMul, Add, Clip, ...).
+normalisation → ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add; GELU → Erf (or Tanh), Mul, Add; SiLU →
+Sigmoid, Mul; hardtanh / ReLU6 → Clip; hardswish, hardsigmoid, leaky ReLU, ELU → HardSwish,
+HardSigmoid, LeakyRelu, Elu; softmax, log-softmax → Softmax, LogSoftmax. Linear, ReLU, sigmoid,
+tanh and the loss are plain tensor code and export through torch's own translations (MatMul,
+Add, Clip, ...).
 With the 'reference' backend the graph is plain tensor code throughout.
 Exported graphs are for inference: the backward operators have no translation.
 Requires onnxscript (and onnx); onnxruntime runs the result.
@@ -189,6 +192,29 @@ def gelu_forward(input, approximate):
     return op.Mul(half_x, op.Add(c(1.0), op.Erf(op.Mul(input, c(math.sqrt(0.5))))))
 
 
+def activation_forward(input, kind, params):
+    # the activations of csrc/activations.cpp, each an ONNX operator of the same function
+    # (hardswish and hardsigmoid as x·max(0, min(1, x/6 + ½)): the same values, rounded in another order)
+    if kind == "silu":  # x·σ(x)
+        return op.Mul(input, op.Sigmoid(input))
+    if kind == "hardtanh":  # clamp(x, lo, hi)
+        return op.Clip(input, _epsilon_like(params[0], input), _epsilon_like(params[1], input))
+    if kind == "hardswish":
+        return op.HardSwish(input)
+    if kind == "hardsigmoid":
+        return op.HardSigmoid(input, alpha=1.0 / 6.0, beta=0.5)
+    if kind == "leaky_relu":
+        return op.LeakyRelu(input, alpha=params[0])
+    if kind == "elu":
+        return op.Elu(input, alpha=params[0])
+    raise NotImplementedError(f"manualconv.onnx: no translation for the activation {kind}")
+
+
+def softmax_forward(input, dim, log):
+    # softmax / log-softmax along dim: ONNX Softmax / LogSoftmax (opset 13+: along one axis)
+    return op.LogSoftmax(input, axis=dim) if log else op.Softmax(input, axis=dim)
+
+
 def group_norm_forward(input, weight, bias, num_groups, eps):
     # per (sample, group) set of an (n, C, H, W) map: μ, var, σ⁻¹ = 1/√(var + ε),
     # y = γ_c·(x − μ)·σ⁻¹ + β_c; returns (y, μ, σ⁻¹), the statistics (n, G)
@@ -217,6 +243,8 @@ _FORWARD_OPERATORS: Dict[str, Callable] = {
     "batch_norm_apply": batch_norm_apply,
     "layer_norm_forward": layer_norm_forward,
     "gelu_forward": gelu_forward,
+    "activation_forward": activation_forward,
+    "softmax_forward": softmax_forward,
     "group_norm_forward": group_norm_forward,
 }
 

@@ -123,5 +123,5 @@ if AVAILABLE:
 if AVAILABLE and hasattr(torch.ops.manualconv, "batch_norm_apply"):  # fake kernels of csrc/batch_norm.cpp, csrc/layer_norm.cpp
     from . import ops_norm  # noqa: E402,F401
 
-if AVAILABLE and hasattr(torch.ops.manualconv, "gelu_forward"):  # fake kernels of csrc/gelu.cpp
+if AVAILABLE and hasattr(torch.ops.manualconv, "gelu_forward"):  # fake kernels of csrc/gelu.cpp, relu.cpp, activations.cpp
     from . import ops_activation  # noqa: E402,F401

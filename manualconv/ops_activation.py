@@ -1,4 +1,4 @@
-"""Fake kernels of the activation operators (csrc/gelu.cpp, csrc/relu.cpp), so ``torch.compile`` and
+"""Fake kernels of the activation operators (csrc/gelu.cpp, csrc/relu.cpp, csrc/activations.cpp), so ``torch.compile`` and
 ``torch.library.opcheck`` can trace them: each checks what the C++ kernel checks and returns an
 empty tensor with the output's size, dtype and strides. Imported by ops.py when the extension is
 built."""
@@ -41,3 +41,48 @@ def _(grad_output, output):
     torch._check(grad_output.shape == output.shape,
                  lambda: f"relu_backward: grad_output must have the output's size {list(output.shape)}")
     return _like(output)
+
+
+# csrc/activations.cpp: each kind and its parameter count
+ACTIVATION_PARAMS = {"silu": 0, "hardtanh": 2, "hardswish": 0, "hardsigmoid": 0, "leaky_relu": 1, "elu": 1}
+
+
+def _check_activation(op: str, kind: str, params) -> None:
+    torch._check(kind in ACTIVATION_PARAMS,
+                 lambda: f"{op}: kind must be one of {', '.join(ACTIVATION_PARAMS)}, but got kind={kind}")
+    torch._check(len(params) == ACTIVATION_PARAMS[kind],
+                 lambda: f"{op}: {kind} takes {ACTIVATION_PARAMS[kind]} params, but got {len(params)}")
+
+
+@torch.library.register_fake("manualconv::activation_forward")
+def _(input, kind, params):
+    _check_activation("activation_forward", kind, params)
+    return _like(input)
+
+
+@torch.library.register_fake("manualconv::activation_backward")
+def _(grad_output, input, kind, params):
+    _check_activation("activation_backward", kind, params)
+    torch._check(grad_output.shape == input.shape,
+                 lambda: f"activation_backward: grad_output must have the input's size {list(input.shape)}")
+    return _like(input)
+
+
+def _check_softmax(op: str, input, dim: int) -> None:
+    rank = max(input.dim(), 1)
+    torch._check(-rank <= dim < rank,
+                 lambda: f"{op}: dim out of range (expected to be in range of [{-rank}, {rank - 1}], but got {dim})")
+
+
+@torch.library.register_fake("manualconv::softmax_forward")
+def _(input, dim, log):
+    _check_softmax("softmax_forward", input, dim)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("manualconv::softmax_backward")
+def _(grad_output, output, dim, log):
+    _check_softmax("softmax_backward", output, dim)
+    torch._check(grad_output.shape == output.shape,
+                 lambda: f"softmax_backward: grad_output must have the output's size {list(output.shape)}")
+    return torch.empty_like(output, memory_format=torch.contiguous_format)

@@ -443,3 +443,121 @@ def gelu_derivative(x, approximate: str):
 def gelu_backward(grad_output, input, approximate: str):
     # δx = δy ⊙ GELU′(x)
     return grad_output * gelu_derivative(input, approximate)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other pointwise activations (docs/derivation.md, "Activations"); the cpp kernels:
+# csrc/activations.cpp. Each ``*_grad(x, δ, *params)`` is δ ⊙ f′(x), differentiable tensor code
+# (autograd.py differentiates it again for double backward).
+
+# torch's hardsigmoid backward multiplies by 1/6 rounded to float32, also for float64 tensors
+# (0.1666666716337204); manualconv uses the same constant, so float64 gradients equal torch's
+HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
+def silu(x):
+    """SiLU(x) = x·σ(x) (σ by torch.sigmoid, as SigmoidFunction)."""
+    return x * torch.sigmoid(x)
+
+
+def silu_grad(x, delta):
+    """δ·σ(x)(1 + x(1 − σ(x)))."""
+    s = torch.sigmoid(x)
+    return delta * (s * (1 + x * (1 - s)))
+
+
+def hardtanh(x, min_val, max_val):
+    """clamp(x, min_val, max_val); ReLU6 is min_val = 0, max_val = 6."""
+    return x.clamp(min_val, max_val)
+
+
+def hardtanh_grad(x, delta, min_val, max_val):
+    """δ where min_val < x < max_val, else 0 (0 at both breakpoints and at NaN, as torch)."""
+    return torch.where((x > min_val) & (x < max_val), delta, torch.zeros_like(delta))
+
+
+def hardswish(x):
+    """x·min(max(x + 3, 0), 6)/6."""
+    return x * (x + 3).clamp(0, 6) / 6
+
+
+def hardswish_grad(x, delta):
+    """0 for x ≤ −3, δ·(x/3 + ½) for −3 < x < 3, δ for x ≥ 3: torch's breakpoints; a NaN x takes
+    the middle branch (NaN), as torch's vectorised kernel does."""
+    upper = torch.where(x >= 3, delta, delta * (x / 3 + 0.5))
+    return torch.where(x <= -3, torch.zeros_like(delta), upper)
+
+
+def hardsigmoid(x):
+    """min(max(x + 3, 0), 6)/6."""
+    return (x + 3).clamp(0, 6) / 6
+
+
+def hardsigmoid_grad(x, delta):
+    """δ/6 for −3 < x < 3, else 0 (0 at ±3 and at NaN, as torch)."""
+    return torch.where((x > -3) & (x < 3), delta * HARDSIGMOID_SLOPE, torch.zeros_like(delta))
+
+
+def leaky_relu(x, negative_slope):
+    """x for x > 0, a·x otherwise."""
+    return torch.where(x > 0, x, x * negative_slope)
+
+
+def leaky_relu_grad(x, delta, negative_slope):
+    """δ for x > 0, a·δ otherwise (x = 0 and NaN take the slope, as torch)."""
+    return torch.where(x > 0, delta, delta * negative_slope)
+
+
+def elu(x, alpha):
+    """α(eˣ − 1) for x ≤ 0, x otherwise."""
+    return torch.where(x <= 0, alpha * torch.expm1(x), x)
+
+
+def elu_grad(x, delta, alpha):
+    """δ for x > 0, δ·αeˣ otherwise (a NaN x gives NaN, as torch's vectorised kernel)."""
+    return torch.where(x > 0, delta, delta * (alpha * torch.exp(x)))
+
+
+# kind → (f(x, *params), grad(x, δ, *params)): the kinds of csrc/activations.cpp
+ACTIVATIONS = {
+    "silu": (silu, silu_grad),
+    "hardtanh": (hardtanh, hardtanh_grad),
+    "hardswish": (hardswish, hardswish_grad),
+    "hardsigmoid": (hardsigmoid, hardsigmoid_grad),
+    "leaky_relu": (leaky_relu, leaky_relu_grad),
+    "elu": (elu, elu_grad),
+}
+
+
+def activation_forward(input, kind: str, params):
+    # y = f(x)
+    return ACTIVATIONS[kind][0](input, *params)
+
+
+def activation_backward(grad_output, input, kind: str, params):
+    # δx = δy ⊙ f′(x)
+    return ACTIVATIONS[kind][1](input, grad_output, *params)
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax and log-softmax along a dim (docs/derivation.md, section 17); the cpp kernels:
+# csrc/softmax.cpp. Outputs contiguous, as torch's.
+
+
+def softmax_forward(input, dim: int, log: bool):
+    # softmax y = e^(x − m)/Σ e^(x − m), log-softmax y = (x − m) − log Σ e^(x − m), m = max x along dim
+    # (a row of −inf only: m = −inf, x − m = NaN, as torch)
+    if input.dim() > 0 and input.shape[dim] == 0:
+        return input.contiguous().clone()
+    shifted = input - input.amax(dim, keepdim=True)
+    if log:
+        return (shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))).contiguous()
+    e = torch.exp(shifted)
+    return (e / e.sum(dim, keepdim=True)).contiguous()
+
+
+def softmax_backward(grad_output, output, dim: int, log: bool):
+    # softmax: δx = y ⊙ (δy − Σ δy ⊙ y); log-softmax: δx = δy − e^y · Σ δy (differentiable tensor code)
+    if log:
+        return grad_output - torch.exp(output) * grad_output.sum(dim, keepdim=True)
+    return output * (grad_output - (grad_output * output).sum(dim, keepdim=True))

@@ -180,6 +180,77 @@ def test_relu_backward_kernel(layout, dtype, cpp):
     assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
+# csrc/activations.cpp: kind → (params, torch's function with those params)
+ACTIVATION_KERNELS = {
+    "silu": ([], F.silu),
+    "hardtanh": ([-2.0, 6.0], lambda x: F.hardtanh(x, -2.0, 6.0)),
+    "hardswish": ([], F.hardswish),
+    "hardsigmoid": ([], F.hardsigmoid),
+    "leaky_relu": ([0.2], lambda x: F.leaky_relu(x, 0.2)),
+    "elu": ([0.5], lambda x: F.elu(x, 0.5)),
+}
+
+
+# δx at a NaN x as torch's vectorised loops give it (docs/derivation.md, section 17), where torch's
+# scalar remainder loop gives δ instead: which entries fall in the remainder depends on the sizes
+# and layouts (δy and x in different layouts: every inner row has one), so torch's result there is
+# not one answer; manualconv gives the vectorised loops' everywhere
+NAN_INPUT_GRAD = {"hardtanh": 0.0, "hardswish": NAN, "elu": NAN}
+
+
+@pytest.mark.parametrize("layout", list(GELU_KERNEL_INPUTS))
+@pytest.mark.parametrize("kind", list(ACTIVATION_KERNELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_activation_kernels_match_torch_in_every_layout(layout, kind, dtype, cpp):
+    """csrc/activations.cpp: opcheck (schema, fake kernel, strides); y and δx equal torch's
+    (float64 result on the same data) at the breakpoints, NaN and ±inf too, in every layout (the
+    output has the input's strides where torch's does), over more entries than one parallel task.
+    bfloat16: computed in float32 and rounded once (one bfloat16 ulp, 2⁻⁸ relative); float32 /
+    float64: the tolerances of test_activation_matches_torch."""
+    params, theirs = ACTIVATION_KERNELS[kind]
+    torch.manual_seed(0)
+    base = 4 * torch.randn(2, 9, 50, 80, dtype=torch.float64)
+    forward, backward = torch.ops.manualconv.activation_forward, torch.ops.manualconv.activation_backward
+    x = GELU_KERNEL_INPUTS[layout](base.to(dtype))  # (opcheck compares outputs without equal_nan)
+    delta = torch.randn(x.shape).to(dtype)
+    torch.library.opcheck(forward, (x, kind, params))
+    torch.library.opcheck(backward, (delta, x, kind, params))
+    base.view(-1)[:len(SPECIAL)] = torch.tensor(SPECIAL, dtype=torch.float64)
+    x = GELU_KERNEL_INPUTS[layout](base.to(dtype))
+    y, g = forward(x, kind, params), backward(delta, x, kind, params)
+    assert y.stride() == theirs(x).stride() and y.dtype == g.dtype == dtype
+    leaf = x.double().requires_grad_(True)
+    expected_y = theirs(leaf)
+    (expected_g,) = torch.autograd.grad(expected_y, leaf, delta.double())
+    if kind in NAN_INPUT_GRAD:  # torch's own answer at a NaN x depends on where the entry falls
+        expected_g = torch.where(leaf.isnan(), NAN_INPUT_GRAD[kind], expected_g)
+    tol = dict(rtol=2**-8, atol=1e-6) if dtype == torch.bfloat16 else (F32 if dtype == torch.float32 else F64)
+    torch.testing.assert_close(y.double(), expected_y.detach(), **{**tol, "equal_nan": True})
+    torch.testing.assert_close(g.double(), expected_g, **{**tol, "equal_nan": True})
+
+
+def test_elu_near_zero_keeps_its_relative_precision(cpp):
+    """α(eˣ − 1) for x just below 0 is computed without the cancellation of eˣ − 1 (csrc/exp.h's
+    expm1): relative error within a few float32 ulp of the float64 result, as torch's expm1."""
+    x = -torch.logspace(-30, 0, 2000, dtype=torch.float64)
+    y = torch.ops.manualconv.activation_forward(x.float(), "elu", [1.0]).double()
+    exact = torch.expm1(x.float().double())
+    assert ((y - exact).abs() <= 8 * 2**-24 * exact.abs()).all(), ((y - exact).abs() / exact.abs()).max()
+
+
+def test_activation_kernels_reject_bad_arguments(cpp):
+    x = torch.randn(3, 4)
+    forward, backward = torch.ops.manualconv.activation_forward, torch.ops.manualconv.activation_backward
+    with pytest.raises(RuntimeError, match="kind must be one of"):
+        forward(x, "swish", [])
+    with pytest.raises(RuntimeError, match="hardtanh takes 2 params, but got 1"):
+        forward(x, "hardtanh", [1.0])
+    with pytest.raises(RuntimeError, match="grad_output must have the input's size"):
+        backward(torch.randn(4, 3), x, "silu", [])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        forward(torch.ones(3, dtype=torch.int64), "silu", [])
+
+
 def test_gelu_kernels_reject_bad_arguments(cpp):
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="approximate"):
@@ -249,7 +320,7 @@ def test_inplace_negative_slope_backward_raises_as_torch(ours, theirs, kwargs):
 
 @pytest.mark.parametrize("name", list(SOFTMAXES))
 @pytest.mark.parametrize("shape,dim", [((4, 7), 1), ((4, 7), 0), ((2, 3, 5), -1), ((2, 3, 5), 1), ((6,), 0), ((), 0)])
-def test_softmax_matches_torch(name, shape, dim):
+def test_softmax_matches_torch(name, shape, dim, backend):
     ours, theirs = SOFTMAXES[name]
     torch.manual_seed(4)
     for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
@@ -262,17 +333,70 @@ def test_softmax_matches_torch(name, shape, dim):
 
 
 @pytest.mark.parametrize("name", list(SOFTMAXES))
-def test_softmax_masked_logits_as_torch(name):
-    """-inf logits (masked classes): probability 0 (log: -inf); a fully masked row is NaN; +inf NaN."""
+def test_softmax_masked_logits_as_torch(name, backend):
+    """-inf logits (masked classes): probability 0 (log: -inf); a fully masked row is NaN; +inf NaN,
+    along the last dim (rows) and along the first (columns: the kernel's other loop), float64 and
+    float32."""
     ours, theirs = SOFTMAXES[name]
-    x = torch.tensor([[0.0, -INF, 1.0], [-INF, -INF, -INF], [2.0, 1.0, -INF], [INF, 0.0, 1.0], [3e38, -3e38, 0.0]],
-                     dtype=torch.float64)
-    delta = torch.tensor([[1.0, 2.0, -1.0]] * 5, dtype=torch.float64)
-    y, g = value_and_grad(ours, x, delta, dim=1)
-    y_t, g_t = value_and_grad(theirs, x, delta, dim=1)
-    torch.testing.assert_close(y, y_t, **F64)
-    torch.testing.assert_close(g, g_t, **F64)
-    assert y[1].isnan().all() and not y[0].isnan().any()
+    x = torch.tensor([[0.0, -INF, 1.0], [-INF, -INF, -INF], [2.0, 1.0, -INF], [INF, 0.0, 1.0], [3e38, -3e38, 0.0],
+                      [NAN, 0.0, 1.0]], dtype=torch.float64)
+    delta = torch.tensor([[1.0, 2.0, -1.0]] * 6, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, F64), (torch.float32, F32)):
+        for dim, xd, dd in ((1, x, delta), (0, x.t().contiguous(), delta.t().contiguous())):
+            y, g = value_and_grad(ours, xd.to(dtype), dd.to(dtype), dim=dim)
+            # torch in the same dtype: −3e38 − 3e38 overflows float32 to −inf (both sides), a value
+            # the float64 oracle keeps finite
+            y_t, g_t = value_and_grad(theirs, xd.to(dtype), dd.to(dtype), dim=dim)
+            torch.testing.assert_close(y, y_t, **tol)
+            torch.testing.assert_close(g, g_t, **tol)
+            rows = y if dim == 1 else y.t()
+            assert rows[1].isnan().all() and not rows[0].isnan().any() and rows[0, 1] == (-INF if "log" in name else 0)
+
+
+SOFTMAX_KERNEL_INPUTS = {  # (x, dim): the rows csrc/softmax.cpp walks: the last dim, or columns
+    "last-dim": lambda: (torch.randn(37, 1000), 1),
+    "dim1-of-map": lambda: (torch.randn(4, 21, 13, 17), 1),  # inner = 13·17 columns
+    "channels-last-dim1": lambda: (torch.randn(4, 21, 13, 17).contiguous(memory_format=torch.channels_last), 1),
+    "transposed": lambda: (torch.randn(50, 30).t(), 0),
+    "trailing-ones": lambda: (torch.randn(6, 40, 1, 1), 1),
+    "scalar": lambda: (torch.randn(()), 0),
+    "empty-rows": lambda: (torch.randn(0, 5), 1),
+}
+
+
+@pytest.mark.parametrize("inputs", list(SOFTMAX_KERNEL_INPUTS))
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_softmax_kernels_match_torch(inputs, log, dtype, cpp):
+    """csrc/softmax.cpp: opcheck (schema, fake kernel), the output contiguous as torch's, y and δx
+    equal torch's float64 result (the tolerances of test_softmax_matches_torch; bfloat16: computed
+    in float32 and rounded once, one bfloat16 ulp)."""
+    torch.manual_seed(0)
+    x, dim = SOFTMAX_KERNEL_INPUTS[inputs]()
+    x = (3 * x).to(dtype)
+    delta = torch.randn(x.shape).to(dtype)
+    forward, backward = torch.ops.manualconv.softmax_forward, torch.ops.manualconv.softmax_backward
+    torch.library.opcheck(forward, (x, dim, log))
+    y = forward(x, dim, log)
+    torch.library.opcheck(backward, (delta, y, dim, log))
+    g = backward(delta, y, dim, log)
+    theirs = F.log_softmax if log else F.softmax
+    assert y.is_contiguous() and g.is_contiguous() and y.stride() == theirs(x, dim).stride()
+    expected_y, expected_g = value_and_grad(theirs, x.double(), delta.double(), dim=dim)
+    tol = dict(rtol=2**-8, atol=1e-6) if dtype == torch.bfloat16 else (F32 if dtype == torch.float32 else F64)
+    torch.testing.assert_close(y.double(), expected_y, **tol)
+    if dtype != torch.bfloat16:  # (bfloat16: y rounded to 2⁻⁸ feeds δx; the float32 path is the one tested)
+        torch.testing.assert_close(g.double(), expected_g, **tol)
+
+
+def test_softmax_kernels_reject_bad_arguments(cpp):
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="dim out of range"):
+        torch.ops.manualconv.softmax_forward(x, 2, False)
+    with pytest.raises(RuntimeError, match="grad_output must have the output's size"):
+        torch.ops.manualconv.softmax_backward(torch.randn(4, 3), x, 1, True)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.manualconv.softmax_forward(torch.ones(3, dtype=torch.int64), 0, False)
 
 
 @pytest.mark.parametrize("name", list(SOFTMAXES))

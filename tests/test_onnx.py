@@ -179,6 +179,35 @@ def test_gelu_exports(cpp, approximate):
     torch.testing.assert_close(torch.as_tensor(got).double(), expected, rtol=2e-6, atol=1e-6)
 
 
+def test_activations_export(cpp):
+    """activation_forward (csrc/activations.cpp) exports to Sigmoid·x, Clip, HardSwish, HardSigmoid,
+    LeakyRelu and Elu; onnxruntime's results equal torch.nn's within float32 elementwise rounding
+    (a few operations at 2⁻²⁴ relative; absolute 1e-6 where a result is near 0, as
+    tests/test_activations.py)."""
+    layers = [torch.nn.SiLU(), torch.nn.Hardtanh(-2.0, 6.0), torch.nn.ReLU6(), torch.nn.Hardswish(),
+              torch.nn.Hardsigmoid(), torch.nn.LeakyReLU(0.2), torch.nn.ELU(0.5)]
+
+    class EachActivation(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+
+        def forward(self, x):
+            return tuple(layer(x) for layer in self.layers)
+
+    model = manualconv.convert(EachActivation()).eval()
+    x = 4 * torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(5))
+    program = manualconv.onnx.export(model, (x,))
+    _assert_standard_onnx(program)
+    kernels = [node.target for node in program.exported_program.graph.nodes
+               if node.op == "call_function" and "manualconv" in str(node.target)]
+    assert [str(k) for k in kernels] == ["manualconv.activation_forward.default"] * len(layers), kernels
+    nodes = {node.op_type for node in program.model_proto.graph.node}
+    assert {"Sigmoid", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu"} <= nodes, nodes
+    for layer, got in zip(layers, _run_onnxruntime(program, x)):
+        torch.testing.assert_close(torch.as_tensor(got).double(), layer(x.double()), rtol=2e-6, atol=1e-6)
+
+
 class PoolsWithIndices(torch.nn.Module):
     """max_pool2d and adaptive_max_pool2d (uniform and non-uniform windows) returning indices,
     on an input full of ties (ReLU zeros), and avg_pool2d with divisor_override."""
