@@ -766,6 +766,38 @@ class CrossEntropyFunction(Function):
         return losses_t.sum() if ctx.reduction == "sum" else losses_t.sum() / ctx.divisor
 
 
+class NLLLossFunction(Function):
+    """The loss of class-index targets on log-probability rows p (M, C) (log_softmax's output):
+    J_i = −w_i·p_{i,y_i} for a kept sample (w_i its class's weight), 0 for an ignored one; then
+    reduced (none, sum, or sum / divisor for mean). ∂J/∂p = −scale·w_i at (i, y_i), 0 elsewhere.
+    Composed with log-softmax's backward (δz = δp − e^p·Σ δp) this is the derived output delta
+    ∂J/∂z = scale·w_i·(softmax(z_i) − onehot(y_i)), in two passes over the rows, as torch's
+    cross_entropy = nll_loss ∘ log_softmax; CrossEntropyFunction covers the other targets."""
+
+    @staticmethod
+    def forward(log_probs, labels, kept, row_weight, reduction, divisor):
+        picked = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+        losses = torch.where(kept, -row_weight * picked, 0)  # an ignored sample: 0, whatever p holds
+        if reduction == "none":
+            return losses
+        return losses.sum() if reduction == "sum" else losses.sum() / divisor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        log_probs, labels, kept, row_weight, ctx.reduction, ctx.divisor = inputs
+        ctx.save_for_backward(labels, kept, row_weight)
+        ctx.shape = log_probs.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        labels, kept, row_weight = ctx.saved_tensors
+        scale = grad if ctx.reduction != "mean" else grad / ctx.divisor  # (none: one per row)
+        # an ignored sample's delta is 0, also when every sample is ignored (divisor 0: scale = ±inf)
+        values = torch.where(kept, -scale * row_weight, 0).unsqueeze(1)
+        grad_log_probs = values.new_zeros(ctx.shape).scatter(1, labels.unsqueeze(1), values)
+        return grad_log_probs, None, None, None, None, None
+
+
 def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """log softmax(z_i)_c = (z_ic − m_i) − log Σ_c' exp(z_ic' − m_i) for logit rows (M, C), m_i = max_c z_ic
     (a constant: the result does not depend on it). Written as torch computes it, so a +∞ logit

@@ -24,6 +24,7 @@ from .autograd import (
     Conv2dFunction,
     Conv2dGradInputFunction,
     CrossEntropyFunction,
+    NLLLossFunction,
     LinearFunction,
     MaxPool2dFunction,
     ReLUFunction,
@@ -431,6 +432,11 @@ def cross_entropy(
         if bool(bad.any()):
             raise IndexError(f"Target {int(concrete[bad][0])} is out of bounds.")
         safe = labels.masked_fill(~kept, 0)
+        if label_smoothing == 0 and _plain_autograd():  # nll_loss ∘ log_softmax, as torch's
+            row_weight = w[safe] * kept.to(w.dtype)
+            log_probs = LogSoftmaxFunction.apply(logits, 1, get_backend())
+            loss = NLLLossFunction.apply(log_probs, safe, kept, row_weight, reduction, row_weight.sum())
+            return _cross_entropy_shape(loss, input, reduction)
         onehot = torch.zeros_like(logits).scatter(1, safe.unsqueeze(1), 1.0)
         rows = (1 - label_smoothing) * onehot * w + (label_smoothing / classes) * w
         rows = rows * kept.unsqueeze(1).to(rows.dtype)  # ignored samples carry no target: J_i = 0, δ_i = 0
@@ -438,9 +444,21 @@ def cross_entropy(
         terms = kept.unsqueeze(1) & (onehot.bool() if label_smoothing == 0 else torch.ones_like(onehot, dtype=torch.bool))
         divisor = (w[safe] * kept.to(w.dtype)).sum()
     loss = CrossEntropyFunction.apply(logits, rows, terms, reduction, divisor)
+    return _cross_entropy_shape(loss, input, reduction)
+
+
+def _cross_entropy_shape(loss: torch.Tensor, input: torch.Tensor, reduction: str) -> torch.Tensor:
+    """reduction='none': the losses in the input's shape less its class dim."""
     if reduction == "none":
         return loss.reshape(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else loss.reshape(())
     return loss
+
+
+def _plain_autograd() -> bool:
+    """No torch.func transform and no forward-mode level: NLLLossFunction serves (it has no vmap
+    or jvp rule; CrossEntropyFunction has both)."""
+    return not torch._C._are_functorch_transforms_active() \
+        and getattr(torch.autograd.forward_ad, "_current_level", -1) < 0
 
 
 def _concrete(t: torch.Tensor) -> torch.Tensor:

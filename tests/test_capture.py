@@ -77,7 +77,8 @@ CALLS = [
     ("x.softmax", lambda x: x.softmax(1), "SoftmaxFunctionBackward"),
     ("F.log_softmax", lambda x: F.log_softmax(x, 1), "LogSoftmaxFunctionBackward"),
     ("x.log_softmax", lambda x: x.log_softmax(dim=0), "LogSoftmaxFunctionBackward"),
-    ("F.cross_entropy", lambda x: F.cross_entropy(x.flatten(1)[:, :5], torch.tensor([1, 4])), "CrossEntropyFunctionBackward"),
+    ("F.cross_entropy", lambda x: F.cross_entropy(x.flatten(1)[:, :5], torch.tensor([1, 4])), "NLLLossFunctionBackward"),
+    ("F.cross_entropy-probabilities", lambda x: F.cross_entropy(x.flatten(1)[:, :5], x.flatten(1)[:, :5].softmax(1).detach()), "CrossEntropyFunctionBackward"),
 ]
 INPLACE_CALLS = [
     ("F.relu inplace", lambda x: F.relu(x, inplace=True)), ("F.relu_", lambda x: F.relu_(x)),
