@@ -52,11 +52,12 @@ at::Tensor dense_map(const at::Tensor& t, bool nhwc) {
   return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-// An output of the dense map x's size and layout, written whole by the kernels.
-// NHWC: the (n, H, W, C) block seen as (n, C, H, W), channels-last strides.
+// An output of the dense map x's size and layout, written whole by the kernels. A tensor of its
+// own, never a view (a permuted (n, H, W, C) block would be one, and autograd refuses in-place
+// ops on a view a Function returned: mobilenet_v2's ReLU6(inplace=True) after batch norm).
 at::Tensor output_like(const at::Tensor& x, bool nhwc) {
-  if (!nhwc) return at::empty(x.sizes(), x.options());
-  return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options()).permute({0, 3, 1, 2});
+  return at::empty(x.sizes(), x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous));
 }
 
 // A per-channel vector: C entries of the input's dtype (made contiguous).

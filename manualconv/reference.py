@@ -43,12 +43,12 @@ def correlate2d(x: torch.Tensor, weight: torch.Tensor, stride, dilation, groups:
     w_out = (w - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     x_g = x.reshape(n, groups, c_per_group, h, w)
     w_g = weight.reshape(groups, out_channels // groups, c_per_group, kh, kw)
-    y = x.new_zeros(n, groups, out_channels // groups, h_out, w_out)
+    y = x.new_zeros(n, out_channels, h_out, w_out)  # (a tensor of its own: an op's output is never a view)
     for a in range(kh):
         for b in range(kw):
             tap = x_g[:, :, :, _window(a * dilation[0], h_out, stride[0]), _window(b * dilation[1], w_out, stride[1])]
-            y = y + torch.einsum("ngchw,goc->ngohw", tap, w_g[:, :, :, a, b])
-    return y.reshape(n, out_channels, h_out, w_out)
+            y = y + torch.einsum("ngchw,goc->ngohw", tap, w_g[:, :, :, a, b]).reshape(y.shape)
+    return y
 
 
 def zero_pad(x: torch.Tensor, padding, value: float = 0.0) -> torch.Tensor:

@@ -84,8 +84,9 @@ def _is_converted(model: torch.nn.Module) -> bool:
     return any(type(m).__module__.startswith("manualconv.") for m in model.modules())
 
 
-def audit(name: str, dtype: torch.dtype, rtol: float) -> None:
-    """The model's original and converted runs in train then eval mode, from the same state."""
+def audit(name: str, dtype: torch.dtype, rtol: float, manual_layout=torch.contiguous_format) -> None:
+    """The model's original and converted runs in train then eval mode, from the same state; the
+    converted one with its parameters and input in ``manual_layout``."""
     _, side = MODELS[name]
     model = build(name, dtype)
     initial = copy.deepcopy(model.state_dict())  # with its version metadata (mnasnet checks it)
@@ -102,12 +103,12 @@ def audit(name: str, dtype: torch.dtype, rtol: float) -> None:
     native = {train: forward_backward(model, x.to(memory_format=layout), target, train) for train in (True, False)}
     assert native_backward_nodes(native[True][1]), "the audit can fail: the original model has torch's nodes"
 
-    model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=manual_layout)
     manualconv.convert(model, inplace=True)
     model.load_state_dict(initial)  # the running statistics the original run started from
     for train in (True, False):
         with RecordAtenOps() as recorder:
-            out, loss, grads = forward_backward(model, x, target, train)
+            out, loss, grads = forward_backward(model, x.to(memory_format=manual_layout), target, train)
         mode = "train" if train else "eval"
         remaining = native_backward_nodes(loss)
         assert not remaining, f"{name} ({mode}): torch's own backward nodes remain: {remaining}"
@@ -130,6 +131,15 @@ def audit(name: str, dtype: torch.dtype, rtol: float) -> None:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_converted_model_is_hand_derived_float64(name, cpp):
     audit(name, torch.float64, rtol=1e-9)
+
+
+# Channels-last, as train.py runs: the converted model's maps stay channels-last through every
+# layer, and mobilenet_v2's ReLU6(inplace=True) writes into batch norm's channels-last output
+# (which must be a tensor of its own: autograd refuses an in-place op on a view a Function
+# returned; it was one, and the training step raised).
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_converted_model_channels_last_float64(name, cpp):
+    audit(name, torch.float64, rtol=1e-9, manual_layout=torch.channels_last)
 
 
 # float32: ~6e-8 per operation, compounded over ~20-50 layers and batch norm (test_convert's

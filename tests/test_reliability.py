@@ -321,3 +321,52 @@ def test_set_backend_sets_the_process_default_and_the_open_block():
         assert result["backend"] == "reference"  # a new thread starts on the process default
     finally:
         manualconv.set_backend("cpp")
+
+
+# ---------------------------------------------------------------------------------------------
+# An in-place op on a layer's output (mobilenet_v2's ReLU6(inplace=True) after batch norm,
+# ResNet's x += identity): allowed wherever torch allows it, in either layout. A Function that
+# returns a view (batch norm's channels-last output was a permuted (n, H, W, C) block) makes
+# autograd refuse the in-place op.
+
+C_INPLACE = 6
+
+
+def _inplace_layers(lib):
+    vec = lambda: torch.linspace(0.5, 1.5, C_INPLACE, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    conv_w = torch.randn(C_INPLACE, C_INPLACE, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return {
+        "conv2d": lambda x: lib.conv2d(x, conv_w, None, 1, 1),
+        "max_pool2d": lambda x: lib.max_pool2d(x, 2),
+        "avg_pool2d": lambda x: lib.avg_pool2d(x, 2),
+        "adaptive_avg_pool2d": lambda x: lib.adaptive_avg_pool2d(x, 3),
+        "batch_norm-train": lambda x: lib.batch_norm(x, None, None, vec(), vec(), training=True),
+        "batch_norm-eval": lambda x: lib.batch_norm(x, torch.zeros(C_INPLACE, dtype=torch.float64),
+                                                   torch.ones(C_INPLACE, dtype=torch.float64), vec(), vec()),
+        "group_norm": lambda x: lib.group_norm(x, 3, vec(), vec()),
+        "gelu": lambda x: lib.gelu(x),
+        "silu": lambda x: lib.silu(x),
+        "hardswish": lambda x: lib.hardswish(x),
+        "adaptive_max_pool2d": lambda x: lib.adaptive_max_pool2d(x, 4),
+        "conv_transpose2d": lambda x: lib.conv_transpose2d(x, conv_w, None, 2, 1),
+        "layer_norm": lambda x: lib.layer_norm(x, (6, 6), None, None),
+        "linear": lambda x: lib.linear(x, conv_w[:, :, 0, 0]),
+        "dropout": lambda x: (torch.manual_seed(5), lib.dropout(x, 0.3))[1],  # the same mask: torch's draw
+    }
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name", list(_inplace_layers(F)))
+def test_inplace_op_on_a_layer_output_as_torch(name, layout, backend):
+    x = torch.randn(2, C_INPLACE, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x.to(memory_format=layout)
+    results = []
+    for lib in (MF, F):
+        leaf = x.clone().requires_grad_()
+        y = _inplace_layers(lib)[name](leaf)
+        y = F.relu6(y, inplace=True)  # torch's ReLU6(inplace=True): hardtanh_ on the layer's output
+        y.mul_(2.0)
+        (grad,) = torch.autograd.grad(y.pow(2).sum(), leaf)
+        results.append((y.detach(), grad))
+    _assert_same(results[0][0], results[1][0], f"{name}: output")
+    _assert_same(results[0][1], results[1][1], f"{name}: input gradient")
