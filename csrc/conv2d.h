@@ -24,6 +24,8 @@ enum class Conv2dKernel {
   Winograd,
   WinogradAvx2,
   WinogradAvx512,
+  // conv2d_depthwise.cpp: one filter per channel (groups = C = O), a loop over a pixel's channels
+  Depthwise,
 };
 
 // The kernel that computes `pass` of a conv with geometry g on tensors of `dtype`, channels-last
@@ -102,6 +104,16 @@ at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& we
                                       const Conv2dGeometry& g, Conv2dKernel kernel);
 at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
                                        const Conv2dGeometry& g, Conv2dKernel kernel);
+
+// The depthwise kernels (conv2d_depthwise.cpp), for groups = C = O (one kH × kW filter per
+// channel), float32 / float64, either layout (computed channels-last; the result in x's / δy's
+// layout, the weight gradient in x's).
+at::Tensor conv2d_forward_depthwise(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& bias, const Conv2dGeometry& g);
+at::Tensor conv2d_grad_input_depthwise(const at::Tensor& dy, const at::Tensor& weight,
+                                       const Conv2dGeometry& g);
+at::Tensor conv2d_grad_weight_depthwise(const at::Tensor& x, const at::Tensor& dy,
+                                        const Conv2dGeometry& g);
 
 // MANUALCONV_WINOGRAD=always|never forces Winograd on or off wherever it applies (the tests run
 // the kernel with it); unset, select_conv2d_kernel's measured choice holds. Read at every call.

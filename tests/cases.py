@@ -133,6 +133,11 @@ def conv2d_cases() -> List[Case]:
         # 6 columns is moved back (K = 16); 24 output channels (a 16-wide tile, then a 6×8 tile)
         Case("channels-last-direct-few-pixels", "conv2d", (3, 8, 1, 4), {}, weight=(16, 8, 1, 2), layout="channels_last"),
         Case("channels-last-direct-24-16", "conv2d", (1, 16, 3, 4), {}, weight=(24, 16, 2, 2), bias=False, layout="channels_last"),
+        # the depthwise kernels (csrc/conv2d_depthwise.cpp: groups = C = O, either layout): strides,
+        # dilation, padding past the kernel's reach, a non-square kernel, an odd channel count
+        c("depthwise-5x5-stride2-dilated", (2, 5, 11, 10), (5, 1, 5, 5), groups=5, stride=2, padding=3, dilation=(2, 1)),
+        Case("channels-last-depthwise", "conv2d", (2, 19, 7, 9), dict(groups=19, stride=(2, 1), padding=1), weight=(19, 1, 3, 3), layout="channels_last"),
+        Case("channels-last-depthwise-3x2", "conv2d", (1, 40, 6, 5), dict(groups=40, padding=(0, 2)), weight=(40, 1, 3, 2), bias=False, layout="channels_last"),
         Case("non-contiguous", "conv2d", (2, 3, 6, 5), dict(stride=2, padding=1), weight=(4, 3, 3, 3), layout="strided"),
         Case("padding-mode-reflect", "conv2d", (1, 2, 5, 5), dict(padding=1), weight=(3, 2, 3, 3), padding_mode="reflect"),
         Case("padding-mode-replicate", "conv2d", (2, 2, 5, 4), dict(padding=(2, 1), stride=2), weight=(3, 2, 3, 3), padding_mode="replicate"),
@@ -690,7 +695,7 @@ _RECORDS = [
             KernelError("grad-weight-wrong-delta", "conv2d_grad_weight",
                         lambda: (torch.randn(1, 3, 8, 8), torch.randn(1, 2, 5, 5), [2, 3, 3, 3], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
         ),
-        opcheck=frozenset({"k3-pad1", "dilation3-stride2", "depthwise-multiplier", "no-bias",
+        opcheck=frozenset({"k3-pad1", "dilation3-stride2", "depthwise-multiplier", "no-bias", "channels-last-depthwise",
                            "channels-last-strided-dilated-groups", "channels-last-1x1", "channels-last-direct-16"}),
         dtypes=CPU_AND_CUDA,
         cuda_gradcheck=frozenset({"stride2", "dilation3-stride2", "groups2", "1x1-stride1", "no-bias"}),

@@ -98,6 +98,13 @@ def test_selected_kernel_follows_capability(cpp):
     # NCHW, float64 (not expressible here: the op asks for float32), groups: never direct
     assert _selected_kernel("forward", channels_last=False) == "nchw_gemm"
     assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"
+    # one filter per channel (groups = C = O): the depthwise kernels, in either layout, every pass;
+    # a channel multiplier (O = 2C) stays on the GEMM path
+    depthwise = dict(groups=16, weight_size=[16, 1, 3, 3])
+    for passname in ("forward", "grad_input", "grad_weight"):
+        for channels_last in (True, False):
+            assert _selected_kernel(passname, channels_last=channels_last, **depthwise) == "depthwise", passname
+    assert _selected_kernel("forward", groups=16, weight_size=[32, 1, 3, 3]) == "nhwc_gemm"
 
 
 # ---- each capability in a subprocess ----
