@@ -248,9 +248,18 @@ class ModelCase:
     batch: int
 
 
+def _torchvision(name: str) -> Callable[[], torch.nn.Module]:
+    def build():
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None, num_classes=10)
+    return build
+
+
 MODELS: List[ModelCase] = [
     ModelCase("ResNet-20", lambda: models.resnet20(), 128),
     ModelCase("airbench 32/64/128 (train.py default)", lambda: models.airbench(), 512),
+    # depthwise convs, ReLU6(inplace=True) after batch norm: torchvision's mobile net, on 32×32 images
+    ModelCase("mobilenet_v2 (torchvision, 10 classes)", _torchvision("mobilenet_v2"), 64),
 ]
 
 
