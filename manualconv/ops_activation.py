@@ -5,8 +5,12 @@ built."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from . import reference
 
 
 def _check_approximate(approximate: str) -> None:
@@ -43,8 +47,9 @@ def _(grad_output, output):
     return _like(output)
 
 
-# csrc/activations.cpp: each kind and its parameter count
-ACTIVATION_PARAMS = {"silu": 0, "hardtanh": 2, "hardswish": 0, "hardsigmoid": 0, "leaky_relu": 1, "elu": 1}
+# csrc/activations.cpp's kinds and their parameter counts: reference.py's formulas f(x, *params)
+ACTIVATION_PARAMS = {kind: len(inspect.signature(forward).parameters) - 1
+                     for kind, (forward, _) in reference.ACTIVATIONS.items()}
 
 
 def _check_activation(op: str, kind: str, params) -> None:
