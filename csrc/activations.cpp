@@ -8,6 +8,12 @@
 //   leaky_relu   y = x | a·x  on x > 0 | x ≤ 0         δx = δy | a·δy
 //   elu          y = α(eˣ − 1) | x  on x ≤ 0 | x > 0   δx = δy·αeˣ | δy
 //
+// and the backward of the two squashing functions from their output y (the forward is torch's
+// sigmoid / tanh: autograd.py), which is what their derivatives are written in:
+//
+//   sigmoid      y = σ(x)                              δx = δy·(1 − y)·y
+//   tanh         y = A·tanh(S·x)                       δx = δy·S·(A − y²/A)   (torch.tanh: A = S = 1)
+//
 // (ReLU6 is hardtanh(0, 6).) Each entry's y or δx is computed from x alone, in one pass over x
 // (and δy), a plain loop built for the kernels' capability (elementwise.h's map_entries), which the
 // compiler vectorises: both sides of a piecewise formula are computed and one selected. The
@@ -113,6 +119,22 @@ struct Elu {  // y = α(eˣ − 1) | x on x ≤ 0 | x > 0; δx = δy·αeˣ | δ
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// The squashing functions' derivatives in terms of their output: δx = backward(δy, y)
+
+struct Sigmoid {  // δx = δy·(1 − y)·y   (torch's order of the products: equal to its sigmoid_backward)
+  static constexpr int kParams = 0;
+  template <typename T> static T backward(T dy, T y, const T*) { return dy * (T(1) - y) * y; }
+};
+
+struct Tanh {  // δx = δy·S·(A − y²/A)   (p = A, S); A − y²/A as one fused multiply-add, as torch's
+               // tanh_backward computes 1 − y² (A = S = 1: equal to it)
+  static constexpr int kParams = 2;
+  template <typename T> static T backward(T dy, T y, const T* p) {
+    return dy * (p[1] * std::fma(-y / p[0], y, p[0]));
+  }
+};
+
 // f(Activation{}) for the activation `kind` names, with its parameter count checked
 template <typename F>
 auto with_activation(const char* op, std::string_view kind, size_t params, const F& f) {
@@ -129,6 +151,19 @@ auto with_activation(const char* op, std::string_view kind, size_t params, const
   TORCH_CHECK(kind == "elu", op, ": kind must be one of silu, hardtanh, hardswish, hardsigmoid, "
               "leaky_relu, elu, but got kind=", kind);
   return checked(Elu{});
+}
+
+// f(Activation{}) for the squashing function `kind` names (backward from the output)
+template <typename F>
+auto with_squashing(const char* op, std::string_view kind, size_t params, const F& f) {
+  auto checked = [&](auto activation) {
+    constexpr size_t expected = decltype(activation)::kParams;
+    TORCH_CHECK(params == expected, op, ": ", kind, " takes ", expected, " params, but got ", params);
+    return f(activation);
+  };
+  if (kind == "sigmoid") return checked(Sigmoid{});
+  TORCH_CHECK(kind == "tanh", op, ": kind must be one of sigmoid, tanh, but got kind=", kind);
+  return checked(Tanh{});
 }
 
 // The parameters in the tensor's dtype (at most two; captured by value: see map_entries)
@@ -182,15 +217,42 @@ at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& 
   });
 }
 
+// δx = δy ⊙ f′(x) written in y = f(x): the sigmoid's and tanh's backward
+at::Tensor activation_backward_from_output(const at::Tensor& grad_output, const at::Tensor& output,
+                                           c10::string_view kind_name, at::ArrayRef<double> params) {
+  constexpr const char* op = "activation_backward_from_output";
+  const std::string_view kind(kind_name.data(), kind_name.size());
+  return with_squashing(op, kind, params.size(), [&](auto activation) {
+    using Activation = decltype(activation);
+    check_elementwise_input(op, output);
+    check_grad_output(op, grad_output, output, "output");
+    at::NoGradGuard no_grad;
+    const at::Tensor y = dense(output);
+    const at::Tensor dy = in_strides_of(grad_output, y);
+    at::Tensor dx = at::empty_like(y);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_activation_backward_from_output", [&] {
+      const scalar_t* y_data = y.const_data_ptr<scalar_t>();
+      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+      const Params<scalar_t> p(params);
+      map_entries(y.numel(), dx.mutable_data_ptr<scalar_t>(),
+                  [y_data, dy_data, p](int64_t i) { return Activation::backward(dy_data[i], y_data[i], p.p); });
+    });
+    return dx;
+  });
+}
+
 }  // namespace
 }  // namespace manualconv
 
 TORCH_LIBRARY_FRAGMENT(manualconv, m) {
   m.def("activation_forward(Tensor input, str kind, float[] params) -> Tensor");
   m.def("activation_backward(Tensor grad_output, Tensor input, str kind, float[] params) -> Tensor");
+  m.def("activation_backward_from_output(Tensor grad_output, Tensor output, str kind, float[] params) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(manualconv, CPU, m) {
   m.impl("activation_forward", TORCH_FN(manualconv::InFloat32<&manualconv::activation_forward>::call));
   m.impl("activation_backward", TORCH_FN(manualconv::InFloat32<&manualconv::activation_backward>::call));
+  m.impl("activation_backward_from_output",
+         TORCH_FN(manualconv::InFloat32<&manualconv::activation_backward_from_output>::call));
 }

@@ -636,31 +636,41 @@ class ReLUFunction(Function):
         return _reference.relu_backward(input_t, output)  # ẏ = f′(z)·ż, selected as in backward
 
 
+def squashing_input_grad(kind, y, delta, params, backend):
+    """δx = δ ⊙ f′(x) of the squashing function ``kind`` (sigmoid, tanh) from its output y: the
+    backward kernel (csrc/activations.cpp), or, where the result may be differentiated again,
+    reference.py's same formula in tensor code that autograd differentiates once more."""
+    if differentiated_again():
+        return _reference.SQUASHING[kind](y, delta, *params)
+    return elementwise_kernels(backend, y).activation_backward_from_output(delta, y, kind, [float(p) for p in params])
+
+
 class SigmoidFunction(Function):
-    """y = 1 / (1 + e⁻ᶻ); δz = δy ⊙ y(1 − y)."""
+    """y = 1 / (1 + e⁻ᶻ); δz = δy ⊙ (1 − y)·y."""
 
     @staticmethod
-    def forward(input):
+    def forward(input, backend):
         return torch.sigmoid(input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[1]
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (y,) = ctx.saved_tensors
-        return delta * y * (1 - y)
+        return squashing_input_grad("sigmoid", y, delta, (), ctx.backend), None
 
     @staticmethod
-    def vmap(info, in_dims, input):
-        return SigmoidFunction.apply(input), in_dims[0]  # elementwise
+    def vmap(info, in_dims, input, backend):
+        return SigmoidFunction.apply(input, backend), in_dims[0]  # elementwise
 
     @forward_mode_rule
-    def jvp(ctx, input_t):
+    def jvp(ctx, input_t, _):
         (y,) = ctx.saved_tensors
-        return input_t * y * (1 - y)  # ẏ = y(1 − y)·ż
+        return _reference.sigmoid_grad_from_output(y, input_t)  # ẏ = (1 − y)·y·ż
 
 
 class TanhFunction(Function):
@@ -668,31 +678,29 @@ class TanhFunction(Function):
     δz = δy ⊙ f′(z) with f′(z) = A·S·(1 − tanh²(S·z)) = S·(A − y²/A)."""
 
     @staticmethod
-    def forward(input, amplitude, slope):
+    def forward(input, amplitude, slope, backend):
         y = torch.tanh(input * slope) if slope != 1 else torch.tanh(input)
         return y * amplitude if amplitude != 1 else y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.amplitude, ctx.slope = inputs
+        _, ctx.amplitude, ctx.slope, ctx.backend = inputs
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)  # jvp
 
     @staticmethod
     def backward(ctx, delta):
         (y,) = ctx.saved_tensors
-        a, s = ctx.amplitude, ctx.slope
-        return delta * (s * (a - y * y / a)), None, None
+        return squashing_input_grad("tanh", y, delta, (ctx.amplitude, ctx.slope), ctx.backend), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, input, amplitude, slope):
-        return TanhFunction.apply(input, amplitude, slope), in_dims[0]  # elementwise
+    def vmap(info, in_dims, input, amplitude, slope, backend):
+        return TanhFunction.apply(input, amplitude, slope, backend), in_dims[0]  # elementwise
 
     @forward_mode_rule
     def jvp(ctx, input_t, *_):
         (y,) = ctx.saved_tensors
-        a, s = ctx.amplitude, ctx.slope
-        return input_t * (s * (a - y * y / a))  # ẏ = S·(A − y²/A)·ż
+        return _reference.tanh_grad_from_output(y, input_t, ctx.amplitude, ctx.slope)  # ẏ = S·(A − y²/A)·ż
 
 
 class CrossEntropyFunction(Function):
@@ -1236,7 +1244,7 @@ def gelu_second_derivative(x, approximate):
     """GELU″(x) = φ(x)(2 − x²); 'tanh': (1 − t²)(u′ − x·t·u′² + ½x·u″), t = tanh u(x),
     u′ = √(2/π)(1 + 3κx²), u″ = 6κ√(2/π)·x (differentiable tensor code: third derivatives work)."""
     if approximate == "tanh":
-        t = TanhFunction.apply(gelu_tanh_inner(x), 1.0, 1.0)  # hand-derived derivative of tanh too
+        t = TanhFunction.apply(gelu_tanh_inner(x), 1.0, 1.0, "reference")  # hand-derived derivative of tanh too
         du = SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_KAPPA * x * x)
         ddu = 6 * GELU_TANH_KAPPA * SQRT_2_OVER_PI * x
         return (1 - t * t) * (du - x * t * du * du + 0.5 * x * ddu)
@@ -1245,7 +1253,7 @@ def gelu_second_derivative(x, approximate):
 
 def silu_derivative(x):
     """SiLU′(x) = σ(x)(1 + x(1 − σ(x))) (σ by SigmoidFunction: its derivative is hand-derived too)."""
-    s = SigmoidFunction.apply(x)
+    s = SigmoidFunction.apply(x, "reference")
     return s * (1 + x * (1 - s))
 
 

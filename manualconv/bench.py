@@ -157,6 +157,9 @@ SUITE += [  # normalisation and dropout (train.py's and ResNet-20's sizes)
     Layer("NHWC relu6 64@32", "other", "relu6", (64, 32, 32), {}, channels_last=True),
     Layer("NHWC hardswish 64@32", "other", "hardswish", (64, 32, 32), {}, channels_last=True),
     Layer("NHWC silu 64@32", "other", "silu", (64, 32, 32), {}, channels_last=True),
+    # the squashing functions (LeNet-5's): torch's forward, the backward from the output in C++
+    Layer("NHWC sigmoid 64@32", "other", "sigmoid", (64, 32, 32), {}, channels_last=True),
+    Layer("NHWC tanh 64@32", "other", "tanh", (64, 32, 32), {}, channels_last=True),
     # csrc/softmax.cpp: rows (attention-like, the last dim) and the class dim of a map (segmentation)
     Layer("softmax 16x1024 rows", "other", "softmax", (16, 1024), dict(dim=-1)),
     Layer("log_softmax 21 classes @32", "other", "log_softmax", (21, 32, 32), dict(dim=1)),

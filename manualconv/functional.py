@@ -356,13 +356,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """1 / (1 + e⁻ᶻ) with δz = δ ⊙ y(1 − y)."""
     _check_tensor("sigmoid", "input", input, input)
-    return SigmoidFunction.apply(input)
+    return SigmoidFunction.apply(input, get_backend())
 
 
 def tanh(input: torch.Tensor, amplitude: float = 1.0, slope: float = 1.0) -> torch.Tensor:
     """A·tanh(S·z) with δz = δ ⊙ S·(A − y²/A); A = S = 1 is torch.tanh."""
     _check_tensor("tanh", "input", input, input)
-    return TanhFunction.apply(input, float(amplitude), float(slope))
+    return TanhFunction.apply(input, float(amplitude), float(slope), get_backend())
 
 
 def cross_entropy(

@@ -73,6 +73,22 @@ def _(grad_output, input, kind, params):
     return _like(input)
 
 
+# the squashing functions of activation_backward_from_output and their parameter counts
+SQUASHING_PARAMS = {kind: len(inspect.signature(grad).parameters) - 2 for kind, grad in reference.SQUASHING.items()}
+
+
+@torch.library.register_fake("manualconv::activation_backward_from_output")
+def _(grad_output, output, kind, params):
+    op = "activation_backward_from_output"
+    torch._check(kind in SQUASHING_PARAMS,
+                 lambda: f"{op}: kind must be one of {', '.join(SQUASHING_PARAMS)}, but got kind={kind}")
+    torch._check(len(params) == SQUASHING_PARAMS[kind],
+                 lambda: f"{op}: {kind} takes {SQUASHING_PARAMS[kind]} params, but got {len(params)}")
+    torch._check(grad_output.shape == output.shape,
+                 lambda: f"{op}: grad_output must have the output's size {list(output.shape)}")
+    return _like(output)
+
+
 def _check_softmax(op: str, input, dim: int) -> None:
     rank = max(input.dim(), 1)
     torch._check(-rank <= dim < rank,

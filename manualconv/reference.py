@@ -539,6 +539,29 @@ def activation_backward(grad_output, input, kind: str, params):
     return ACTIVATIONS[kind][1](input, grad_output, *params)
 
 
+# The squashing functions' derivatives written in their output y (the forward is torch.sigmoid /
+# torch.tanh); the cpp kernels: csrc/activations.cpp's activation_backward_from_output.
+
+
+def sigmoid_grad_from_output(y, delta):
+    """δ·(1 − y)·y: σ′ = σ(1 − σ)."""
+    return delta * (1 - y) * y
+
+
+def tanh_grad_from_output(y, delta, amplitude, slope):
+    """δ·S·(A − y²/A) for y = A·tanh(S·x): (A·tanh(S·x))′ = A·S·(1 − tanh²(S·x))."""
+    return delta * (slope * (amplitude - y * y / amplitude))
+
+
+# kind → grad(y, δ, *params): the kinds of activation_backward_from_output
+SQUASHING = {"sigmoid": sigmoid_grad_from_output, "tanh": tanh_grad_from_output}
+
+
+def activation_backward_from_output(grad_output, output, kind: str, params):
+    # δx = δy ⊙ f′(x), f′ written in y = f(x)
+    return SQUASHING[kind](output, grad_output, *params)
+
+
 # ---------------------------------------------------------------------------------------------
 # softmax and log-softmax along a dim (docs/derivation.md, section 17); the cpp kernels:
 # csrc/softmax.cpp. Outputs contiguous, as torch's.

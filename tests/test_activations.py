@@ -229,6 +229,65 @@ def test_activation_kernels_match_torch_in_every_layout(layout, kind, dtype, cpp
     torch.testing.assert_close(g.double(), expected_g, **{**tol, "equal_nan": True})
 
 
+# activation_backward_from_output: kind → (params, torch's backward of that kind from (δy, y))
+SQUASHING_KERNELS = {
+    "sigmoid": ([], torch.ops.aten.sigmoid_backward),
+    "tanh": ([1.0, 1.0], torch.ops.aten.tanh_backward),
+}
+
+
+@pytest.mark.parametrize("layout", list(GELU_KERNEL_INPUTS))
+@pytest.mark.parametrize("kind", list(SQUASHING_KERNELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_squashing_backward_kernel_matches_torch(layout, kind, dtype, cpp):
+    """csrc/activations.cpp's sigmoid and tanh backward from the output y: opcheck, and δx equal
+    to torch's sigmoid_backward / tanh_backward bit for bit in float32 and float64 (the same
+    products in the same order; 1 − y² as one fused multiply-add, as torch's), NaN and ±inf δy and
+    y included, in every layout, over more entries than one parallel task. bfloat16: computed in
+    float32 and rounded once, within one bfloat16 ulp (2⁻⁸ relative) of torch's float64 result."""
+    params, theirs = SQUASHING_KERNELS[kind]
+    torch.manual_seed(0)
+    base = torch.rand(2, 9, 50, 80, dtype=torch.float64) * 2 - (1 if kind == "tanh" else 0)
+    backward = torch.ops.manualconv.activation_backward_from_output
+    y = GELU_KERNEL_INPUTS[layout](base.to(dtype))
+    delta = GELU_KERNEL_INPUTS[layout](torch.randn(base.shape).to(dtype))  # δy in y's layout, as autograd's
+    torch.library.opcheck(backward, (delta, y, kind, params))  # (it compares outputs without equal_nan)
+    base.view(-1)[:6] = torch.tensor([0.0, 1.0, -1.0, NAN, INF, -INF], dtype=torch.float64)
+    y = GELU_KERNEL_INPUTS[layout](base.to(dtype))
+    delta[0, 0, 1, :3] = torch.tensor([NAN, INF, -INF]).to(dtype)
+    got = backward(delta, y, kind, params)
+    assert got.dtype == dtype and got.stride() == theirs(delta, y).stride()
+    if dtype == torch.bfloat16:
+        expected = theirs(delta.double(), y.double())
+        torch.testing.assert_close(got.double(), expected, rtol=2**-8, atol=1e-6, equal_nan=True)
+    else:
+        expected = theirs(delta, y)
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_scaled_tanh_backward_kernel_matches_its_formula(cpp):
+    """LeNet-5's A·tanh(S·x): δx = δy·S·(A − y²/A), the kernel against reference.py's formula in
+    float64 (the same formula with A − y²/A unfused: a few units of 2⁻⁵³)."""
+    torch.manual_seed(0)
+    y = 1.7159 * torch.tanh(torch.randn(3, 40000, dtype=torch.float64))
+    delta = torch.randn_like(y)
+    got = torch.ops.manualconv.activation_backward_from_output(delta, y, "tanh", [1.7159, 2 / 3])
+    expected = manualconv.reference.tanh_grad_from_output(y, delta, 1.7159, 2 / 3)
+    torch.testing.assert_close(got, expected, **F64)
+
+
+def test_squashing_backward_kernel_rejects_bad_arguments(cpp):
+    y, backward = torch.rand(3, 4), torch.ops.manualconv.activation_backward_from_output
+    with pytest.raises(RuntimeError, match="kind must be one of sigmoid, tanh"):
+        backward(y, y, "silu", [])
+    with pytest.raises(RuntimeError, match="tanh takes 2 params, but got 0"):
+        backward(y, y, "tanh", [])
+    with pytest.raises(RuntimeError, match="grad_output must have the output's size"):
+        backward(torch.rand(4, 3), y, "sigmoid", [])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        backward(torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64), "sigmoid", [])
+
+
 def test_elu_near_zero_keeps_its_relative_precision(cpp):
     """α(eˣ − 1) for x just below 0 is computed without the cancellation of eˣ − 1 (csrc/exp.h's
     expm1): relative error within a few float32 ulp of the float64 result, as torch's expm1."""
