@@ -337,6 +337,10 @@ class MaxPool2dFunction(Function):
         input, *_, backend = inputs
         _, indices = output
         ctx.mark_non_differentiable(indices)
+        # no zero tensor materialised for the indices' gradient (int64, twice y's bytes: measured
+        # 2 ms a max pool of an airbench step, with its page faults); δy is then None where y got
+        # no gradient (gradcheck's undefined-gradient check calls backward so)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(indices)  # the argmax is all backward needs, not x
         ctx.save_for_forward(indices)  # jvp: ẏ = ẋ at the argmax
         ctx.input_size = tuple(input.shape)
@@ -344,6 +348,8 @@ class MaxPool2dFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:  # y got no gradient: neither does x
+            return None, None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
         grad_input = derivative(MaxPool2dBackwardFunction, grad_output, indices, ctx.input_size, ctx.backend)
         return grad_input, None, None, None, None, None, None
@@ -460,6 +466,7 @@ class AdaptiveMaxPool2dFunction(Function):
     def setup_context(ctx, inputs, output):
         input, _, backend = inputs
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero tensor for the indices' gradient (MaxPool2dFunction)
         ctx.save_for_backward(output[1])
         ctx.save_for_forward(output[1])  # jvp: ẏ = ẋ at the argmax
         ctx.input_size = tuple(input.shape)
@@ -467,6 +474,8 @@ class AdaptiveMaxPool2dFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:  # y got no gradient: neither does x
+            return None, None, None
         (indices,) = ctx.saved_tensors
         return derivative(MaxPool2dBackwardFunction, grad_output, indices, ctx.input_size, ctx.backend), None, None
 

@@ -116,3 +116,15 @@ def test_no_native_ops_inside_the_cpp_kernels():
     names = {event.name for event in profile.events()}
     assert "manualconv::conv2d_forward" in names, sorted(names)
     assert not forbidden(names), forbidden(names)
+
+
+@pytest.mark.parametrize("pool", ["max_pool2d", "adaptive_max_pool2d"])
+def test_max_pool_backward_materialises_no_zero_index_gradient(pool):
+    """The indices output is non-differentiable; autograd would still hand backward a zero tensor of
+    their size (int64: twice y's bytes) unless the Function declines it (set_materialize_grads)."""
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    y = getattr(manualconv.functional, pool)(x, 2)
+    record = RecordAtenOps()
+    with record:
+        y.backward(torch.ones_like(y))
+    assert not {"aten::zeros", "aten::zeros_like", "aten::new_zeros"} & record.names, sorted(record.names)
