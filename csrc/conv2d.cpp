@@ -40,9 +40,10 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
                                   bool finite_weight) {
   // The input gradient of a NaN or ±inf weight: the GEMM kernels (col2im, as torch's; conv2d.h)
   const bool padding_products_ok = pass != Conv2dPass::GradInput || finite_weight;
-  // Winograd F(2×2, 3×3) (conv2d_winograd.cpp): all three passes of float32, 3×3, stride-1,
-  // dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the GEMM paths
-  // (gradcheck's exact sums). MANUALCONV_WINOGRAD=always|never overrides the measured choice below.
+  // Winograd F(2×2, 3×3) and F(4×4, 3×3) (conv2d_winograd.cpp): all three passes of float32, 3×3,
+  // stride-1, dilation-1, one-group convs with padding ≤ 2, either layout. float64 stays on the
+  // GEMM paths (gradcheck's exact sums). MANUALCONV_WINOGRAD=always|always4x4|never overrides the
+  // measured choice below.
   const bool avx512 = capability >= CpuCapability::Avx512;
   const DirectTiling& tiling = avx512 ? kDirectTilingAvx512 : kDirectTilingAvx2;
   // The direct weight-gradient tiles (also Winograd's weight-gradient products), up to:
@@ -66,8 +67,12 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     const Conv2dKernel winograd = !tiles ? Conv2dKernel::Winograd
                                   : avx512 ? Conv2dKernel::WinogradAvx512
                                            : Conv2dKernel::WinogradAvx2;
+    const Conv2dKernel winograd4x4 = !tiles ? Conv2dKernel::Winograd4x4
+                                     : avx512 ? Conv2dKernel::Winograd4x4Avx512
+                                              : Conv2dKernel::Winograd4x4Avx2;
     const WinogradChoice choice = winograd_choice();
     if (choice == WinogradChoice::Always) return winograd;
+    if (choice == WinogradChoice::Always4x4) return pass == Conv2dPass::GradWeight ? winograd : winograd4x4;
     // Measured 2026-11-29 (night) on an AMD EPYC Zen 4 (family 25 model 17, AVX-512: the
     // products on the AVX-512 tiles, the weight gradient's on MKL from 64 output channels), 2
     // threads, batch 128, padding 1, median of 9, ms, Winograd against the path below (NHWC:
@@ -109,9 +114,31 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     const bool wide = std::min(g.C, g.O) >= kMinWinogradChannels;
     const bool layout = channels_last || std::max(g.H * g.W, g.L()) <= kMaxWinogradNchwPixels;
     const bool long_sums = pass != Conv2dPass::GradWeight || g.N * g.L() >= kMinWinogradGradWeightTerms;
+    // F(4×4, 3×3) for the forward and the input gradient (36 products per 4×4 outputs instead of
+    // 16 per 2×2), measured 2026-11-30 on the same AMD EPYC Zen 4 (avx512 tiles), 2 threads,
+    // batch 128, padding 1, median of 11, ms, forward / input gradient, F(4×4) vs F(2×2):
+    //   NHWC 32→32 @16   1.66 / 1.67 vs 2.92 / 2.87     NCHW 32→32 @16   2.64 / 2.22 vs 3.21 / 3.32
+    //   NHWC 64→64 @16   5.77 / 5.73 vs 7.79 / 7.65     NCHW 64→64 @16   8.50 / 8.79 vs 10.5 / 10.9
+    //   NHWC 64→128 @16  12.4 / 12.3 vs 16.0 / 15.5     NCHW 128→256 @8  15.8 / 16.0 vs 17.5 / 18.3
+    //   NHWC 64→64 @8    1.83 / 1.84 vs 2.01 / 2.05     NHWC 128→128 @8  6.66 / 7.01 vs 6.82 / 7.09
+    // but on 4×4 maps (one tile a sample; blocks of few tiles) it lost: NHWC 128→128 @4 3.81 /
+    // 4.18 vs 2.49 / 2.60. So: output maps of at least 8×8. (The widest layers gain the least per
+    // product, but the accuracy rule below leaves F(4×4) only to them.)
+    // Accuracy: its transforms hold larger entries (Bᵀ up to 5, Aᵀ up to 8, G's 1/6 and 1/24), and
+    // on mixed-magnitude data (each entry ×10^U(−3, 3)) the worst error over 90 draws (paddings
+    // 0–2, maps 4×4 to 16×16) was 8–14× tests/oracle.py's bound at 16 summed channels, up to 20×
+    // at 32, 3.7× at 64, 0.87× at 128, 0.27× at 256 (F(2×2): 0.15× at 32; other interpolation
+    // points, and F(3×3, 3×3), also exceeded it at 32). So: at least 128 summed channels (C for
+    // the forward, O for the input gradient; tests/test_winograd.py); the weight gradient stays
+    // F(2×2).
+    constexpr int64_t kMinWinograd4x4SummedChannels = 128;
+    constexpr int64_t kMinWinograd4x4Map = 8;
+    const int64_t summed_channels = pass == Conv2dPass::GradInput ? g.O : g.C;
+    const bool large_tiles = pass != Conv2dPass::GradWeight && summed_channels >= kMinWinograd4x4SummedChannels &&
+                             std::min(g.H_out, g.W_out) >= kMinWinograd4x4Map;
     if (choice == WinogradChoice::Measured && wide && layout && long_sums &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
-      return winograd;
+      return large_tiles ? winograd4x4 : winograd;
     }
   }
   // Depthwise (one filter per channel): the GEMM paths run C GEMMs of one output row each, which
@@ -330,6 +357,9 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
+    case Conv2dKernel::Winograd4x4:
+    case Conv2dKernel::Winograd4x4Avx2:
+    case Conv2dKernel::Winograd4x4Avx512:
       break;  // (not selected without Winograd)
     case Conv2dKernel::NhwcGemm:  // (an NCHW input: laid out channels-last, the result back)
       return in_layout_of(conv2d_forward_channels_last(as_channels_last(input), weight, bias, g), input);
@@ -399,6 +429,9 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
+    case Conv2dKernel::Winograd4x4:
+    case Conv2dKernel::Winograd4x4Avx2:
+    case Conv2dKernel::Winograd4x4Avx512:
       break;  // (not selected without Winograd)
     case Conv2dKernel::NhwcGemm:  // (an NCHW δy: laid out channels-last, the result back)
       return in_layout_of(conv2d_grad_input_channels_last(as_channels_last(grad_output), weight, g), grad_output);
@@ -466,6 +499,9 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::Winograd:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::WinogradAvx512:
+    case Conv2dKernel::Winograd4x4:
+    case Conv2dKernel::Winograd4x4Avx2:
+    case Conv2dKernel::Winograd4x4Avx512:
       break;  // (not selected without Winograd)
     case Conv2dKernel::NchwGemm:
       break;  // below

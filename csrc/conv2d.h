@@ -24,6 +24,10 @@ enum class Conv2dKernel {
   Winograd,
   WinogradAvx2,
   WinogradAvx512,
+  // the same with F(4×4, 3×3) (forward and input gradient only)
+  Winograd4x4,
+  Winograd4x4Avx2,
+  Winograd4x4Avx512,
   // conv2d_depthwise.cpp: one filter per channel (groups = C = O), a loop over a pixel's channels
   Depthwise,
 };
@@ -43,8 +47,25 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
 bool all_finite(const at::Tensor& t);
 
 inline bool is_winograd(Conv2dKernel kernel) {
-  return kernel == Conv2dKernel::Winograd || kernel == Conv2dKernel::WinogradAvx2 ||
-         kernel == Conv2dKernel::WinogradAvx512;
+  switch (kernel) {
+    case Conv2dKernel::Winograd:
+    case Conv2dKernel::WinogradAvx2:
+    case Conv2dKernel::WinogradAvx512:
+    case Conv2dKernel::Winograd4x4:
+    case Conv2dKernel::Winograd4x4Avx2:
+    case Conv2dKernel::Winograd4x4Avx512:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The output tile m of a Winograd kernel F(m×m, 3×3): 2 or 4.
+inline int64_t winograd_tile(Conv2dKernel kernel) {
+  return kernel == Conv2dKernel::Winograd4x4 || kernel == Conv2dKernel::Winograd4x4Avx2 ||
+                 kernel == Conv2dKernel::Winograd4x4Avx512
+             ? 4
+             : 2;
 }
 
 // The per-ISA kernels of a Direct* or Winograd{Avx2,Avx512} kernel choice (conv2d_direct_isa.h),
@@ -115,9 +136,11 @@ at::Tensor conv2d_grad_input_depthwise(const at::Tensor& dy, const at::Tensor& w
 at::Tensor conv2d_grad_weight_depthwise(const at::Tensor& x, const at::Tensor& dy,
                                         const Conv2dGeometry& g);
 
-// MANUALCONV_WINOGRAD=always|never forces Winograd on or off wherever it applies (the tests run
-// the kernel with it); unset, select_conv2d_kernel's measured choice holds. Read at every call.
-enum class WinogradChoice { Measured, Always, Never };
+// MANUALCONV_WINOGRAD=always|always4x4|never forces Winograd on or off wherever it applies (the
+// tests run the kernels with it): always with F(2×2, 3×3), always4x4 with F(4×4, 3×3) for the
+// forward and the input gradient (the weight gradient F(2×2)); unset, select_conv2d_kernel's
+// measured choice holds. Read at every call.
+enum class WinogradChoice { Measured, Always, Always4x4, Never };
 WinogradChoice winograd_choice();
 
 }  // namespace manualconv

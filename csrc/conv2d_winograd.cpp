@@ -58,37 +58,47 @@
 namespace manualconv {
 namespace {
 
-constexpr int64_t kPoints = 16;  // elements ξ of a 4×4 transformed tile
+constexpr int64_t kPoints = 16;  // elements ξ of F(2×2)'s 4×4 transformed tile (the weight gradient's)
 
 // One stride-1 3×3 correlation: in (N, Hi, Wi, Ci) channels-last, zero-padded by (ph, pw), to
 // out (N, Ho, Wo, Co) channels-last, Ho = Hi + 2·ph − 2, Wo = Wi + 2·pw − 2.
+// Output tiles of m×m (F(m×m, 3×3): m = 2 or 4), each reading an α×α input tile, α = m + 2.
 struct WinogradConv {
   int64_t N, Hi, Wi, Ci, Co, ph, pw, Ho, Wo;
-  int64_t tiles_h() const { return ceil_div<int64_t>(Ho, 2); }
-  int64_t tiles_w() const { return ceil_div<int64_t>(Wo, 2); }
+  int64_t m = 2;
+  int64_t alpha() const { return m + 2; }
+  int64_t points() const { return alpha() * alpha(); }  // elements ξ of a transformed tile
+  int64_t tiles_h() const { return ceil_div<int64_t>(Ho, m); }
+  int64_t tiles_w() const { return ceil_div<int64_t>(Wo, m); }
   int64_t tiles() const { return N * tiles_h() * tiles_w(); }
 };
 
-// U[ξ, c, o] = (G g[o, c] Gᵀ)_ξ for a (Co, Ci, 3, 3) kernel g: computed in float64 and rounded to
-// float32 once (one rounding per entry instead of four).
-at::Tensor transform_weights(const at::Tensor& weight) {
-  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+// G of F(2×2, 3×3) (4 × 3) and of F(4×4, 3×3) (6 × 3; interpolation points 0, ±1, ±2, ∞)
+constexpr double kG2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+constexpr double kG4[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6}, {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                              {1.0 / 24, 1.0 / 12, 1.0 / 6}, {1.0 / 24, -1.0 / 12, 1.0 / 6},  {0, 0, 1}};
+
+// U[ξ, c, o] = (G g[o, c] Gᵀ)_ξ for a (Co, Ci, 3, 3) kernel g and F(m×m, 3×3): computed in
+// float64 and rounded to float32 once (one rounding per entry instead of four).
+at::Tensor transform_weights(const at::Tensor& weight, int64_t m) {
+  const int alpha = int(m) + 2;
+  auto G = [m](int r, int b) { return m == 2 ? kG2[r][b] : kG4[r][b]; };
   const at::Tensor g = weight.to(at::kDouble).contiguous();
   const int64_t Co = g.size(0), Ci = g.size(1);
-  at::Tensor U = at::empty({kPoints, Ci, Co}, weight.options().dtype(at::kFloat));
+  at::Tensor U = at::empty({alpha * alpha, Ci, Co}, weight.options().dtype(at::kFloat));
   const double* g_data = g.const_data_ptr<double>();
   float* u = U.mutable_data_ptr<float>();
   for (int64_t o = 0; o < Co; ++o) {
     for (int64_t c = 0; c < Ci; ++c) {
       const double* k = g_data + (o * Ci + c) * 9;
-      double Gg[4][3];  // G g
-      for (int r = 0; r < 4; ++r) {
-        for (int b = 0; b < 3; ++b) Gg[r][b] = G[r][0] * k[b] + G[r][1] * k[3 + b] + G[r][2] * k[6 + b];
+      double Gg[6][3];  // G g
+      for (int r = 0; r < alpha; ++r) {
+        for (int b = 0; b < 3; ++b) Gg[r][b] = G(r, 0) * k[b] + G(r, 1) * k[3 + b] + G(r, 2) * k[6 + b];
       }
-      for (int r = 0; r < 4; ++r) {
-        for (int s = 0; s < 4; ++s) {
-          const double value = Gg[r][0] * G[s][0] + Gg[r][1] * G[s][1] + Gg[r][2] * G[s][2];
-          u[((r * 4 + s) * Ci + c) * Co + o] = static_cast<float>(value);
+      for (int r = 0; r < alpha; ++r) {
+        for (int s = 0; s < alpha; ++s) {
+          const double value = Gg[r][0] * G(s, 0) + Gg[r][1] * G(s, 1) + Gg[r][2] * G(s, 2);
+          u[((r * alpha + s) * Ci + c) * Co + o] = static_cast<float>(value);
         }
       }
     }
@@ -146,26 +156,103 @@ bool transform_output_tile(const float* m, int64_t ld, int64_t Co, const float* 
   return nonfinite == 0;
 }
 
-// The input pointers of tile t's 4×4 input pixels (zeros where in the padding or past the image)
-void input_tile_pixels(const WinogradConv& s, const float* in, int64_t tile, const float* zeros,
-                       const float** d) {
-  const int64_t th = s.tiles_h(), tw = s.tiles_w();
-  const int64_t n = tile / (th * tw), ti = tile / tw % th, tj = tile % tw;
-  const float* sample = in + n * s.Hi * s.Wi * s.Ci;
-  for (int64_t r = 0; r < 4; ++r) {
-    const int64_t h = 2 * ti - s.ph + r;
-    for (int64_t c = 0; c < 4; ++c) {
-      const int64_t w = 2 * tj - s.pw + c;
-      const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
-      d[r * 4 + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros;
+// F(4×4, 3×3): Bᵀ (6 × 6) and Aᵀ (4 × 6) (docs/derivation.md, section 18)
+//   Bᵀ = [4  0 −5  0  1  0]      Aᵀ = [1  1  1  1  1  0]
+//        [0 −4 −4  1  1  0]           [0  1 −1  2 −2  0]
+//        [0  4 −4 −1  1  0]           [0  1  1  4  4  0]
+//        [0 −2 −1  2  1  0]           [0  1 −1  8 −8  1]
+//        [0  2 −1 −2  1  0]
+//        [0  4  0 −5  0  1]
+// Bᵀ applied to one column (d0 … d5) of a 6×6 tile
+inline void input_transform6(float d0, float d1, float d2, float d3, float d4, float d5, float& t0,
+                             float& t1, float& t2, float& t3, float& t4, float& t5) {
+  t0 = 4.0f * d0 - 5.0f * d2 + d4;
+  t1 = (d3 + d4) - 4.0f * (d1 + d2);
+  t2 = 4.0f * (d1 - d2) + (d4 - d3);
+  t3 = 2.0f * (d3 - d1) + (d4 - d2);
+  t4 = 2.0f * (d1 - d3) + (d4 - d2);
+  t5 = 4.0f * d1 - 5.0f * d3 + d5;
+}
+
+// Aᵀ applied to one column (m0 … m5) of a 6×6 product tile
+inline void output_transform6(float m0, float m1, float m2, float m3, float m4, float m5, float& y0,
+                              float& y1, float& y2, float& y3) {
+  const float p = m1 + m2, q = m1 - m2, r = m3 + m4, t = m3 - m4;
+  y0 = m0 + p + r;
+  y1 = q + 2.0f * t;
+  y2 = p + 4.0f * r;
+  y3 = q + 8.0f * t + m5;
+}
+
+// F(4×4): V[ξ, c] = (Bᵀ d[c] B)_ξ for every channel of one tile (d: its 36 input pixels)
+void transform_input_tile6(const float* const* d, int64_t Ci, int64_t ld, float* v) {
+#pragma GCC ivdep  // v never overlaps the input
+  for (int64_t c = 0; c < Ci; ++c) {
+    float t[6][6];  // Bᵀ d: t[r][s] (fully unrolled: registers)
+#pragma GCC unroll 6
+    for (int s = 0; s < 6; ++s) {
+      input_transform6(d[s][c], d[6 + s][c], d[12 + s][c], d[18 + s][c], d[24 + s][c], d[30 + s][c],
+                       t[0][s], t[1][s], t[2][s], t[3][s], t[4][s], t[5][s]);
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {  // (Bᵀ d) B: the same on the columns of each row
+      float* row = v + r * 6 * ld + c;
+      input_transform6(t[r][0], t[r][1], t[r][2], t[r][3], t[r][4], t[r][5], row[0], row[ld],
+                       row[2 * ld], row[3 * ld], row[4 * ld], row[5 * ld]);
     }
   }
 }
 
-// Tiles per GEMM block: V and M of a block (16·T·(Ci + Co) floats) fit in about 512 KiB of the
+// F(4×4): y[i][j] = (Aᵀ M A)[i][j] + b for every output channel of one tile (y: its 16 output
+// pixels, row-major). Returns whether every value written is finite.
+bool transform_output_tile6(const float* m, int64_t ld, int64_t Co, const float* bias, float* const* y) {
+  int nonfinite = 0;
+#pragma GCC ivdep  // y never overlaps m
+  for (int64_t o = 0; o < Co; ++o) {
+    const float b = bias ? bias[o] : 0.0f;
+    float a[4][6];  // Aᵀ M: a[i][s]
+#pragma GCC unroll 6
+    for (int s = 0; s < 6; ++s) {
+      output_transform6(m[s * ld + o], m[(6 + s) * ld + o], m[(12 + s) * ld + o], m[(18 + s) * ld + o],
+                        m[(24 + s) * ld + o], m[(30 + s) * ld + o], a[0][s], a[1][s], a[2][s], a[3][s]);
+    }
+    float check = 0.0f;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {  // (Aᵀ M) A: the same on the columns of each row
+      float v[4];
+      output_transform6(a[i][0], a[i][1], a[i][2], a[i][3], a[i][4], a[i][5], v[0], v[1], v[2], v[3]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        y[i * 4 + j][o] = v[j] + b;
+        check += (v[j] + b) - (v[j] + b);  // v − v: 0 for a finite v, NaN for ±inf and NaN
+      }
+    }
+    nonfinite |= check != 0.0f;
+  }
+  return nonfinite == 0;
+}
+
+// The input pointers of tile t's α×α input pixels, row-major (zeros where in the padding or past
+// the image)
+void input_tile_pixels(const WinogradConv& s, const float* in, int64_t tile, const float* zeros,
+                       const float** d) {
+  const int64_t th = s.tiles_h(), tw = s.tiles_w(), alpha = s.alpha();
+  const int64_t n = tile / (th * tw), ti = tile / tw % th, tj = tile % tw;
+  const float* sample = in + n * s.Hi * s.Wi * s.Ci;
+  for (int64_t r = 0; r < alpha; ++r) {
+    const int64_t h = s.m * ti - s.ph + r;
+    for (int64_t c = 0; c < alpha; ++c) {
+      const int64_t w = s.m * tj - s.pw + c;
+      const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
+      d[r * alpha + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros;
+    }
+  }
+}
+
+// Tiles per GEMM block: V and M of a block (α²·T·(Ci + Co) floats) fit in about 512 KiB of the
 // cache, and every thread gets a block.
 int64_t tile_block(const WinogradConv& s) {
-  int64_t T = std::clamp<int64_t>(8192 / (s.Ci + s.Co), 16, 512);
+  int64_t T = std::clamp<int64_t>(131072 / s.points() / (s.Ci + s.Co), 16, 512);
   return std::max<int64_t>(1, std::min(T, ceil_div<int64_t>(s.tiles(), at::get_num_threads())));
 }
 
@@ -181,13 +268,14 @@ struct WinogradProducts {
   DirectKernels k;  // (tiles only)
 
   explicit WinogradProducts(Conv2dKernel kernel)
-      : tiles(kernel != Conv2dKernel::Winograd), k(tiles ? direct_kernels(kernel) : DirectKernels{}) {}
+      : tiles(kernel != Conv2dKernel::Winograd && kernel != Conv2dKernel::Winograd4x4),
+        k(tiles ? direct_kernels(kernel) : DirectKernels{}) {}
 
   // U (16, Ci, Co) as multiply() reads it: each plane in blocks of output channels for the tiles
   at::Tensor weights(const at::Tensor& U) const {
     if (!tiles) return U;
     std::vector<at::Tensor> planes;
-    for (int64_t xi = 0; xi < kPoints; ++xi) planes.push_back(pack_weight_blocks(U[xi], U.size(2), k.tiling.block_channels));
+    for (int64_t xi = 0; xi < U.size(0); ++xi) planes.push_back(pack_weight_blocks(U[xi], U.size(2), k.tiling.block_channels));
     return at::stack(planes);
   }
 
@@ -213,45 +301,51 @@ struct WinogradProducts {
   }
 };
 
-// out = in ⋆ g + b for the correlation s, with U = products.weights(transform_weights(g)).
+// out = in ⋆ g + b for the correlation s, with U = products.weights(transform_weights(g, s.m)).
 // Returns whether every output is finite.
 bool winograd_correlate(const WinogradConv& s, const WinogradProducts& products, const float* in,
                         const float* U, const float* bias, float* out) {
   std::atomic<bool> finite{true};
-  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
+  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles(), m = s.m, points = s.points();
   const int64_t block = tile_block(s);
   const int64_t ldv = plane_stride(block, s.Ci), ldm = plane_stride(block, s.Co);
   at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::vector<float> V(kPoints * ldv), M(kPoints * ldm);
+    std::vector<float> V(points * ldv), M(points * ldm);
     const std::vector<float> zeros(s.Ci, 0.0f);  // an input pixel in the padding
     std::vector<float> discard(s.Co);              // an output pixel past the image
-    const float* d[16];
-    float* y[4];
+    const float* d[36];
+    float* y[16];
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
       // V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ
       for (int64_t t = 0; t < T; ++t) {
         input_tile_pixels(s, in, t0 + t, zeros.data(), d);
-        run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, V.data() + t * s.Ci); });
+        float* v = V.data() + t * s.Ci;
+        if (m == 2) {
+          run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, v); });
+        } else {
+          run_for_cpu([&] { transform_input_tile6(d, s.Ci, ldv, v); });
+        }
       }
       // M_ξ = V_ξ · U_ξ   (T × Co)
-      for (int64_t xi = 0; xi < kPoints; ++xi) {
+      for (int64_t xi = 0; xi < points; ++xi) {
         products.multiply(T, s.Ci, s.Co, V.data() + xi * ldv, U + xi * s.Ci * s.Co, M.data() + xi * ldm);
       }
       // y_t = Aᵀ M_t A + b
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
         float* sample = out + n * s.Ho * s.Wo * s.Co;
-        for (int64_t i = 0; i < 2; ++i) {
-          for (int64_t j = 0; j < 2; ++j) {
-            const int64_t h = 2 * ti + i, w = 2 * tj + j;
-            y[i * 2 + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < m; ++j) {
+            const int64_t h = m * ti + i, w = m * tj + j;
+            y[i * m + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
           }
         }
-        if (!run_for_cpu([&] { return transform_output_tile(M.data() + t * s.Co, ldm, s.Co, bias, y); })) {
-          finite = false;
-        }
+        const float* mt = M.data() + t * s.Co;
+        const bool ok = m == 2 ? run_for_cpu([&] { return transform_output_tile(mt, ldm, s.Co, bias, y); })
+                               : run_for_cpu([&] { return transform_output_tile6(mt, ldm, s.Co, bias, y); });
+        if (!ok) finite = false;
       }
     }
   });
@@ -282,7 +376,7 @@ void transform_grad_output_tile(const float* const* dy, int64_t Co, int64_t ld, 
 // ∂J/∂g[o, c] = Gᵀ Wξ[o, c] G for Wξ = Σ_t Dξ[t, o]·Vξ[t, c] (16, Co, Ci): computed in float64 and
 // rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last (Co, 3, 3, Ci).
 at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co) {
-  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  const auto& G = kG2;
   const at::Tensor w = W.to(at::kDouble).contiguous();
   const double* w_data = w.const_data_ptr<double>();
   at::Tensor dg = at::empty({Co, 3, 3, Ci}, W.options());
@@ -356,8 +450,9 @@ WinogradChoice winograd_choice() {
   const char* env = std::getenv("MANUALCONV_WINOGRAD");
   if (env == nullptr || *env == '\0') return WinogradChoice::Measured;
   if (std::strcmp(env, "always") == 0) return WinogradChoice::Always;
+  if (std::strcmp(env, "always4x4") == 0) return WinogradChoice::Always4x4;
   if (std::strcmp(env, "never") == 0) return WinogradChoice::Never;
-  TORCH_CHECK(false, "MANUALCONV_WINOGRAD must be 'always', 'never' or unset, got '", env, "'");
+  TORCH_CHECK(false, "MANUALCONV_WINOGRAD must be 'always', 'always4x4', 'never' or unset, got '", env, "'");
 }
 
 // y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A + b per 2×2 output tile
@@ -366,10 +461,10 @@ at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight
                                    Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
   const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor U = products.weights(transform_weights(weight));
+  const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out, winograd_tile(kernel)};
+  const at::Tensor U = products.weights(transform_weights(weight, s.m));
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
   at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
                           b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>())) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
@@ -382,10 +477,10 @@ at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& we
                                       const Conv2dGeometry& g, Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
   const at::Tensor in = dy.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor U = products.weights(transform_weights(weight.flip({2, 3}).transpose(0, 1)));  // (C, O, 3, 3)
+  const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W, winograd_tile(kernel)};
+  const at::Tensor U = products.weights(transform_weights(weight.flip({2, 3}).transpose(0, 1), s.m));  // (C, O, 3, 3)
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W};
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
                           dx.mutable_data_ptr<float>())) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's

@@ -83,6 +83,9 @@ const char* kernel_name(Conv2dKernel kernel) {
     case Conv2dKernel::Winograd: return "winograd";
     case Conv2dKernel::WinogradAvx2: return "winograd_avx2";
     case Conv2dKernel::WinogradAvx512: return "winograd_avx512";
+    case Conv2dKernel::Winograd4x4: return "winograd4x4";
+    case Conv2dKernel::Winograd4x4Avx2: return "winograd4x4_avx2";
+    case Conv2dKernel::Winograd4x4Avx512: return "winograd4x4_avx512";
     case Conv2dKernel::Depthwise: return "depthwise";
   }
   return "?";

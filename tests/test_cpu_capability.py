@@ -89,10 +89,14 @@ def test_selected_kernel_follows_capability(cpp):
     # tiles, BLAS on the baseline; the weight gradient's on the tiles only up to the direct weight
     # gradient's output channels (32 on AVX-512, 16 on AVX2)
     tiles = {"default": "winograd", "avx2": "winograd_avx2", "avx512": "winograd_avx512"}[capability]
+    tiles4x4 = {"default": "winograd4x4", "avx2": "winograd4x4_avx2", "avx512": "winograd4x4_avx512"}[capability]
     wide = dict(input_size=[64, 64, 8, 8], weight_size=[64, 64, 3, 3])
     assert _selected_kernel("forward", **wide) == tiles
     assert _selected_kernel("grad_input", **wide) == tiles
     assert _selected_kernel("grad_weight", **wide) == "winograd"
+    wider = dict(input_size=[64, 128, 8, 8], weight_size=[128, 128, 3, 3])  # F(4×4): 128 summed channels
+    assert _selected_kernel("forward", **wider) == tiles4x4
+    assert _selected_kernel("grad_input", **wider) == tiles4x4
     narrow = dict(input_size=[64, 32, 8, 8], weight_size=[32, 32, 3, 3])
     assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" else "winograd")
     # NCHW, float64 (not expressible here: the op asks for float32), groups: never direct

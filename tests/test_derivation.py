@@ -34,6 +34,7 @@ EXAMPLES = {"conv-s1", "conv-s2", "maxpool", "avgpool", "softmax-ce"}
 EXAMPLES.add("batchnorm")  # section 16 (normalisation)
 EXAMPLES |= {"activations", "softmax"}  # section 17 (activations)
 EXAMPLES.add("winograd")  # section 18 (Winograd F(2×2, 3×3))
+EXAMPLES.add("winograd4x4")  # section 18 (Winograd F(4×4, 3×3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +368,7 @@ def check_everything(doc: Document) -> None:
         check_batch_norm_example(doc, impl)  # section 16 (normalisation)
         check_activations_example(doc, impl)  # section 17 (activations)
         check_winograd_example(doc, impl)  # section 18 (Winograd)
+        check_winograd4x4_example(doc, impl)  # section 18 (F(4×4))
     for example in CONV_EXAMPLES:
         check_conv_steps(doc, example)
     for block in doc.worked:
@@ -689,12 +691,12 @@ def check_winograd_example(doc: Document, impl: str) -> None:
 
 
 @contextlib.contextmanager
-def winograd_forced():
-    """MANUALCONV_WINOGRAD=always (csrc reads it at every call), restored afterwards."""
+def winograd_forced(choice: str = "always"):
+    """MANUALCONV_WINOGRAD=choice (csrc reads it at every call), restored afterwards."""
     import os
 
     before = os.environ.get("MANUALCONV_WINOGRAD")
-    os.environ["MANUALCONV_WINOGRAD"] = "always"
+    os.environ["MANUALCONV_WINOGRAD"] = choice
     try:
         yield
     finally:
@@ -728,6 +730,36 @@ def winograd_formula_terms(doc: Document, block: Block) -> List[Tuple]:
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_winograd_example(impl):
     check_winograd_example(load(), impl)
+
+
+def check_winograd4x4_example(doc: Document, impl: str) -> None:
+    """F(4×4, 3×3) on one 6×6 tile: U₅₇₆ = G₂₄ g G₂₄ᵀ, V = Bᵀ d B and y = Aᵀ(U₅₇₆ ⊙ V)A/576 in
+    integers (exact in float64), y the tile's correlation by each implementation, and (cpp) by the
+    F(4×4) kernel in float32 within Winograd's rigorous bound γ_k·Σ|Aᵀ|[(|G||g||Gᵀ|) ⊙ (|Bᵀ||d||B|)]|A|
+    (section 18): G's fractions are inexact in float32, so its result is not exactly y. k = 18
+    roundings on a path: 3 per direction in Bᵀ d B, 1 for U, 1 for the product, 4 per direction
+    in Aᵀ M A, 1 for the (zero) bias, and the one channel's sum is exact."""
+    B_T, G24, A_T = (doc.value("winograd4x4", q) for q in ("B_T", "G24", "A_T"))
+    d, g = doc.value("winograd4x4", "d"), doc.value("winograd4x4", "g")
+    U576, V = G24 @ g @ G24.T, B_T @ d @ B_T.T
+    doc.assert_matches("winograd4x4", "U576", U576, "G₂₄ g G₂₄ᵀ")
+    doc.assert_matches("winograd4x4", "V", V, "Bᵀ d B")
+    doc.assert_matches("winograd4x4", "y", A_T @ (U576 * V) @ A_T.T / 576, "Aᵀ (U₅₇₆ ⊙ V) A / 576")
+    y = doc.value("winograd4x4", "y")
+    doc.assert_matches("winograd4x4", "y", correlate(impl, d, g), f"{impl}: d ⋆ g")
+    if impl == "cpp":
+        with winograd_forced("always4x4"):
+            y32 = torch.ops.manualconv.conv2d_forward(d.float()[None, None], g.float()[None, None], None,
+                                                      [1, 1], [0, 0], [1, 1], 1)[0, 0].double()
+        G = G24 / 24
+        magnitude = A_T.abs() @ ((G.abs() @ g.abs() @ G.abs().T) * (B_T.abs() @ d.abs() @ B_T.abs().T)) @ A_T.abs().T
+        k, eps = 18, 2.0**-24
+        assert ((y32 - y).abs() <= k * eps / (1 - k * eps) * magnitude).all(), (y32, y)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_winograd4x4_example(impl):
+    check_winograd4x4_example(load(), impl)
 
 
 def test_winograd_transforms_compute_the_correlation():
