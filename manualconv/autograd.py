@@ -192,8 +192,10 @@ class Conv2dFunction(Function):
             grad_input = derivative(Conv2dGradInputFunction, grad_output, weight, ctx.input_size, *ctx.conf)
         if ctx.needs_input_grad[1]:
             grad_weight = derivative(Conv2dGradWeightFunction, input, grad_output, ctx.weight_size, *ctx.conf)
-        if ctx.needs_input_grad[2]:
-            grad_bias = conv2d_grad_bias(grad_output)
+        if ctx.needs_input_grad[2]:  # ∂J/∂b = Σ δ (the C++ sum on the CPU; tensor code to differentiate again)
+            backend = ctx.conf[-1]
+            grad_bias = conv2d_grad_bias(grad_output) if differentiated_again() else \
+                elementwise_kernels(backend, grad_output).conv2d_grad_bias(grad_output)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
     @staticmethod

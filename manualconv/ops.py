@@ -70,6 +70,12 @@ if AVAILABLE:
         check_grad_output("conv2d_grad_weight", grad_output.shape, out_size)
         return _empty(input, weight_size, is_channels_last(input))
 
+    @torch.library.register_fake("manualconv::conv2d_grad_bias")
+    def _(grad_output):
+        torch._check(grad_output.dim() == 4,
+                     lambda: f"conv2d_grad_bias: grad_output must be 4-D (N, C, H, W), but got size {list(grad_output.shape)}")
+        return grad_output.new_empty(grad_output.shape[1])
+
     @torch.library.register_fake("manualconv::max_pool2d_forward")
     def _(input, kernel_size, stride, padding, dilation, ceil_mode):
         size = check_pool2d("max_pool2d", input.shape, kernel_size, stride, padding, dilation, ceil_mode)

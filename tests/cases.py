@@ -16,8 +16,9 @@ file). Its fields:
   None (compared with torch.testing's float32 defaults); ``reduction_length(case)``: the longest
   sum in any output or gradient entry (the n of the bound; needed unless ``bound`` is None).
 - ``kernels``: the torch.ops.manualconv operators its cases run (test_library records the calls
-  and opchecks them on the samples named in ``opcheck``); ``kernel_errors``: bad backward inputs
-  each kernel must reject.
+  and opchecks them on the samples named in ``opcheck``); ``bias_kernels``: those only a case with
+  a bias runs, on the CPU only (a CUDA tensor's takes reference.py's formula); ``kernel_errors``:
+  bad backward inputs each kernel must reject.
 - ``dtypes``: device → the dtypes it is tested in there ('cuda' present: test_cuda runs every
   sample on the CUDA kernels, and gradcheck on those named in ``cuda_gradcheck``); ``backends``:
   the manualconv backends its tests run under.
@@ -639,6 +640,7 @@ class OpRecord:
     bound: Optional[str]  # 'linear' | 'max' | None
     reduction_length: Optional[Callable[[Case], int]] = None
     kernels: Tuple[str, ...] = ()
+    bias_kernels: Tuple[str, ...] = ()
     kernel_errors: Tuple[KernelError, ...] = ()
     opcheck: FrozenSet[str] = frozenset()
     dtypes: Dict[str, Tuple[torch.dtype, ...]] = field(default_factory=lambda: {"cpu": CPU})
@@ -688,7 +690,7 @@ def _pointwise(name: str, manual_module, native_module) -> OpRecord:
 _RECORDS = [
     OpRecord(
         "conv2d", MF.conv2d, F.conv2d, ("input", "weight", "bias"), input_weight_bias(), tuple(conv2d_cases()),
-        "linear", conv_reduction_length(2), CONV2D_KERNELS,
+        "linear", conv_reduction_length(2), CONV2D_KERNELS, bias_kernels=("conv2d_grad_bias",),
         kernel_errors=(
             KernelError("grad-input-wrong-delta", "conv2d_grad_input",
                         lambda: (torch.randn(1, 2, 5, 5), torch.randn(2, 3, 3, 3), [1, 3, 8, 8], [1, 1], [0, 0], [1, 1], 1), r"grad_output"),
@@ -750,7 +752,7 @@ _RECORDS = [
     ),
     OpRecord(
         "conv1d", MF.conv1d, F.conv1d, ("input", "weight", "bias"), input_weight_bias(), tuple(conv1d_cases()),
-        "linear", conv_reduction_length(1), CONV2D_KERNELS, dtypes=CPU_AND_CUDA,
+        "linear", conv_reduction_length(1), CONV2D_KERNELS, bias_kernels=("conv2d_grad_bias",), dtypes=CPU_AND_CUDA,
         cuda_gradcheck=frozenset({"stride2-dilation2"}),
         modules={"manual": manualconv.Conv1d, "native": torch.nn.Conv1d}, module_from_case=conv_module,
     ),

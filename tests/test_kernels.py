@@ -321,3 +321,44 @@ def test_grad_input_of_a_non_finite_weight_matches_torch(cpp, layout, channels, 
     bound = sum_error_bound(channels * kernel * kernel, torch.float32,
                             torch.nn.grad.conv2d_input(x.shape, w.nan_to_num(0, 0, 0).abs(), dy.abs(), padding=padding))
     assert ((got - expected).abs()[finite] <= 2 * bound[finite]).all()
+
+
+# δy layouts csrc/conv2d_grad_bias.cpp sums as they are (NCHW planes, channels-last rows) or copies
+GRAD_BIAS_LAYOUTS = {
+    "nchw": lambda t: t.contiguous(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "strided": lambda t: t[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("layout", list(GRAD_BIAS_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 24, 31, 31), (2, 3, 1, 1), (0, 5, 4, 4), (3, 0, 2, 2), (4, 17, 8, 8)])
+def test_conv2d_grad_bias_kernel(cpp, layout, dtype, shape):
+    """∂J/∂b = Σ δ over (n, i, j) (csrc/conv2d_grad_bias.cpp): opcheck, and the sum within one
+    rounding to the dtype (half an ulp: 2⁻²⁴, 2⁻⁵³, 2⁻⁸ relative) plus both float64 sums' error
+    (the kernel's and torch's oracle: n·2⁻⁵³·Σ|δ| each) of torch's float64 sum of the same data,
+    empty maps and channels included; NaN and ±inf propagated as torch's sum does."""
+    torch.manual_seed(0)
+    full = torch.randn(shape[0], shape[1], shape[2] * (2 if layout == "strided" else 1), shape[3], dtype=torch.float64)
+    delta = GRAD_BIAS_LAYOUTS[layout](full.to(dtype))
+    torch.library.opcheck(torch.ops.manualconv.conv2d_grad_bias, (delta,))
+    got = torch.ops.manualconv.conv2d_grad_bias(delta)
+    exact = delta.double().sum(dim=(0, 2, 3))
+    assert got.dtype == dtype and got.shape == (shape[1],)
+    half_ulp = {torch.float32: 2**-24, torch.float64: 2**-53, torch.bfloat16: 2**-8}[dtype]
+    n = shape[0] * shape[2] * shape[3]
+    bound = half_ulp * exact.abs() + 2 * n * 2**-53 * delta.double().abs().sum(dim=(0, 2, 3))
+    assert ((got.double() - exact).abs() <= bound).all(), (got, exact)
+    if delta.numel() and shape[1] >= 3:
+        delta = delta.clone()
+        delta[0, 0, 0, 0], delta[-1, 1, -1, -1], delta[0, 2, 0, 0] = float("nan"), float("inf"), float("-inf")
+        got = torch.ops.manualconv.conv2d_grad_bias(delta)
+        assert got[0].isnan() and got[1] == float("inf") and got[2] == float("-inf")
+
+
+def test_conv2d_grad_bias_kernel_rejects_bad_input(cpp):
+    with pytest.raises(RuntimeError, match="grad_output must be 4-D"):
+        torch.ops.manualconv.conv2d_grad_bias(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.manualconv.conv2d_grad_bias(torch.ones(1, 2, 3, 3, dtype=torch.int64))
