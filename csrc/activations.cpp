@@ -135,35 +135,33 @@ struct Tanh {  // δx = δy·S·(A − y²/A)   (p = A, S); A − y²/A as one f
   }
 };
 
+// f(Activation{}), the activation `kind` names, once its parameter count is checked
+template <typename Activation, typename F>
+auto with_checked_params(const char* op, std::string_view kind, size_t params, const F& f) {
+  constexpr size_t expected = Activation::kParams;
+  TORCH_CHECK(params == expected, op, ": ", kind, " takes ", expected, " params, but got ", params);
+  return f(Activation{});
+}
+
 // f(Activation{}) for the activation `kind` names, with its parameter count checked
 template <typename F>
 auto with_activation(const char* op, std::string_view kind, size_t params, const F& f) {
-  auto checked = [&](auto activation) {
-    constexpr size_t expected = decltype(activation)::kParams;
-    TORCH_CHECK(params == expected, op, ": ", kind, " takes ", expected, " params, but got ", params);
-    return f(activation);
-  };
-  if (kind == "silu") return checked(Silu{});
-  if (kind == "hardtanh") return checked(Hardtanh{});
-  if (kind == "hardswish") return checked(Hardswish{});
-  if (kind == "hardsigmoid") return checked(Hardsigmoid{});
-  if (kind == "leaky_relu") return checked(LeakyRelu{});
+  if (kind == "silu") return with_checked_params<Silu>(op, kind, params, f);
+  if (kind == "hardtanh") return with_checked_params<Hardtanh>(op, kind, params, f);
+  if (kind == "hardswish") return with_checked_params<Hardswish>(op, kind, params, f);
+  if (kind == "hardsigmoid") return with_checked_params<Hardsigmoid>(op, kind, params, f);
+  if (kind == "leaky_relu") return with_checked_params<LeakyRelu>(op, kind, params, f);
   TORCH_CHECK(kind == "elu", op, ": kind must be one of silu, hardtanh, hardswish, hardsigmoid, "
               "leaky_relu, elu, but got kind=", kind);
-  return checked(Elu{});
+  return with_checked_params<Elu>(op, kind, params, f);
 }
 
 // f(Activation{}) for the squashing function `kind` names (backward from the output)
 template <typename F>
 auto with_squashing(const char* op, std::string_view kind, size_t params, const F& f) {
-  auto checked = [&](auto activation) {
-    constexpr size_t expected = decltype(activation)::kParams;
-    TORCH_CHECK(params == expected, op, ": ", kind, " takes ", expected, " params, but got ", params);
-    return f(activation);
-  };
-  if (kind == "sigmoid") return checked(Sigmoid{});
+  if (kind == "sigmoid") return with_checked_params<Sigmoid>(op, kind, params, f);
   TORCH_CHECK(kind == "tanh", op, ": kind must be one of sigmoid, tanh, but got kind=", kind);
-  return checked(Tanh{});
+  return with_checked_params<Tanh>(op, kind, params, f);
 }
 
 // The parameters in the tensor's dtype (at most two; captured by value: see map_entries)
@@ -194,26 +192,33 @@ at::Tensor activation_forward(const at::Tensor& input, c10::string_view kind_nam
   });
 }
 
+// δx[i] = Activation::backward(δy[i], s[i], params) for the saved tensor s (`name`d: the input x,
+// or the output y of the squashing functions), walked in s's storage order
+template <typename Activation>
+at::Tensor backward_entries(const char* op, const at::Tensor& grad_output, const at::Tensor& saved,
+                            const char* name, at::ArrayRef<double> params) {
+  check_elementwise_input(op, saved);
+  check_grad_output(op, grad_output, saved, name);
+  at::NoGradGuard no_grad;
+  const at::Tensor s = dense(saved);
+  const at::Tensor dy = in_strides_of(grad_output, s);
+  at::Tensor dx = at::empty_like(s);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "manualconv_activation_backward", [&] {
+    const scalar_t* s_data = s.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    const Params<scalar_t> p(params);
+    map_entries(s.numel(), dx.mutable_data_ptr<scalar_t>(),
+                [s_data, dy_data, p](int64_t i) { return Activation::backward(dy_data[i], s_data[i], p.p); });
+  });
+  return dx;
+}
+
 at::Tensor activation_backward(const at::Tensor& grad_output, const at::Tensor& input, c10::string_view kind_name,
                                at::ArrayRef<double> params) {
   constexpr const char* op = "activation_backward";
   const std::string_view kind(kind_name.data(), kind_name.size());
   return with_activation(op, kind, params.size(), [&](auto activation) {
-    using Activation = decltype(activation);
-    check_elementwise_input(op, input);
-    check_grad_output(op, grad_output, input, "input");
-    at::NoGradGuard no_grad;
-    const at::Tensor x = dense(input);
-    const at::Tensor dy = in_strides_of(grad_output, x);
-    at::Tensor dx = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_activation_backward", [&] {
-      const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      const Params<scalar_t> p(params);
-      map_entries(x.numel(), dx.mutable_data_ptr<scalar_t>(),
-                  [x_data, dy_data, p](int64_t i) { return Activation::backward(dy_data[i], x_data[i], p.p); });
-    });
-    return dx;
+    return backward_entries<decltype(activation)>(op, grad_output, input, "input", params);
   });
 }
 
@@ -223,21 +228,7 @@ at::Tensor activation_backward_from_output(const at::Tensor& grad_output, const 
   constexpr const char* op = "activation_backward_from_output";
   const std::string_view kind(kind_name.data(), kind_name.size());
   return with_squashing(op, kind, params.size(), [&](auto activation) {
-    using Activation = decltype(activation);
-    check_elementwise_input(op, output);
-    check_grad_output(op, grad_output, output, "output");
-    at::NoGradGuard no_grad;
-    const at::Tensor y = dense(output);
-    const at::Tensor dy = in_strides_of(grad_output, y);
-    at::Tensor dx = at::empty_like(y);
-    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_activation_backward_from_output", [&] {
-      const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-      const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-      const Params<scalar_t> p(params);
-      map_entries(y.numel(), dx.mutable_data_ptr<scalar_t>(),
-                  [y_data, dy_data, p](int64_t i) { return Activation::backward(dy_data[i], y_data[i], p.p); });
-    });
-    return dx;
+    return backward_entries<decltype(activation)>(op, grad_output, output, "output", params);
   });
 }
 

@@ -354,13 +354,8 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
       return conv2d_forward_direct(input, weight, bias, g, kernel);
-    case Conv2dKernel::Winograd:
-    case Conv2dKernel::WinogradAvx2:
-    case Conv2dKernel::WinogradAvx512:
-    case Conv2dKernel::Winograd4x4:
-    case Conv2dKernel::Winograd4x4Avx2:
-    case Conv2dKernel::Winograd4x4Avx512:
-      break;  // (not selected without Winograd)
+    default:
+      break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW input: laid out channels-last, the result back)
       return in_layout_of(conv2d_forward_channels_last(as_channels_last(input), weight, bias, g), input);
     case Conv2dKernel::NchwGemm:
@@ -426,13 +421,8 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
       return conv2d_grad_input_direct(grad_output, weight, g, kernel);
-    case Conv2dKernel::Winograd:
-    case Conv2dKernel::WinogradAvx2:
-    case Conv2dKernel::WinogradAvx512:
-    case Conv2dKernel::Winograd4x4:
-    case Conv2dKernel::Winograd4x4Avx2:
-    case Conv2dKernel::Winograd4x4Avx512:
-      break;  // (not selected without Winograd)
+    default:
+      break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW δy: laid out channels-last, the result back)
       return in_layout_of(conv2d_grad_input_channels_last(as_channels_last(grad_output), weight, g), grad_output);
     case Conv2dKernel::NchwGemm:
@@ -496,13 +486,8 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::NhwcGemm:  // (NCHW x, δy: laid out channels-last, the result contiguous)
       return in_layout_of(conv2d_grad_weight_channels_last(as_channels_last(input), as_channels_last(grad_output), g),
                           input);
-    case Conv2dKernel::Winograd:
-    case Conv2dKernel::WinogradAvx2:
-    case Conv2dKernel::WinogradAvx512:
-    case Conv2dKernel::Winograd4x4:
-    case Conv2dKernel::Winograd4x4Avx2:
-    case Conv2dKernel::Winograd4x4Avx512:
-      break;  // (not selected without Winograd)
+    default:
+      break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NchwGemm:
       break;  // below
   }
