@@ -16,11 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "cpu_capability.h"
 #include "geometry.h"
 #include "low_precision.h"
+#include "manualconv.h"
 
 namespace manualconv {
 namespace {
@@ -66,39 +65,29 @@ at::Tensor conv2d_grad_bias(const at::Tensor& grad_output) {
   at::NoGradGuard no_grad;
   const int64_t N = grad_output.size(0), C = grad_output.size(1);
   const int64_t pixels = grad_output.size(2) * grad_output.size(3);
-  std::vector<double> sums(C, 0.0);
+  const PerThreadSum sums(at::get_num_threads(), {C}, grad_output.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_conv2d_grad_bias", [&] {
     if (is_channels_last(grad_output)) {
       const scalar_t* rows = grad_output.const_data_ptr<scalar_t>();
-      const int64_t threads = at::get_num_threads();
-      std::vector<double> partial(threads * C, 0.0);  // thread t's sums at t·C
       at::parallel_for(0, N * pixels, /*grain_size=*/2048, [&](int64_t begin, int64_t end) {
-        double* mine = partial.data() + at::get_thread_num() * C;
+        double* mine = sums.mine<double>();
         run_for_cpu([&] { add_rows(rows, begin, end, C, mine); });
       });
-      for (int64_t t = 0; t < threads; ++t) {
-        for (int64_t c = 0; c < C; ++c) sums[c] += partial[t * C + c];
-      }
       return;
     }
     const at::Tensor d = grad_output.contiguous();
     const scalar_t* planes = d.const_data_ptr<scalar_t>();
-    const int64_t threads = at::get_num_threads();
-    std::vector<double> partial(threads * C, 0.0);  // thread t's sums at t·C
     // samples spread over threads: each reads its samples' planes in memory order
     at::parallel_for(0, N, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
-      double* mine = partial.data() + at::get_thread_num() * C;
+      double* mine = sums.mine<double>();
       run_for_cpu([&] {
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t c = 0; c < C; ++c) mine[c] += sum_run(planes + (n * C + c) * pixels, pixels);
         }
       });
     });
-    for (int64_t t = 0; t < threads; ++t) {
-      for (int64_t c = 0; c < C; ++c) sums[c] += partial[t * C + c];
-    }
   });
-  return at::tensor(sums, grad_output.options().dtype(at::kDouble)).to(grad_output.scalar_type());
+  return sums.total().to(grad_output.scalar_type());
 }
 
 }  // namespace
