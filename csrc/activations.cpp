@@ -36,6 +36,7 @@
 #include "elementwise.h"
 #include "exp.h"
 #include "low_precision.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -181,7 +182,7 @@ at::Tensor activation_forward(const at::Tensor& input, c10::string_view kind_nam
     check_elementwise_input(op, input);
     at::NoGradGuard no_grad;
     const at::Tensor x = dense(input);
-    at::Tensor y = at::empty_like(x);  // x's strides (preserve_format on a dense tensor)
+    at::Tensor y = manualconv::empty_like(x);  // x's strides (preserve_format on a dense tensor)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_activation_forward", [&] {
       const scalar_t* x_data = x.const_data_ptr<scalar_t>();
       const Params<scalar_t> p(params);
@@ -202,7 +203,7 @@ at::Tensor backward_entries(const char* op, const at::Tensor& grad_output, const
   at::NoGradGuard no_grad;
   const at::Tensor s = dense(saved);
   const at::Tensor dy = in_strides_of(grad_output, s);
-  at::Tensor dx = at::empty_like(s);
+  at::Tensor dx = manualconv::empty_like(s);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "manualconv_activation_backward", [&] {
     const scalar_t* s_data = s.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();

@@ -21,6 +21,7 @@
 
 #include "manualconv.h"
 #include "pool_channels_last.h"
+#include "output_cache.h"
 
 namespace manualconv {
 
@@ -143,8 +144,8 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cpu, const at::Te
                                                                const AdaptiveGeometry& g) {
   if (is_channels_last(input) && g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     const auto layout = input.options().memory_format(at::MemoryFormat::ChannelsLast);
-    at::Tensor y = at::empty(g.output_size(), layout);
-    at::Tensor indices = at::empty(g.output_size(), layout.dtype(at::kLong));
+    at::Tensor y = manualconv::empty(g.output_size(), layout);
+    at::Tensor indices = manualconv::empty(g.output_size(), layout.dtype(at::kLong));
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_adaptive_max_pool2d_forward_cl", [&] {
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
@@ -169,9 +170,9 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cpu, const at::Te
     });
     return {y, indices};
   }
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
-  at::Tensor indices = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options().dtype(at::kLong));
+  const at::Tensor x = manualconv::contiguous(input);
+  at::Tensor y = manualconv::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
+  at::Tensor indices = manualconv::empty({g.N, g.C, g.H_out, g.W_out}, x.options().dtype(at::kLong));
   const std::vector<Range> rows = windows_1d(g.H, g.H_out), cols = windows_1d(g.W, g.W_out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_adaptive_max_pool2d_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -195,13 +196,13 @@ std::tuple<at::Tensor, at::Tensor> adaptive_max_pool2d_forward(Cpu, const at::Te
   });
   // (a channels-last input lands here only with planes of over 2³¹ pixels: the layout rule holds)
   const at::MemoryFormat layout = output_layout(input);
-  return {y.contiguous(layout), indices.contiguous(layout)};
+  return {manualconv::contiguous(y, layout), manualconv::contiguous(indices, layout)};
 }
 
 // y[i,j] = (Σ_window x) / area(i,j)
 at::Tensor adaptive_avg_pool2d_forward(Cpu, const at::Tensor& input, const AdaptiveGeometry& g) {
   if (is_channels_last(input)) {
-    at::Tensor y = at::empty(g.output_size(),
+    at::Tensor y = manualconv::empty(g.output_size(),
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_adaptive_avg_pool2d_forward_cl", [&] {
       const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -225,8 +226,8 @@ at::Tensor adaptive_avg_pool2d_forward(Cpu, const at::Tensor& input, const Adapt
     });
     return y;
   }
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
+  const at::Tensor x = manualconv::contiguous(input);
+  at::Tensor y = manualconv::empty({g.N, g.C, g.H_out, g.W_out}, x.options());
   const std::vector<Range> rows = windows_1d(g.H, g.H_out), cols = windows_1d(g.W, g.W_out);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_adaptive_avg_pool2d_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -255,7 +256,7 @@ at::Tensor adaptive_avg_pool2d_forward(Cpu, const at::Tensor& input, const Adapt
 at::Tensor adaptive_avg_pool2d_backward(Cpu, const at::Tensor& grad_output,
                                         const AdaptiveGeometry& g) {
   if (is_channels_last(grad_output)) {
-    at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+    at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
                               grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_adaptive_avg_pool2d_backward_cl", [&] {
       const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
@@ -274,8 +275,8 @@ at::Tensor adaptive_avg_pool2d_backward(Cpu, const at::Tensor& grad_output,
     });
     return dx;
   }
-  const at::Tensor dy = grad_output.contiguous();
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
+  const at::Tensor dy = manualconv::contiguous(grad_output);
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options());
   // windows that tile the image (H_out | H and W_out | W) hold each δx once: it is written, not
   // accumulated, and needs no zeroing first
   const bool tiles = g.H_out > 0 && g.W_out > 0 && g.H % g.H_out == 0 && g.W % g.W_out == 0;

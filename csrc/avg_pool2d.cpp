@@ -13,6 +13,7 @@
 
 #include "manualconv.h"
 #include "pool_channels_last.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -251,7 +252,7 @@ void avg_pool2d_backward_channels_last(const scalar_t* dy, const Pool2dGeometry&
 at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry& g,
                               bool count_include_pad, std::optional<int64_t> divisor_override) {
   if (is_channels_last(input)) {
-    at::Tensor y = at::empty(g.output_size(),
+    at::Tensor y = manualconv::empty(g.output_size(),
                              input.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_avg_pool2d_forward_cl", [&] {
       avg_pool2d_forward_channels_last(input.const_data_ptr<scalar_t>(), g, count_include_pad,
@@ -260,8 +261,8 @@ at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry
     return y;
   }
 
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(g.output_size(), x.options());
+  const at::Tensor x = manualconv::contiguous(input);
+  at::Tensor y = manualconv::empty(g.output_size(), x.options());
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_avg_pool2d_forward", [&] {
@@ -281,7 +282,7 @@ at::Tensor avg_pool2d_forward(Cpu, const at::Tensor& input, const Pool2dGeometry
 at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dGeometry& g,
                                bool count_include_pad, std::optional<int64_t> divisor_override) {
   if (is_channels_last(grad_output)) {
-    at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+    at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
                               grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_avg_pool2d_backward_cl", [&] {
       avg_pool2d_backward_channels_last(grad_output.const_data_ptr<scalar_t>(), g,
@@ -290,8 +291,8 @@ at::Tensor avg_pool2d_backward(Cpu, const at::Tensor& grad_output, const Pool2dG
     });
     return dx;
   }
-  const at::Tensor dy = grad_output.contiguous();
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
+  const at::Tensor dy = manualconv::contiguous(grad_output);
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options());  // zeroed plane by plane below
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_avg_pool2d_backward", [&] {

@@ -34,6 +34,7 @@
 
 #include "cpu_capability.h"
 #include "normalization.h"
+#include "output_cache.h"
 
 #include <algorithm>
 #include <limits>
@@ -49,14 +50,14 @@ namespace {
 
 // The (n, C, H, W) map as a dense tensor of one of the two layouts (a copy only for other strides).
 at::Tensor dense_map(const at::Tensor& t, bool nhwc) {
-  return t.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  return manualconv::contiguous(t, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 // An output of the dense map x's size and layout, written whole by the kernels. A tensor of its
 // own, never a view (a permuted (n, H, W, C) block would be one, and autograd refuses in-place
 // ops on a view a Function returned: mobilenet_v2's ReLU6(inplace=True) after batch norm).
 at::Tensor output_like(const at::Tensor& x, bool nhwc) {
-  return at::empty(x.sizes(), x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
+  return manualconv::empty(x.sizes(), x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
                                                               : at::MemoryFormat::Contiguous));
 }
 
@@ -448,8 +449,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& input
   check_map(input, op, "input");
   const bool nhwc = is_channels_last(input);
   const at::Tensor x = dense_map(input, nhwc);
-  at::Tensor mean = at::empty({input.size(1)}, input.options());
-  at::Tensor var = at::empty({input.size(1)}, input.options());
+  at::Tensor mean = manualconv::empty({input.size(1)}, input.options());
+  at::Tensor var = manualconv::empty({input.size(1)}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_batch_norm_statistics", [&] {
     statistics_kernel(x.const_data_ptr<scalar_t>(), map_of(x, nhwc), mean.data_ptr<scalar_t>(),
                       var.data_ptr<scalar_t>());
@@ -497,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   if (weight && weight->defined()) g = channel_vector(*weight, input, op, "weight");
   const int64_t C = input.size(1);
   at::Tensor grad_input = output_like(x, nhwc);
-  at::Tensor grad_weight = at::empty({C}, input.options()), grad_bias = at::empty({C}, input.options());
+  at::Tensor grad_weight = manualconv::empty({C}, input.options()), grad_bias = manualconv::empty({C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_batch_norm_backward", [&] {
     const Map m = map_of(x, nhwc);
     const scalar_t* mu_p = mu.const_data_ptr<scalar_t>();

@@ -22,6 +22,7 @@
 
 #include "blas.h"
 #include "conv2d.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -314,7 +315,7 @@ inline int64_t plane_offset(int64_t n, int64_t channels, int64_t g, int64_t chan
 }  // namespace
 
 bool all_finite(const at::Tensor& t) {
-  const at::Tensor dense = t.contiguous();
+  const at::Tensor dense = manualconv::contiguous(t);
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "manualconv_all_finite", [&] {
     const scalar_t* data = dense.const_data_ptr<scalar_t>();
@@ -327,12 +328,12 @@ bool all_finite(const at::Tensor& t) {
 
 namespace {
 
-at::Tensor as_channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+at::Tensor as_channels_last(const at::Tensor& t) { return manualconv::contiguous(t, at::MemoryFormat::ChannelsLast); }
 
 // A channels-last kernel's result in the layout of the op's input (channels-last, or NCHW:
 // select_conv2d_kernel gives tiny NCHW maps the channels-last GEMM)
 at::Tensor in_layout_of(const at::Tensor& result, const at::Tensor& like) {
-  return is_channels_last(like) ? result : result.contiguous();
+  return is_channels_last(like) ? result : manualconv::contiguous(result);
 }
 
 }  // namespace
@@ -363,11 +364,11 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
   }
   const bool has_bias = bias.defined();
 
-  const at::Tensor x = input.contiguous();
+  const at::Tensor x = manualconv::contiguous(input);
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
   const at::Tensor b =
       has_bias ? bias.contiguous().view({g.groups, g.O_g(), 1}) : at::Tensor();
-  at::Tensor y = at::empty(g.output_size(), x.options());
+  at::Tensor y = manualconv::empty(g.output_size(), x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -376,7 +377,7 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
     scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
     const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
-      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, x.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : manualconv::empty({K, L}, x.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const scalar_t* x_ng = x_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);
@@ -429,9 +430,9 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
       break;  // below
   }
 
-  const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
+  const at::Tensor dy = manualconv::contiguous(grad_output).view({g.N, g.groups, g.O_g(), g.L()});
   const at::Tensor w = weight.contiguous().view({g.groups, g.O_g(), g.K()});
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options());
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options());
 
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input", [&] {
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
@@ -439,7 +440,7 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
     const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
-      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, dy.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : manualconv::empty({K, L}, dy.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const scalar_t* w_g = w_data + grp * Og * K;  // W[g]: O/G × K, used transposed
@@ -482,7 +483,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
       return conv2d_grad_weight_direct(
-          input, grad_output.contiguous(at::MemoryFormat::ChannelsLast), g, kernel);
+          input, manualconv::contiguous(grad_output, at::MemoryFormat::ChannelsLast), g, kernel);
     case Conv2dKernel::NhwcGemm:  // (NCHW x, δy: laid out channels-last, the result contiguous)
       return in_layout_of(conv2d_grad_weight_channels_last(as_channels_last(input), as_channels_last(grad_output), g),
                           input);
@@ -492,8 +493,8 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
       break;  // below
   }
 
-  const at::Tensor x = input.contiguous();
-  const at::Tensor dy = grad_output.contiguous().view({g.N, g.groups, g.O_g(), g.L()});
+  const at::Tensor x = manualconv::contiguous(input);
+  const at::Tensor dy = manualconv::contiguous(grad_output).view({g.N, g.groups, g.O_g(), g.L()});
   // one slot per thread when the samples are spread over threads (see for_each_sample)
   const PerThreadSum dw_t_sum(g.N >= at::get_num_threads() ? at::get_num_threads() : 1,
                               {g.groups, g.K(), g.O_g()}, x.options());
@@ -504,7 +505,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
     const int64_t K = g.K(), L = g.L(), Og = g.O_g();
     for_each_sample(g.N, [&](int64_t n_begin, int64_t n_end) {
       scalar_t* dw_t = dw_t_sum.mine<scalar_t>();
-      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({K, L}, x.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : manualconv::empty({K, L}, x.options());
       for (int64_t n = n_begin; n < n_end; ++n) {
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           const scalar_t* cols = x_data + plane_offset(n, g.C, grp, g.C_g(), g.H * g.W);

@@ -21,6 +21,7 @@
 #include "blas.h"
 #include "conv2d.h"
 #include "low_precision.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -55,7 +56,7 @@ void for_each_block(const Conv2dGeometry& g, const at::TensorOptions& options, c
   at::parallel_for(0, blocks.count, /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor buffer =
-        g.is_pointwise() ? at::Tensor() : at::empty({blocks.size * g.L(), g.K()}, options);
+        g.is_pointwise() ? at::Tensor() : manualconv::empty({blocks.size * g.L(), g.K()}, options);
     for (int64_t block = first; block < last; ++block) {
       const int64_t n_begin = block * blocks.size;
       body(n_begin, std::min(g.N, n_begin + blocks.size), buffer);
@@ -170,7 +171,7 @@ at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& w
                                         const at::Tensor& bias, const Conv2dGeometry& g) {
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward_channels_last", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
@@ -201,7 +202,7 @@ at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& w
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
                                            const Conv2dGeometry& g) {
   const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
   const int64_t HWC = g.H * g.W * C;
@@ -248,7 +249,7 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks.count * g.groups, /*grain_size=*/1, [&](int64_t first, int64_t last) {
       at::AutoDispatchBelowADInplaceOrView guard;
-      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({blocks.size * L, K}, x.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : manualconv::empty({blocks.size * L, K}, x.options());
       scalar_t* dw = dw_sum.mine<scalar_t>();
       for (int64_t task = first; task < last; ++task) {
         const int64_t block = task / g.groups, grp = task % g.groups;
@@ -275,17 +276,17 @@ at::Tensor conv2d_grad_weight_per_sample(const at::Tensor& input, const at::Tens
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const Conv2dGeometry g = check_conv2d_grad_weight(input, grad_output, weight_size, stride, padding,
                                                     dilation, groups, at::kCPU);
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = manualconv::contiguous(input, at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = manualconv::contiguous(grad_output, at::MemoryFormat::ChannelsLast);
   const int64_t L = g.L(), K = g.K(), O = g.O, Og = g.O_g(), pairs = g.N * g.groups;
-  at::Tensor dw = at::empty({g.N, O, g.kH, g.kW, g.C_g()}, x.options());
+  at::Tensor dw = manualconv::empty({g.N, O, g.kH, g.kW, g.C_g()}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_per_sample", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     scalar_t* dw_data = dw.mutable_data_ptr<scalar_t>();
     auto run = [&](int64_t first, int64_t last) {
       at::AutoDispatchBelowADInplaceOrView guard;
-      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : at::empty({L, K}, x.options());
+      at::Tensor buffer = g.is_pointwise() ? at::Tensor() : manualconv::empty({L, K}, x.options());
       for (int64_t pair = first; pair < last; ++pair) {
         const int64_t n = pair / g.groups, grp = pair % g.groups;
         int64_t ld;

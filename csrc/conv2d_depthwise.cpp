@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_capability.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -104,11 +105,11 @@ void grad_weight_row(const scalar_t* x_n, const scalar_t* dy_n, const Conv2dGeom
   }
 }
 
-at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+at::Tensor channels_last(const at::Tensor& t) { return manualconv::contiguous(t, at::MemoryFormat::ChannelsLast); }
 
 // The result in the layout of the op's input (channels-last or NCHW), as every conv kernel's
 at::Tensor in_layout_of(const at::Tensor& result, const at::Tensor& like) {
-  return is_channels_last(like) ? result : result.contiguous();
+  return is_channels_last(like) ? result : manualconv::contiguous(result);
 }
 
 }  // namespace
@@ -118,7 +119,7 @@ at::Tensor conv2d_forward_depthwise(const at::Tensor& input, const at::Tensor& w
   const at::Tensor x = channels_last(input);
   const at::Tensor wt = taps_by_channel(weight, g);
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_forward_depthwise", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* w_data = wt.const_data_ptr<scalar_t>();
@@ -142,7 +143,7 @@ at::Tensor conv2d_grad_input_depthwise(const at::Tensor& grad_output, const at::
                                        const Conv2dGeometry& g) {
   const at::Tensor dy = channels_last(grad_output);
   const at::Tensor wt = taps_by_channel(weight, g);
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input_depthwise", [&] {
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const scalar_t* w_data = wt.const_data_ptr<scalar_t>();
@@ -185,7 +186,7 @@ at::Tensor conv2d_grad_weight_depthwise(const at::Tensor& input, const at::Tenso
     });
   });
   // ∂J/∂W as (C, 1, kH, kW), from the chunks' (kH, kW, C) sums added in chunk order
-  at::Tensor dw = at::empty({g.C, 1, g.kH, g.kW},
+  at::Tensor dw = manualconv::empty({g.C, 1, g.kH, g.kW},
                             x.options().memory_format(is_channels_last(input) ? at::MemoryFormat::ChannelsLast
                                                                               : at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_conv2d_grad_weight_depthwise_total", [&] {

@@ -23,6 +23,7 @@
 // over a sample's pixels: per pixel the vectors of δy, one broadcast input value per column.
 
 #include "conv2d.h"
+#include "output_cache.h"
 
 #include <ATen/Parallel.h>
 
@@ -55,7 +56,7 @@ DirectKernels direct_kernels(Conv2dKernel kernel) {
 // wt (K, C_out) → blocks of `block` output channels, each (K, width) contiguous (conv2d.h)
 at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block) {
   const int64_t K = wt.numel() / C_out;
-  at::Tensor packed = at::empty_like(wt);
+  at::Tensor packed = manualconv::empty_like(wt);
   const float* src = wt.const_data_ptr<float>();
   float* dst = packed.mutable_data_ptr<float>();
   for (int64_t o0 = 0; o0 < C_out; o0 += block) {
@@ -110,7 +111,7 @@ at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor wt = pack_weight_blocks(weight.permute({2, 3, 1, 0}).contiguous(), g.O,
                                            k.tiling.block_channels);  // (kH, kW, C, O), in blocks
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
                      g.dH, g.dW, g.H_out, g.W_out};
   direct_conv_batch(k.conv_sample, s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
@@ -126,7 +127,7 @@ at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weig
   // rot180(W) with in/out swapped, (kH, kW, O, C) in blocks of C: wt[a, b, o, c] = W[o, c, kH−1−a, kW−1−b]
   const at::Tensor wt = pack_weight_blocks(weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(), g.C,
                                            k.tiling.block_channels);
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t pad_h = g.dH * (g.kH - 1) - g.pH, pad_w = g.dW * (g.kW - 1) - g.pW;
   const DirectConv s{g.H_out + 2 * pad_h, g.W_out + 2 * pad_w, g.O, g.C, g.kH, g.kW, 1, 1,

@@ -20,6 +20,7 @@
 #include "geometry.h"
 #include "low_precision.h"
 #include "manualconv.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -75,7 +76,7 @@ at::Tensor conv2d_grad_bias(const at::Tensor& grad_output) {
       });
       return;
     }
-    const at::Tensor d = grad_output.contiguous();
+    const at::Tensor d = manualconv::contiguous(grad_output);
     const scalar_t* planes = d.const_data_ptr<scalar_t>();
     // samples spread over threads: each reads its samples' planes in memory order
     at::parallel_for(0, N, /*grain_size=*/1, [&](int64_t begin, int64_t end) {

@@ -46,6 +46,7 @@
 #include "blas.h"
 #include "conv2d.h"
 #include "cpu_capability.h"
+#include "output_cache.h"
 
 #include <ATen/Parallel.h>
 
@@ -85,7 +86,7 @@ at::Tensor transform_weights(const at::Tensor& weight, int64_t m) {
   auto G = [m](int r, int b) { return m == 2 ? kG2[r][b] : kG4[r][b]; };
   const at::Tensor g = weight.to(at::kDouble).contiguous();
   const int64_t Co = g.size(0), Ci = g.size(1);
-  at::Tensor U = at::empty({alpha * alpha, Ci, Co}, weight.options().dtype(at::kFloat));
+  at::Tensor U = manualconv::empty({alpha * alpha, Ci, Co}, weight.options().dtype(at::kFloat));
   const double* g_data = g.const_data_ptr<double>();
   float* u = U.mutable_data_ptr<float>();
   for (int64_t o = 0; o < Co; ++o) {
@@ -379,7 +380,7 @@ at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co
   const auto& G = kG2;
   const at::Tensor w = W.to(at::kDouble).contiguous();
   const double* w_data = w.const_data_ptr<double>();
-  at::Tensor dg = at::empty({Co, 3, 3, Ci}, W.options());
+  at::Tensor dg = manualconv::empty({Co, 3, 3, Ci}, W.options());
   float* out = dg.mutable_data_ptr<float>();
   for (int64_t c = 0; c < Ci; ++c) {
     for (int64_t o = 0; o < Co; ++o) {
@@ -460,40 +461,40 @@ at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& bias, const Conv2dGeometry& g,
                                    Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
-  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor in = manualconv::contiguous(x, at::MemoryFormat::ChannelsLast);
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out, winograd_tile(kernel)};
   const at::Tensor U = products.weights(transform_weights(weight, s.m));
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = at::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
                           b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>())) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
   }
-  return y.contiguous(output_layout(x));
+  return manualconv::contiguous(y, output_layout(x));
 }
 
 // δx = (δy padded by 2 − p) ⋆ rot180(W) with W's channels swapped, per 2×2 tile of δx
 at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
                                       const Conv2dGeometry& g, Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
-  const at::Tensor in = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor in = manualconv::contiguous(dy, at::MemoryFormat::ChannelsLast);
   const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W, winograd_tile(kernel)};
   const at::Tensor U = products.weights(transform_weights(weight.flip({2, 3}).transpose(0, 1), s.m));  // (C, O, 3, 3)
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W},
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
                           dx.mutable_data_ptr<float>())) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
   }
-  return dx.contiguous(output_layout(dy));
+  return manualconv::contiguous(dx, output_layout(dy));
 }
 
 // ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G  (section 18: the adjoint of the forward's
 // y_t = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d_t B)]A in g)
 at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
                                        const Conv2dGeometry& g, Conv2dKernel kernel) {
-  const at::Tensor in = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor delta = dy.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor in = manualconv::contiguous(x, at::MemoryFormat::ChannelsLast);
+  const at::Tensor delta = manualconv::contiguous(dy, at::MemoryFormat::ChannelsLast);
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
   const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                                                  x.options());

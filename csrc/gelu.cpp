@@ -47,6 +47,7 @@
 #include "elementwise.h"
 #include "exp.h"
 #include "low_precision.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -150,7 +151,7 @@ at::Tensor gelu_forward(const at::Tensor& input, c10::string_view approximate) {
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
   const at::Tensor x = dense(input);
-  at::Tensor y = at::empty_like(x);  // x's strides (preserve_format on a dense tensor)
+  at::Tensor y = manualconv::empty_like(x);  // x's strides (preserve_format on a dense tensor)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_gelu_forward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
@@ -171,7 +172,7 @@ at::Tensor gelu_backward(const at::Tensor& grad_output, const at::Tensor& input,
   at::NoGradGuard no_grad;
   const at::Tensor x = dense(input);
   const at::Tensor dy = in_strides_of(grad_output, x);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = manualconv::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_gelu_backward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();

@@ -37,6 +37,7 @@
 #include "cpu_capability.h"
 #include "low_precision.h"
 #include "normalization.h"
+#include "output_cache.h"
 
 #include <algorithm>
 #include <cmath>
@@ -278,13 +279,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_forward(
   const char* op = "group_norm_forward";
   check_map(input, op, "input");
   const bool nhwc = is_channels_last(input);
-  const at::Tensor x = input.contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor x = manualconv::contiguous(input, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const Groups s = groups_of(x, num_groups, nhwc, op);
   TORCH_CHECK(s.M() > 0 || s.n == 0, op, ": each group must have at least one entry, got size ", input.sizes());
   const auto g = vector_arg(weight, s.C, input, op, "weight");
   const auto b = vector_arg(bias, s.C, input, op, "bias");
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({s.n, s.G}, x.options()), invstd = at::empty({s.n, s.G}, x.options());
+  at::Tensor y = manualconv::empty_like(x);
+  at::Tensor mean = manualconv::empty({s.n, s.G}, x.options()), invstd = manualconv::empty({s.n, s.G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_group_norm_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t *mp = mean.data_ptr<scalar_t>(), *ip = invstd.data_ptr<scalar_t>();
@@ -304,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
               ": grad_output must have the input's size and dtype, got ", grad_output.sizes());
   const bool nhwc = is_channels_last(input);
   const auto layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor x = input.contiguous(layout), dy = grad_output.contiguous(layout);
+  const at::Tensor x = manualconv::contiguous(input, layout), dy = manualconv::contiguous(grad_output, layout);
   const Groups s = groups_of(x, num_groups, nhwc, op);
   TORCH_CHECK(mean.numel() == s.n * s.G && invstd.numel() == s.n * s.G, op,
               ": mean and invstd must have one entry per (sample, group) (", s.n * s.G, ")");
@@ -312,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(
               ": mean and invstd must have the input's dtype");
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
   const auto g = vector_arg(weight, s.C, input, op, "weight");
-  at::Tensor grad_input = at::empty_like(x);
-  at::Tensor grad_weight = at::empty({s.C}, x.options()), grad_bias = at::empty({s.C}, x.options());
+  at::Tensor grad_input = manualconv::empty_like(x);
+  at::Tensor grad_weight = manualconv::empty({s.C}, x.options()), grad_bias = manualconv::empty({s.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_group_norm_backward", [&] {
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t *mp = mu.const_data_ptr<scalar_t>(), *ip = is.const_data_ptr<scalar_t>();

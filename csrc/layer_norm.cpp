@@ -29,6 +29,7 @@
 
 #include "cpu_capability.h"
 #include "normalization.h"
+#include "output_cache.h"
 
 #include <algorithm>
 #include <cmath>
@@ -126,10 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   check_rows(input, op, "input");
   const int64_t M = input.size(0), D = input.size(1);
   TORCH_CHECK(D > 0 || M == 0, op, ": rows must have at least one entry, got size ", input.sizes());
-  const at::Tensor x = input.contiguous();
+  const at::Tensor x = manualconv::contiguous(input);
   const auto g = vector_arg(weight, D, input, op, "weight");
   const auto b = vector_arg(bias, D, input, op, "bias");
-  at::Tensor y = at::empty_like(x), mean = at::empty({M}, x.options()), invstd = at::empty({M}, x.options());
+  at::Tensor y = manualconv::empty_like(x), mean = manualconv::empty({M}, x.options()), invstd = manualconv::empty({M}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_layer_norm_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t *gp = data_or_null<scalar_t>(g), *bp = data_or_null<scalar_t>(b);
@@ -158,13 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   const int64_t M = input.size(0), D = input.size(1);
   TORCH_CHECK(mean.numel() == M && invstd.numel() == M, op,
               ": mean and invstd must have one entry per row (", M, ")");
-  const at::Tensor x = input.contiguous(), dy = grad_output.contiguous();
+  const at::Tensor x = manualconv::contiguous(input), dy = manualconv::contiguous(grad_output);
   const at::Tensor mu = mean.contiguous().to(input.scalar_type()), is = invstd.contiguous().to(input.scalar_type());
   const auto g = vector_arg(weight, D, input, op, "weight");
-  at::Tensor grad_input = at::empty_like(x);
+  at::Tensor grad_input = manualconv::empty_like(x);
   // without γ there is no affine map (and no β): ∂J/∂γ, ∂J/∂β are returned empty, not computed
   const int64_t affine = g ? D : 0;
-  at::Tensor grad_weight = at::empty({affine}, x.options()), grad_bias = at::empty({affine}, x.options());
+  at::Tensor grad_weight = manualconv::empty({affine}, x.options()), grad_bias = manualconv::empty({affine}, x.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_layer_norm_backward", [&] {
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t *mp = mu.const_data_ptr<scalar_t>(), *ip = is.const_data_ptr<scalar_t>();

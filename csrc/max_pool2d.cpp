@@ -10,6 +10,7 @@
 
 #include "manualconv.h"
 #include "pool_channels_last.h"
+#include "output_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -175,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(Cpu, const at::Tensor& inp
                                                       const Pool2dGeometry& g) {
   if (is_channels_last(input) && g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     const auto layout = input.options().memory_format(at::MemoryFormat::ChannelsLast);
-    at::Tensor y = at::empty(g.output_size(), layout);
-    at::Tensor indices = at::empty(g.output_size(), layout.dtype(at::kLong));
+    at::Tensor y = manualconv::empty(g.output_size(), layout);
+    at::Tensor indices = manualconv::empty(g.output_size(), layout.dtype(at::kLong));
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "manualconv_max_pool2d_forward_cl", [&] {
       max_pool2d_forward_channels_last(input.const_data_ptr<scalar_t>(), g,
                                        y.mutable_data_ptr<scalar_t>(),
@@ -184,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(Cpu, const at::Tensor& inp
     });
     return {y, indices};
   }
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(g.output_size(), x.options());
-  at::Tensor indices = at::empty(g.output_size(), x.options().dtype(at::kLong));
+  const at::Tensor x = manualconv::contiguous(input);
+  at::Tensor y = manualconv::empty(g.output_size(), x.options());
+  at::Tensor indices = manualconv::empty(g.output_size(), x.options().dtype(at::kLong));
   const int64_t in_plane = g.H * g.W, out_plane = g.H_out * g.W_out;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_max_pool2d_forward", [&] {
@@ -211,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_forward(Cpu, const at::Tensor& inp
   });
   // (a channels-last input lands here only with planes of over 2³¹ pixels: the layout rule holds)
   const at::MemoryFormat layout = output_layout(input);
-  return {y.contiguous(layout), indices.contiguous(layout)};
+  return {manualconv::contiguous(y, layout), manualconv::contiguous(indices, layout)};
 }
 
 // δx[idx] += δy   (scatter of each output gradient to the position of its maximum)
@@ -226,7 +227,7 @@ at::Tensor max_pool2d_backward(Cpu, const at::Tensor& grad_output, const at::Ten
 
   if (output_layout(grad_output, indices) == at::MemoryFormat::ChannelsLast) {
     at::Tensor dx =
-        at::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+        manualconv::empty(input_size, grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
     const int64_t C = input_size[1];
     AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "manualconv_max_pool2d_backward_cl", [&] {
       const scalar_t* dy_data = grad_output.const_data_ptr<scalar_t>();
@@ -249,9 +250,9 @@ at::Tensor max_pool2d_backward(Cpu, const at::Tensor& grad_output, const at::Ten
     return dx;
   }
 
-  const at::Tensor dy = grad_output.contiguous();
-  const at::Tensor idx = indices.contiguous();
-  at::Tensor dx = at::empty(input_size, dy.options());  // zeroed plane by plane below
+  const at::Tensor dy = manualconv::contiguous(grad_output);
+  const at::Tensor idx = manualconv::contiguous(indices);
+  at::Tensor dx = manualconv::empty(input_size, dy.options());  // zeroed plane by plane below
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_max_pool2d_backward", [&] {
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const int64_t* idx_data = idx.const_data_ptr<int64_t>();

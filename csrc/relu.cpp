@@ -15,6 +15,7 @@
 #include "cpu_capability.h"
 #include "elementwise.h"
 #include "low_precision.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -30,7 +31,7 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
   // walked in storage order: y as it is when dense (else a contiguous copy), δy in y's strides
   const at::Tensor y = dense(output);
   const at::Tensor dy = in_strides_of(grad_output, y);
-  at::Tensor dz = at::empty_like(y);
+  at::Tensor dz = manualconv::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_relu_backward", [&] {
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();

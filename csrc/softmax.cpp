@@ -30,6 +30,7 @@
 #include "elementwise.h"
 #include "exp.h"
 #include "low_precision.h"
+#include "output_cache.h"
 
 namespace manualconv {
 namespace {
@@ -225,8 +226,8 @@ at::Tensor softmax_forward(const at::Tensor& input, int64_t dim, bool log) {
   const char* op = log ? "log_softmax_forward" : "softmax_forward";
   dim = checked_dim(op, input, dim);
   at::NoGradGuard no_grad;
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor x = manualconv::contiguous(input);
+  at::Tensor y = manualconv::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return y;
   const Rows r = rows_of(x, dim);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_softmax_forward", [&] {
@@ -249,8 +250,8 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
   dim = checked_dim(op, output, dim);
   check_grad_output(op, grad_output, output, "output");
   at::NoGradGuard no_grad;
-  const at::Tensor y = output.contiguous(), dy = grad_output.contiguous();
-  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  const at::Tensor y = manualconv::contiguous(output), dy = manualconv::contiguous(grad_output);
+  at::Tensor dx = manualconv::empty_like(y, at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return dx;
   const Rows r = rows_of(y, dim);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_softmax_backward", [&] {

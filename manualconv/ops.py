@@ -33,9 +33,27 @@ def cpu_capability() -> str:
     return torch.ops.manualconv.cpu_capability() if AVAILABLE else "default"
 
 
+def output_cache_info() -> dict:
+    """The C++ operators' CPU output cache (csrc/output_cache.cpp: their tensors of 1 MiB and more
+    reuse freed memory instead of faulting fresh pages in): bytes free and reserved (free and in
+    use), hits, misses, and the limit on free bytes (MANUALCONV_CPU_CACHE_MB; 0: off)."""
+    if not AVAILABLE:
+        return dict(free_bytes=0, reserved_bytes=0, hits=0, misses=0, limit_bytes=0)
+    free, reserved, hits, misses, limit = torch.ops.manualconv.output_cache_info()
+    return dict(free_bytes=free, reserved_bytes=reserved, hits=hits, misses=misses, limit_bytes=limit)
+
+
+def empty_cache() -> int:
+    """Gives the output cache's wholly free segments back to the system (as torch.cuda.empty_cache
+    does for the GPU); returns how many."""
+    return torch.ops.manualconv.output_cache_release() if AVAILABLE else 0
+
+
 # An unknown or unsupported MANUALCONV_CPU_CAPABILITY is a RuntimeError here, at import (naming the
-# variable, its value and what this CPU supports), not at the first conv.
+# variable, its value and what this CPU supports), not at the first conv; so is a
+# MANUALCONV_CPU_CACHE_MB that is not a whole number of MiB.
 cpu_capability()
+output_cache_info()
 
 
 def _empty(like: torch.Tensor, size, channels_last: bool = False) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""The C++ operators' CPU output cache (csrc/output_cache.cpp): a freed block is reused, split
+for smaller tensors and merged back when they are freed; live tensors never share memory; small
+tensors, other devices and MANUALCONV_CPU_CACHE_MB=0 bypass it; the limit on free bytes holds; a bad
+limit is refused at import, naming the variable; the benchmark's peak memory counts the free bytes
+it holds. Each scenario runs in a fresh process (the cache is process-wide) after empty_cache(),
+so its addresses and counters are its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import manualconv
+from manualconv import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1 << 20
+
+# Runs in a fresh interpreter: prints one JSON object of what the scenarios observed.
+SCRIPT = r"""
+import json, random, sys, torch, manualconv
+MiB = 1 << 20
+info = manualconv.output_cache_info
+
+def out(nbytes):
+    # a new float32 tensor of nbytes from a C++ operator (relu_backward's δz = empty_like(y))
+    y = torch.ones(nbytes // 4)
+    return torch.ops.manualconv.relu_backward(y, y)
+
+def fresh():
+    manualconv.empty_cache()
+    assert info()["reserved_bytes"] == 0, info()
+
+r = {"limit": info()["limit_bytes"]}
+
+# reuse: the freed block serves the next request of its size, at the same address
+fresh()
+a = out(2 * MiB); first = a.data_ptr(); r["after_first"] = info(); del a
+b = out(2 * MiB); r["same_address"] = b.data_ptr() == first; r["after_second"] = info(); del b
+
+# below 1 MiB: not the cache's
+fresh()
+before = info(); s = out(MiB // 2); r["small_untouched"] = info() == before; del s
+
+# split and merge: one 64 MiB segment serves four 16 MiB tensors, and is whole again after
+fresh()
+big = out(64 * MiB); base = big.data_ptr(); del big
+misses = info()["misses"]
+parts = [out(16 * MiB) for _ in range(4)]
+r["parts_offsets"] = sorted(p.data_ptr() - base for p in parts)
+r["parts_misses"] = info()["misses"] - misses
+for k in (1, 3, 0, 2):
+    parts[k] = None
+r["merged"] = info()
+r["released"] = manualconv.empty_cache()
+r["after_release"] = info()
+
+# no two live tensors share memory: random sizes and lifetimes, each filled with its own value
+fresh()
+rng = random.Random(0)
+live = {}
+for i in range(300):
+    if live and rng.random() < 0.45:
+        live.pop(rng.choice(sorted(live)))
+    else:
+        t = out(rng.choice([1, 2, 3, 5, 8, 13, 21, 34]) * MiB + 4 * rng.randrange(1000))
+        t.fill_(float(i))
+        live[i] = t
+spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * 4) for t in live.values())
+r["disjoint"] = all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+r["intact"] = all(bool((t == float(i)).all()) for i, t in live.items())
+r["random_hits"] = info()["hits"]
+live.clear(); t = None
+
+# a tensor from the cache resizes like any other (its storage keeps the allocator)
+fresh()
+t = out(2 * MiB); t.copy_(torch.arange(t.numel(), dtype=torch.float32))
+t.resize_(3 * t.numel())
+r["resized_prefix"] = bool((t[: 2 * MiB // 4] == torch.arange(2 * MiB // 4, dtype=torch.float32)).all())
+del t
+
+# a conv's output and gradients come from it
+fresh()
+x = torch.randn(32, 16, 32, 32, requires_grad=True); w = torch.randn(16, 16, 3, 3, requires_grad=True)
+before = info()
+manualconv.functional.conv2d(x, w, padding=1).sum().backward()
+r["conv_requests"] = info()["hits"] + info()["misses"] - before["hits"] - before["misses"]
+del x, w  # (x.grad, δx, is the cache's)
+
+# the limit: a freed block beyond it goes back to the system
+fresh()
+c = out(32 * MiB); del c
+r["after_large_free"] = info()
+print(json.dumps(r))
+"""
+
+
+def run(**env_overrides) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MANUALCONV_CPU_CACHE_MB", None)
+    env.update(env_overrides)
+    return subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def observed() -> dict:
+    result = run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_default_limit_is_1_GiB(observed):
+    assert observed["limit"] == 1024 * MiB
+
+
+def test_a_freed_block_is_reused(observed):
+    first, second = observed["after_first"], observed["after_second"]
+    assert (first["misses"], first["hits"]) == (1, 0)
+    assert first["reserved_bytes"] == 16 * MiB  # kMinSegmentBytes: the rest of the segment stays free
+    assert first["free_bytes"] == 14 * MiB
+    assert (second["misses"], second["hits"]) == (1, 1)
+    assert second["reserved_bytes"] == 16 * MiB
+    assert observed["same_address"]
+
+
+def test_small_tensors_bypass_the_cache(observed):
+    assert observed["small_untouched"]
+
+
+def test_a_segment_is_split_and_merged_back(observed):
+    assert observed["parts_offsets"] == [0, 16 * MiB, 32 * MiB, 48 * MiB]
+    assert observed["parts_misses"] == 0
+    merged = observed["merged"]
+    assert merged["free_bytes"] == merged["reserved_bytes"] == 64 * MiB
+    assert observed["released"] == 1  # one whole free segment, given back
+    assert observed["after_release"]["reserved_bytes"] == 0
+
+
+def test_live_tensors_never_share_memory(observed):
+    assert observed["disjoint"]
+    assert observed["intact"]
+    assert observed["random_hits"] > 0  # the pattern did reuse blocks
+
+
+def test_a_cached_tensor_resizes(observed):
+    assert observed["resized_prefix"]
+
+
+def test_conv_outputs_and_gradients_come_from_the_cache(observed):
+    # y and δx are 32×16×32×32 float32, 2 MiB each (workspaces, the kernel's choice, may add more)
+    assert observed["conv_requests"] >= 2
+
+
+def test_within_the_limit_a_freed_block_is_kept(observed):
+    after = observed["after_large_free"]
+    assert after["free_bytes"] == after["reserved_bytes"] == 32 * MiB
+
+
+def test_a_block_beyond_the_limit_goes_back():
+    result = run(MANUALCONV_CPU_CACHE_MB="16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    assert r["limit"] == 16 * MiB
+    assert r["after_large_free"]["reserved_bytes"] == 0  # 32 MiB free > 16 MiB: given back
+    assert r["after_second"]["reserved_bytes"] == 16 * MiB  # 16 MiB free: kept
+    assert r["disjoint"] and r["intact"]
+
+
+def test_zero_turns_the_cache_off():
+    result = run(MANUALCONV_CPU_CACHE_MB="0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    assert r["limit"] == 0
+    for key in ("after_first", "after_second", "merged", "after_large_free"):
+        assert r[key]["hits"] == r[key]["misses"] == r[key]["reserved_bytes"] == 0
+    assert r["disjoint"] and r["intact"] and r["resized_prefix"]
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "1.5", " "])
+def test_a_bad_limit_is_refused_at_import(value):
+    env = dict(os.environ, MANUALCONV_CPU_CACHE_MB=value)
+    result = subprocess.run([sys.executable, "-c", "import manualconv"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr and "MANUALCONV_CPU_CACHE_MB" in result.stderr
+
+
+def test_benchmark_peak_memory_counts_the_free_blocks_held():
+    # Every block of this step comes from the cache (hits, which the profiler is not told of): the
+    # peak must still count the 8 MiB it holds for them.
+    y = torch.ones(2 * MiB)
+
+    def step():
+        torch.ops.manualconv.relu_backward(y, y)
+
+    assert bench.peak_bytes(step) >= 8 * MiB
