@@ -29,6 +29,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
@@ -95,6 +96,9 @@ class OutputCache final : public c10::Allocator {
   bool enabled() const { return limit_ > 0; }
 
   c10::DataPtr allocate(size_t nbytes) override {
+    // (empty() sends only large requests here; a storage resized to a small size by torch gets
+    // the default allocator's memory, which carries its own deleter)
+    if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
     const size_t size = (nbytes + kPage - 1) / kPage * kPage;
     std::lock_guard<std::mutex> lock(mutex_);
     Block key{nullptr, size};
@@ -107,7 +111,7 @@ class OutputCache final : public c10::Allocator {
       if (block->size - size >= kMinCachedBytes) split(block, size);
       ++hits_;
     } else {
-      const size_t segment = std::max(size, kMinSegmentBytes);
+      const size_t segment = std::max(size, std::min(kMinSegmentBytes, limit_));
       void* data = c10::alloc_cpu(segment);
       block = new Block{static_cast<char*>(data), segment};
       reserved_bytes_ += segment;

@@ -83,6 +83,10 @@ t = out(2 * MiB); t.copy_(torch.arange(t.numel(), dtype=torch.float32))
 t.resize_(3 * t.numel())
 r["resized_prefix"] = bool((t[: 2 * MiB // 4] == torch.arange(2 * MiB // 4, dtype=torch.float32)).all())
 del t
+t = out(2 * MiB); t.copy_(torch.arange(t.numel(), dtype=torch.float32)); storage = t.untyped_storage()
+storage.resize_(400)  # a small storage: torch asks the tensor's allocator for 400 bytes
+r["shrunk"] = storage.nbytes() == 400 and bool((t.new_empty(0).set_(storage).view(-1) == torch.arange(100.0)).all())
+del t, storage
 
 # a conv's output and gradients come from it
 fresh()
@@ -150,6 +154,7 @@ def test_live_tensors_never_share_memory(observed):
 
 def test_a_cached_tensor_resizes(observed):
     assert observed["resized_prefix"]
+    assert observed["shrunk"]
 
 
 def test_conv_outputs_and_gradients_come_from_the_cache(observed):
