@@ -54,7 +54,10 @@ inline at::Tensor dense(const at::Tensor& t) {
 }
 
 // t laid out in the strides of the dense tensor `like` (t itself when it already is: one copy at
-// most), so a second operand (δy) is walked in the same order as the first (x or y).
+// most), so a second operand (δy) is walked in the same order as the first (x or y). The copy is
+// short-lived and stays on torch's allocator: from the output cache (output_cache.h) it raised a
+// ResNet-20 step's held memory from 189 to 205 MB (the cache keeps its block for the next step;
+// AMD EPYC Zen 4, batch 128, where a residual δ arrives NCHW at two ReLUs) for no measurable time.
 inline at::Tensor in_strides_of(const at::Tensor& t, const at::Tensor& like) {
   if (t.strides() == like.strides()) return t;
   at::Tensor out = at::empty_like(like);

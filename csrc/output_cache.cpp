@@ -14,8 +14,8 @@
 // How. The blocks are taken from the system as segments (one per request the free blocks could not
 // serve) and handed out whole or split: a request takes the smallest free block at least as large
 // (best fit) and leaves the rest of it free, rounded to 4 KiB pages (a new segment is at least
-// 16 MiB, kMinSegmentBytes); a freed block merges with
-// its free neighbours in its segment (as torch's CUDA caching allocator does). Splitting matters:
+// 16 MiB, kMinSegmentBytes); a freed block merges with its free neighbours in its segment (as
+// torch's CUDA caching allocator does). Splitting matters:
 // with whole blocks per size, an airbench step (batch 512) held 440 MB, the sum over its tensor
 // sizes of the most alive at once, where at most 272 MB are ever in use together. Free memory is
 // kept up to MANUALCONV_CPU_CACHE_MB MiB (default 1024; 0 turns the cache off), whole free
@@ -24,6 +24,11 @@
 // (manualconv.empty_cache()). Requests under 1 MiB take at::empty's path: malloc's heap reuses
 // them without faults. The profiler is told when a segment is taken from or given back to the
 // system (its memory timeline then shows what the process holds, free blocks included).
+//
+// With it (same machine, benchmark against torch.nn in one process, native / manual time): the
+// ResNet-20 step 0.96 → 1.07–1.12, airbench (batch 512) 0.99 → 1.29–1.37, held memory 1.01 and
+// 0.73 → 0.93 of torch's; a ResNet-20 step alone took 5–13 k page faults instead of 20.5 k (the
+// rest are torch's own tensors in it: ReLU's forward output, the residual adds' gradients).
 
 #include "output_cache.h"
 
