@@ -1,13 +1,13 @@
 """Benchmark: manualconv against torch.nn, forward + backward, in one process.
 
-    python -m manualconv.bench [--batch 128] [--repeat 7] [--only conv|pool|other|bfloat16|model|per_sample] [--markdown FILE]
+    python -m manualconv.bench [--batch 128] [--repeat 7] [--seconds 0.5] [--only conv|pool|other|bfloat16|model|per_sample] [--markdown FILE]
 
 For each layer of a fixed suite of CIFAR-size layers (ResNet-20 and VGG-style 3×3 convs at
 32², 16², 8², a stride-2 conv, 1×1 convs, ResNet-20's convs again in channels-last (NHWC)
 layout, 2×2 and 3×3 pools, then the rest of the layer family:
 adaptive pools, every pool again on channels-last input, a transposed conv, a 1-D conv, a linear
 layer, the norms, dropout, GELU and ReLU), native and manualconv steps are run alternately, so both see the same machine state; the
-median of the repeats is reported.
+median of the repeats is reported (at least --repeat pairs, more until each side has run --seconds).
 ratio = native time / manualconv time (above 1: manualconv is faster). Conv rows also give
 GFLOP/s: forward + grad-input + grad-weight are 3 × 2·N·O·(C/g)·kH·kW·H_out·W_out flops, and
 their share of this machine's SGEMM rate (a square float32 matmul, measured first, all threads).
@@ -200,19 +200,29 @@ def inputs(layer: Layer, batch: int):
     return x, weight, torch.randn_like(y).contiguous(memory_format=layout)
 
 
-def measure(layer: Layer, batch: int, repeat: int) -> Dict[str, float]:
+# A layer row runs at least `repeat` pairs, and more until each side has run `seconds` (at most
+# MAX_PAIRS): a ~1 ms row's median of 7 is a draw of the machine's noise (page faults, a busy
+# core). Measured (AMD EPYC Zen 4, the same code, four runs each): NHWC batch norm 128@8
+# 0.84–1.73 and NHWC ReLU 16@32 0.83–1.78 with 7 pairs; with 41, 1.05–1.10 and 0.86–0.98.
+DEFAULT_SECONDS = 0.5
+MAX_PAIRS = 201
+
+
+def measure(layer: Layer, batch: int, repeat: int, seconds: float = DEFAULT_SECONDS) -> Dict[str, float]:
     x, weight, grad_output = inputs(layer, batch)
     native, manual = _step(F, layer, x, weight, grad_output), _step(MF, layer, x, weight, grad_output)
     for step in (native, manual):  # warm-up: allocator, thread pool, caches
         step()
         step()
     times_native, times_manual = [], []
-    for _ in range(repeat):
+    while len(times_native) < repeat or (
+            min(sum(times_native), sum(times_manual)) < seconds and len(times_native) < MAX_PAIRS):
         times_native.append(_time(native))
         times_manual.append(_time(manual))
     t_native, t_manual = statistics.median(times_native), statistics.median(times_manual)
     return dict(native_ms=1e3 * t_native, manual_ms=1e3 * t_manual, ratio=t_native / t_manual,
-                native_gflops=layer.flops(batch) / t_native / 1e9, manual_gflops=layer.flops(batch) / t_manual / 1e9)
+                native_gflops=layer.flops(batch) / t_native / 1e9, manual_gflops=layer.flops(batch) / t_manual / 1e9,
+                pairs=len(times_native))
 
 
 def sgemm_gflops(size: int = 1024, repeat: int = 10) -> float:
@@ -403,12 +413,13 @@ def geomean(values: List[float]) -> float:
 
 
 def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str],
-        per_sample_batch: Optional[int] = None) -> Dict[str, float]:
+        per_sample_batch: Optional[int] = None, seconds: float = DEFAULT_SECONDS) -> Dict[str, float]:
     rows, model_rows = [], []
     peak = sgemm_gflops() if only != "per_sample" else float("nan")  # the roof only the conv rows use
     header = f"{cpu_model()}, capability {cpu_capability()}" + ("" if math.isnan(peak) else f", SGEMM {peak:.0f} GFLOP/s") + \
              f"; manualconv {get_backend()} vs torch {torch.__version__}, float32 (bf16 rows: bfloat16), batch {batch}, " \
-             f"{torch.get_num_threads()} threads, median of {repeat}, forward+backward"
+             f"{torch.get_num_threads()} threads, median of {repeat} (layers: of at least {repeat}, to {seconds:g} s a side), " \
+             f"forward+backward"
     print(header)
     if only not in ("model", "per_sample"):
         print(f"{'layer':32s} {'native ms':>10s} {'manual ms':>10s} {'ratio':>7s} {'nat GF/s':>9s} "
@@ -416,7 +427,7 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str],
     for layer in SUITE:
         if only and layer.kind != only:
             continue
-        result = measure(layer, batch, repeat)
+        result = measure(layer, batch, repeat, seconds)
         rows.append((layer, result))
         gf = (f"{result['native_gflops']:9.1f} {result['manual_gflops']:9.1f} "
               f"{100 * result['native_gflops'] / peak:6.0f} {100 * result['manual_gflops'] / peak:6.0f}"
@@ -488,6 +499,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m manualconv.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128, help="batch of the layer suite (models use their own)")
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
+                        help=f"a layer row repeats until each side has run this long (default {DEFAULT_SECONDS}; "
+                             f"at most {MAX_PAIRS} pairs)")
     parser.add_argument("--only", choices=[*KINDS, "model", "per_sample"])
     parser.add_argument("--per-sample-batch", type=int, default=None,
                         help=f"batch of the per-sample-gradient rows (default {PER_SAMPLE.batch})")
@@ -496,8 +510,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch <= 0 or args.repeat <= 0 or (args.per_sample_batch is not None and args.per_sample_batch <= 0):
         parser.error("--batch, --repeat and --per-sample-batch must be positive")
+    if not args.seconds >= 0:  # (NaN too)
+        parser.error("--seconds must be zero or positive")
     with use_backend(args.backend or get_backend()):
-        run(args.batch, args.repeat, args.only, args.markdown, args.per_sample_batch)
+        run(args.batch, args.repeat, args.only, args.markdown, args.per_sample_batch, args.seconds)
     return 0
 
 

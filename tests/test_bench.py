@@ -14,7 +14,7 @@ from manualconv import bench
 @pytest.mark.parametrize("kind", ["conv", "pool", "other"])
 def test_bench_writes_a_row_per_layer(kind, tmp_path, capsys):
     markdown = tmp_path / "bench.md"
-    assert bench.main(["--batch", "2", "--repeat", "1", "--only", kind, "--markdown", str(markdown)]) == 0
+    assert bench.main(["--batch", "2", "--repeat", "1", "--seconds", "0", "--only", kind, "--markdown", str(markdown)]) == 0
     printed, written = capsys.readouterr().out, markdown.read_text()
     layers = [layer for layer in bench.SUITE if layer.kind == kind]
     assert layers, kind
@@ -24,6 +24,22 @@ def test_bench_writes_a_row_per_layer(kind, tmp_path, capsys):
     assert f"geomean ratio {kind}: **" in written, kind
     _check_header(printed.splitlines()[0])
     _check_header(written.splitlines()[0])
+
+
+def test_a_layer_row_repeats_to_its_time_budget():
+    """At least --repeat pairs; more until each side has run --seconds (at most MAX_PAIRS)."""
+    layer = next(layer for layer in bench.SUITE if layer.op == "relu")
+    assert bench.measure(layer, batch=2, repeat=3, seconds=0)["pairs"] == 3
+    pairs = bench.measure(layer, batch=2, repeat=1, seconds=0.05)["pairs"]
+    assert 1 < pairs <= bench.MAX_PAIRS  # a batch-2 ReLU step takes well under 50 ms
+    assert bench.measure(layer, batch=2, repeat=1, seconds=1e9)["pairs"] == bench.MAX_PAIRS
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "x"])
+def test_bad_seconds_are_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--seconds", value, "--only", "conv"])
+    assert "--seconds" in capsys.readouterr().err
 
 
 def _check_header(line: str) -> None:

@@ -297,7 +297,7 @@ def test_bench_bfloat16_rows(tmp_path, capsys):
     for layer in rows:
         assert all(t.dtype == torch.bfloat16 for t in bench.inputs(layer, batch=2) if t is not None), layer.name
     markdown = tmp_path / "bench.md"
-    assert bench.main(["--batch", "2", "--repeat", "1", "--only", "bfloat16", "--markdown", str(markdown)]) == 0
+    assert bench.main(["--batch", "2", "--repeat", "1", "--seconds", "0", "--only", "bfloat16", "--markdown", str(markdown)]) == 0
     printed, written = capsys.readouterr().out, markdown.read_text()
     for layer in rows:
         assert f"\n{layer.name} " in printed and f"| {layer.name} |" in written, layer.name
