@@ -1,8 +1,8 @@
-// Where the CPU operators' large tensors come from (outputs, gradients, workspaces): a cache of
-// blocks that were freed, reused for the next tensor of (nearly) the same size instead of being
-// handed back to the system and faulted in again, page by page (output_cache.cpp: why, and the
-// measurements). Blocks under 1 MiB, other devices and MANUALCONV_CPU_CACHE_MB=0 take
-// at::empty's path.
+// Where the CPU operators' large tensors come from (outputs, gradients, workspaces, layout
+// copies): memory that earlier tensors freed, split best-fit for the next request and merged back
+// when freed, instead of being handed back to the system and faulted in again, page by page
+// (output_cache.cpp: why, how, and the measurements). Requests under 1 MiB, other devices and
+// MANUALCONV_CPU_CACHE_MB=0 take at::empty's path.
 #pragma once
 
 #include <ATen/ATen.h>
