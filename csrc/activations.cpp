@@ -202,14 +202,13 @@ at::Tensor backward_entries(const char* op, const at::Tensor& grad_output, const
   check_grad_output(op, grad_output, saved, name);
   at::NoGradGuard no_grad;
   const at::Tensor s = dense(saved);
-  const at::Tensor dy = in_strides_of(grad_output, s);
   at::Tensor dx = manualconv::empty_like(s);
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "manualconv_activation_backward", [&] {
     const scalar_t* s_data = s.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const Params<scalar_t> p(params);
-    map_entries(s.numel(), dx.mutable_data_ptr<scalar_t>(),
-                [s_data, dy_data, p](int64_t i) { return Activation::backward(dy_data[i], s_data[i], p.p); });
+    map_backward_entries(s, grad_output, dx.mutable_data_ptr<scalar_t>(), [s_data, p](int64_t i, scalar_t d) {
+      return Activation::backward(d, s_data[i], p.p);
+    });
   });
   return dx;
 }

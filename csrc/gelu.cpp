@@ -171,16 +171,15 @@ at::Tensor gelu_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const Approximate a = parse_approximate(std::string_view(approximate.data(), approximate.size()));
   at::NoGradGuard no_grad;
   const at::Tensor x = dense(input);
-  const at::Tensor dy = in_strides_of(grad_output, x);
   at::Tensor dx = manualconv::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "manualconv_gelu_backward", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
     if (a == Approximate::Tanh) {
-      map_entries(x.numel(), dx_data, [&](int64_t i) { return gelu_tanh_grad(dy_data[i], x_data[i]); });
+      map_backward_entries(x, grad_output, dx_data,
+                           [x_data](int64_t i, scalar_t d) { return gelu_tanh_grad(d, x_data[i]); });
     } else {
-      map_entries(x.numel(), dx_data, [&](int64_t i) { return gelu_grad(dy_data[i], x_data[i]); });
+      map_backward_entries(x, grad_output, dx_data, [x_data](int64_t i, scalar_t d) { return gelu_grad(d, x_data[i]); });
     }
   });
   return dx;

@@ -28,16 +28,13 @@ at::Tensor relu_backward(const at::Tensor& grad_output, const at::Tensor& output
               "float32), but got dtype ", output.scalar_type());
   check_grad_output("relu_backward", grad_output, output, "output");
   at::NoGradGuard no_grad;
-  // walked in storage order: y as it is when dense (else a contiguous copy), δy in y's strides
+  // walked in storage order: y as it is when dense (else a contiguous copy), δy in its own strides
   const at::Tensor y = dense(output);
-  const at::Tensor dy = in_strides_of(grad_output, y);
   at::Tensor dz = manualconv::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "manualconv_relu_backward", [&] {
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-    scalar_t* dz_data = dz.mutable_data_ptr<scalar_t>();
-    map_entries(y.numel(), dz_data, [&](int64_t i) {
-      const scalar_t d = dy_data[i];  // loaded whatever y is: the select becomes a blend
+    // δy loaded whatever y is: the select becomes a blend
+    map_backward_entries(y, grad_output, dz.mutable_data_ptr<scalar_t>(), [y_data](int64_t i, scalar_t d) {
       return y_data[i] <= scalar_t(0) ? scalar_t(0) : d;  // f′ = 0 on y ≤ 0 selects 0
     });
   });

@@ -145,7 +145,7 @@ GELU_KERNEL_INPUTS = {  # the layouts csrc/gelu.cpp walks as they are or copies 
 def test_gelu_kernels_opcheck_and_layout(layout, approximate, dtype, cpp):
     """csrc/gelu.cpp: opcheck (schema, fake kernel, strides) and the output's strides equal the
     input's where torch's do (a dense input); more entries than one parallel task (kGrain = 32768), so
-    the split into tasks and its remainder run. δy in another layout than x takes the copying path."""
+    the split into tasks and its remainder run. δy in another layout than x is read in its own strides."""
     torch.manual_seed(0)
     x = GELU_KERNEL_INPUTS[layout](4 * torch.randn(2, 9, 50, 80).to(dtype))
     delta = torch.randn(x.shape).to(dtype)
@@ -178,6 +178,40 @@ def test_relu_backward_kernel(layout, dtype, cpp):
     got = torch.ops.manualconv.relu_backward(delta, y)
     expected = torch.ops.aten.threshold_backward(delta, y, 0)
     assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+DELTA_LAYOUTS = {  # δy as autograd may hand it over: any strides, read as they are (elementwise.h)
+    "contiguous": lambda d: d.contiguous(),
+    "channels_last": lambda d: d.contiguous(memory_format=torch.channels_last),
+    "permuted": lambda d: d.permute(3, 2, 0, 1).contiguous().permute(2, 3, 1, 0),  # dense, other strides
+    "strided": lambda d: d,  # every other row of a larger tensor: not dense
+    "expanded": lambda d: d[:1, :1, :1, :1].expand(d.shape),  # the δ of a sum: stride 0
+}
+
+
+@pytest.mark.parametrize("delta_layout", list(DELTA_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_kernels_read_grad_output_in_its_own_strides(delta_layout, dtype, cpp):
+    """The backward kernels walk the saved tensor (here channels-last, as in a channels-last
+    network) in storage order and read δy in its own strides, never copying it: equal to torch's
+    for δy contiguous (a residual δ from an NCHW branch), channels-last, transposed, strided (not
+    dense) and expanded; the result has the saved tensor's strides, and so do torch's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 50, 80, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    delta = DELTA_LAYOUTS[delta_layout](torch.randn(2, 9, 100, 80, dtype=dtype)[:, :, ::2])
+    y = MF.relu(x)
+    cases = [
+        (torch.ops.manualconv.relu_backward(delta, y), torch.ops.aten.threshold_backward(delta, y, 0)),
+        (torch.ops.manualconv.gelu_backward(delta, x, "none"), torch.ops.aten.gelu_backward(delta, x)),
+        (torch.ops.manualconv.activation_backward(delta, x, "silu", []), torch.ops.aten.silu_backward(delta, x)),
+        (torch.ops.manualconv.activation_backward_from_output(delta, torch.sigmoid(x), "sigmoid", []),
+         torch.ops.aten.sigmoid_backward(delta, torch.sigmoid(x))),
+    ]
+    for got, expected in cases:
+        assert got.stride() == x.stride()
+        # the same formula on the same pairs of entries: float32's and float64's tolerances of
+        # test_activation_matches_torch (gelu's and silu's exp / erf may differ in the last bits)
+        torch.testing.assert_close(got, expected, **(F32 if dtype == torch.float32 else F64))
 
 
 # csrc/activations.cpp: kind → (params, torch's function with those params)
