@@ -10,7 +10,8 @@
 //   y[n, i, j, o] = b[o] + Σ_{a, b, c} x_pad[n, i·sH + a·dH, j·sW + b·dW, c] · W[o, c, a, b],
 // with a tile of output pixels × output channels held in vector registers: for each tap (a, b, c)
 // the vectors of weights are loaded and each pixel's input value is broadcast against them
-// (AVX2: 6 pixels × 16 channels; AVX-512: 12 pixels × 32 channels; conv2d_direct_isa.h).
+// (AVX2: 6 pixels × 16 channels; AVX-512: 12 pixels × 32 channels, and 16 pixels along a row ×
+// 16 channels where a block is 16 channels wide; conv2d_direct_isa.h).
 //
 // The input gradient of a stride-1 conv is the same computation (the seeds' observation): the
 // "full" correlation of δy, padded by d·(k−1) − p, with the 180°-rotated kernel whose input and

@@ -28,6 +28,7 @@ struct DirectConv {
 // vector, 8 floats, on every instruction set).
 struct DirectTiling {
   int64_t block_channels, tile_pixels, tile_columns, tile_pixels_alt;
+  int64_t row_tile_pixels = 0;  // forward / input gradient, one vector of channels: row tiles (0: none)
 };
 constexpr int64_t kDirectLanes = 8;
 // AVX2 (16 ymm): 6 pixels × 16 channels (two ymm) = 12 accumulators; 16 channels × 6 columns.
@@ -36,7 +37,9 @@ constexpr DirectTiling kDirectTilingAvx2{16, 6, 6, 0};
 // (the pixel's value is an embedded broadcast operand); 32 channels × 12 columns likewise. 8-pixel
 // tiles where 12 would recompute more: on an 8×8 map the 12-pixel tiles measured 12 % slower than
 // AVX2's 6-pixel ones (1.60 vs 1.42 ms, 64 → 64 channels, batch 32, one thread, AMD EPYC Zen 4).
-constexpr DirectTiling kDirectTilingAvx512{32, 12, 12, 8};
+// A weight block of one zmm (16 output channels: ResNet-20's first stage): tiles of 16 pixels
+// along an output row (conv2d_direct_tiles.h's conv_row_tile).
+constexpr DirectTiling kDirectTilingAvx512{32, 12, 12, 8, 16};
 
 // One sample of the forward / input-gradient direct conv: out = in ⋆ wt (+ bias, may be null).
 using DirectConvSample = void (*)(const DirectConv& s, const float* in, const float* wt,

@@ -74,6 +74,67 @@ void conv_block(const DirectConv& s, const float* const* px, const float* w, int
   for (; q + Half::kLanes <= width; q += Half::kLanes) conv_tile<Half, P, 1>(s, px, w + q, width, bias, o0 + q, y);
 }
 
+// P pixels along one output row × one vector of output channels o0…: pixel k's taps lie
+// kStride = sW·C_in floats after pixel k − 1's, a constant here, so every pixel's input value is
+// an immediate offset from one pointer p0 (the pixel-0 top-left tap). The wrapping tiles above
+// hold a pointer per pixel, more than x86-64's 16 general registers: the compiler keeps some in
+// vector registers and on the stack and moves them back for every tap (3 extra instructions per
+// 12 FMAs, seen in the AVX-512 code). Sums every tap, then writes the sum plus the bias into y.
+template <class Vec, int P, int kStride>
+__attribute__((noinline)) void conv_row_tile(const DirectConv& s, const float* p0, const float* w_block, int64_t width,
+                                             const float* bias, int64_t o0, float* y) {
+  Vec acc[P];
+  const Vec b = bias ? Vec::load(bias + o0) : Vec::zero();
+#pragma GCC unroll 32
+  for (int k = 0; k < P; ++k) acc[k] = b;
+  for (int64_t a = 0; a < s.kH; ++a) {
+    for (int64_t bb = 0; bb < s.kW; ++bb) {
+      const float* p = p0 + (a * s.dH * s.Wp + bb * s.dW) * s.C_in;
+      const float* w = w_block + (a * s.kW + bb) * s.C_in * width;
+      for (int64_t c = 0; c < s.C_in; ++c, w += width) {
+        const Vec wv = Vec::load(w);
+#pragma GCC unroll 32
+        for (int k = 0; k < P; ++k) acc[k] = fma(Vec::splat(p + c + k * kStride), wv, acc[k]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int k = 0; k < P; ++k) acc[k].store(y + k * s.C_out + o0);
+}
+
+// Every output row of one sample for a weight block one Wide vector wide, in row tiles of P
+// pixels (the last moved back to end at the row's end, recomputing a few pixels bit for bit).
+template <class Isa, int P, int kStride>
+void conv_rows(const DirectConv& s, const float* in, const float* w, int64_t width, const float* bias,
+               int64_t o0, float* out) {
+  for (int64_t i = 0; i < s.H_out; ++i) {
+    const float* row = in + i * s.sH * s.Wp * s.C_in;
+    for (int64_t j = 0; j < s.W_out; j += P) {
+      const int64_t j0 = lesser(j, s.W_out - P);
+      conv_row_tile<typename Isa::Wide, P, kStride>(s, row + j0 * kStride, w, width, bias, o0,
+                                                    out + (i * s.W_out + j0) * s.C_out);
+    }
+  }
+}
+
+// The row tiles of P pixels for the pixel strides sW·C_in they are compiled for; false where none
+// is (the caller then uses the wrapping tiles). Measured (AMD EPYC Zen 4, avx512, 2 threads, batch
+// 128, NHWC, padding 1, best of 15, ms, forward, row tiles vs wrapping tiles): 16 → 16 @32 2.76–2.90
+// vs 2.97–3.10 (torch 2.73–2.87; the input gradient likewise), 8 → 16 @32 1.39 vs 1.63, 32 → 16 @16
+// 1.36 vs 1.44, 16 → 16 stride 2 @16 (stride 32) 0.21 vs 0.21; but the stem's 3 input channels
+// (an inner loop of 3) 0.82 vs 0.76: not compiled for 3.
+template <class Isa, int P>
+bool conv_rows_for_stride(const DirectConv& s, const float* in, const float* w, int64_t width,
+                          const float* bias, int64_t o0, float* out) {
+  switch (s.sW * s.C_in) {
+    case 8: conv_rows<Isa, P, 8>(s, in, w, width, bias, o0, out); return true;
+    case 16: conv_rows<Isa, P, 16>(s, in, w, width, bias, o0, out); return true;
+    case 32: conv_rows<Isa, P, 32>(s, in, w, width, bias, o0, out); return true;
+    case 64: conv_rows<Isa, P, 64>(s, in, w, width, bias, o0, out); return true;
+    default: return false;
+  }
+}
+
 // One sample in tiles of P pixels: for each weight block, its H_out·W_out output pixels in tiles
 // of P consecutive pixels in row-major order (a tile may wrap from one output row to the next);
 // when P does not divide the pixel count the last tile is moved back to end at the last pixel,
@@ -85,9 +146,15 @@ void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, co
   const int64_t pixels = s.H_out * s.W_out, K = s.kH * s.kW * s.C_in;
   const int64_t tile = pixels < P ? 1 : P;
   const float* px[P];
+  constexpr int R = Isa::kTiling.row_tile_pixels;
   for (int64_t o0 = 0; o0 < s.C_out; o0 += B) {
     const int64_t width = lesser(B, s.C_out - o0);
     const float* w = wt + o0 * K;
+    if constexpr (R > 0) {
+      if (width == Isa::Wide::kLanes && s.W_out >= R && conv_rows_for_stride<Isa, R>(s, in, w, width, bias, o0, out)) {
+        continue;
+      }
+    }
     for (int64_t q = 0; q < pixels; q += tile) {
       const int64_t q0 = lesser(q, pixels - tile);
       for (int64_t k = 0; k < tile; ++k) {
@@ -165,6 +232,35 @@ __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float
   }
 }
 
+// One vector of output channels o0… × NC columns that are NC consecutive input channels of one
+// tap (a, b), x0 = that tap's first column's offset from a pixel's top-left tap: each column's
+// input value is an immediate offset from one pointer (the general tile above holds NC column
+// offsets, more than the general registers; as conv_row_tile). The sums are added to dw.
+template <class Vec, int NC>
+__attribute__((noinline)) void grad_weight_tap_tile(const DirectConv& s, const float* in, const float* dy, int64_t x0,
+                                                    int64_t o0, float* dw, int64_t K) {
+  constexpr int L = Vec::kLanes;
+  Vec acc[NC];
+#pragma GCC unroll 32
+  for (int k = 0; k < NC; ++k) acc[k] = Vec::zero();
+  const int64_t O = s.C_out, step = s.sW * s.C_in;
+  for (int64_t i = 0; i < s.H_out; ++i) {
+    const float* x = in + i * s.sH * s.Wp * s.C_in + x0;
+    const float* d = dy + i * s.W_out * O + o0;
+    for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
+      const Vec dv = Vec::load(d);
+#pragma GCC unroll 32
+      for (int k = 0; k < NC; ++k) acc[k] = fma(Vec::splat(x + k), dv, acc[k]);
+    }
+  }
+  float sums[NC][L];
+#pragma GCC unroll 32
+  for (int k = 0; k < NC; ++k) acc[k].store(sums[k]);
+  for (int64_t k = 0; k < NC; ++k) {
+    for (int64_t v = 0; v < L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  }
+}
+
 // NC columns × every output channel: tiles of kWideVectors Wide vectors, then single Wide
 // vectors, then Half vectors.
 template <class Isa>
@@ -187,6 +283,15 @@ template <class Isa>
 void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, const int64_t* col, float* dw) {
   constexpr int64_t NC = Isa::kTiling.tile_columns;
   const int64_t K = s.kH * s.kW * s.C_in;
+  constexpr int R = Isa::kTiling.row_tile_pixels;  // also the tap tiles' columns
+  if constexpr (R > 0) {
+    // one vector of output channels, every tap's channels in whole tiles of R. Measured (as
+    // conv_rows_for_stride): 16 → 16 @32 2.81–2.93 vs 3.16–3.22 ms (torch 2.63–2.66)
+    if (s.C_out == Isa::Wide::kLanes && s.C_in % R == 0) {
+      for (int64_t k = 0; k < K; k += R) grad_weight_tap_tile<typename Isa::Wide, R>(s, in, dy, col[k], 0, dw + k, K);
+      return;
+    }
+  }
   for (int64_t k = 0; k < K; k += NC) {
     const int64_t k0 = lesser(k, K - NC);
     grad_weight_columns<Isa>(s, in, dy, col + k0, k - k0, dw + k0, K);

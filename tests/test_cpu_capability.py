@@ -54,6 +54,14 @@ CONV_CHANNELS_LAST = [c for c in SAMPLES if record_of(c).name == "conv2d" and c.
 CONV_CHANNELS_LAST += [
     Case("channels-last-direct-40-32", "conv2d", (2, 32, 5, 7), dict(padding=1), weight=(40, 32, 3, 3), layout="channels_last"),
     Case("channels-last-direct-32-16-strided", "conv2d", (2, 16, 7, 9), dict(stride=2, padding=1), weight=(32, 16, 3, 1), bias=False, layout="channels_last"),
+    # the AVX-512 row tiles (16 pixels along a row, one 16-channel vector, the pixel stride
+    # sW·C_in compiled in: 8, 16, 32, 64): rows of 19 pixels (a tile, then one moved back), 64
+    # input channels, a 48-channel output (a 32-wide tile, then a 16-wide row tile), stride 2 and
+    # dilation 2; 16 and 64 → 16 also take the weight gradient's 16-column tap tiles
+    Case("channels-last-direct-row-tiles-16", "conv2d", (2, 16, 5, 19), dict(padding=1), weight=(16, 16, 3, 3), layout="channels_last"),
+    Case("channels-last-direct-row-tiles-64", "conv2d", (2, 64, 3, 17), dict(padding=1), weight=(16, 64, 3, 3), layout="channels_last"),
+    Case("channels-last-direct-row-tiles-48", "conv2d", (2, 8, 3, 16), dict(padding=1), weight=(48, 8, 3, 3), bias=False, layout="channels_last"),
+    Case("channels-last-direct-row-tiles-strided", "conv2d", (2, 8, 5, 36), dict(stride=2, padding=2, dilation=2), weight=(16, 8, 3, 3), layout="channels_last"),
 ]
 # A geometry each capability gives to a different kernel: 16 channels, 3×3, stride 1 (a ResNet-20
 # conv), forward, input gradient and weight gradient.
