@@ -16,6 +16,9 @@
 
 inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Pixels computed by tiles of P over `pixels` (the last tile moved back recomputes some).
+inline int64_t pixels_computed(int64_t pixels, int64_t P) { return (pixels + P - 1) / P * P; }
+
 // P pixels × NV vectors of output channels o0…: px[k] points at pixel k's top-left input tap, tap
 // (a, b, c) of every pixel is (a·dH·Wp + b·dW)·C_in + c further on; w points at channel o0 of a
 // weight block `width` channels wide. Sums every tap, then writes the sum plus the bias into
@@ -74,44 +77,57 @@ void conv_block(const DirectConv& s, const float* const* px, const float* w, int
   for (; q + Half::kLanes <= width; q += Half::kLanes) conv_tile<Half, P, 1>(s, px, w + q, width, bias, o0 + q, y);
 }
 
-// P pixels along one output row × one vector of output channels o0…: pixel k's taps lie
+// P pixels along one output row × NV vectors of output channels o0…: pixel k's taps lie
 // kStride = sW·C_in floats after pixel k − 1's, a constant here, so every pixel's input value is
 // an immediate offset from one pointer p0 (the pixel-0 top-left tap). The wrapping tiles above
 // hold a pointer per pixel, more than x86-64's 16 general registers: the compiler keeps some in
 // vector registers and on the stack and moves them back for every tap (3 extra instructions per
 // 12 FMAs, seen in the AVX-512 code). Sums every tap, then writes the sum plus the bias into y.
-template <class Vec, int P, int kStride>
+template <class Vec, int P, int NV, int kStride>
 __attribute__((noinline)) void conv_row_tile(const DirectConv& s, const float* p0, const float* w_block, int64_t width,
                                              const float* bias, int64_t o0, float* y) {
-  Vec acc[P];
-  const Vec b = bias ? Vec::load(bias + o0) : Vec::zero();
+  constexpr int L = Vec::kLanes;
+  Vec acc[P][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const Vec b = bias ? Vec::load(bias + o0 + v * L) : Vec::zero();
 #pragma GCC unroll 32
-  for (int k = 0; k < P; ++k) acc[k] = b;
+    for (int k = 0; k < P; ++k) acc[k][v] = b;
+  }
   for (int64_t a = 0; a < s.kH; ++a) {
     for (int64_t bb = 0; bb < s.kW; ++bb) {
       const float* p = p0 + (a * s.dH * s.Wp + bb * s.dW) * s.C_in;
       const float* w = w_block + (a * s.kW + bb) * s.C_in * width;
       for (int64_t c = 0; c < s.C_in; ++c, w += width) {
-        const Vec wv = Vec::load(w);
+        Vec wv[NV];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(w + v * L);
 #pragma GCC unroll 32
-        for (int k = 0; k < P; ++k) acc[k] = fma(Vec::splat(p + c + k * kStride), wv, acc[k]);
+        for (int k = 0; k < P; ++k) {
+          const typename Vec::Splat x = Vec::splat(p + c + k * kStride);
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[k][v] = fma(x, wv[v], acc[k][v]);
+        }
       }
     }
   }
 #pragma GCC unroll 32
-  for (int k = 0; k < P; ++k) acc[k].store(y + k * s.C_out + o0);
+  for (int k = 0; k < P; ++k) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v].store(y + k * s.C_out + o0 + v * L);
+  }
 }
 
-// Every output row of one sample for a weight block one Wide vector wide, in row tiles of P
+// Every output row of one sample for a weight block NV Wide vectors wide, in row tiles of P
 // pixels (the last moved back to end at the row's end, recomputing a few pixels bit for bit).
-template <class Isa, int P, int kStride>
+template <class Isa, int P, int NV, int kStride>
 void conv_rows(const DirectConv& s, const float* in, const float* w, int64_t width, const float* bias,
                int64_t o0, float* out) {
   for (int64_t i = 0; i < s.H_out; ++i) {
     const float* row = in + i * s.sH * s.Wp * s.C_in;
     for (int64_t j = 0; j < s.W_out; j += P) {
       const int64_t j0 = lesser(j, s.W_out - P);
-      conv_row_tile<typename Isa::Wide, P, kStride>(s, row + j0 * kStride, w, width, bias, o0,
+      conv_row_tile<typename Isa::Wide, P, NV, kStride>(s, row + j0 * kStride, w, width, bias, o0,
                                                     out + (i * s.W_out + j0) * s.C_out);
     }
   }
@@ -123,14 +139,16 @@ void conv_rows(const DirectConv& s, const float* in, const float* w, int64_t wid
 // vs 2.97–3.10 (torch 2.73–2.87; the input gradient likewise), 8 → 16 @32 1.39 vs 1.63, 32 → 16 @16
 // 1.36 vs 1.44, 16 → 16 stride 2 @16 (stride 32) 0.21 vs 0.21; but the stem's 3 input channels
 // (an inner loop of 3) 0.82 vs 0.76: not compiled for 3.
-template <class Isa, int P>
+template <class Isa, int P, int NV>
 bool conv_rows_for_stride(const DirectConv& s, const float* in, const float* w, int64_t width,
                           const float* bias, int64_t o0, float* out) {
   switch (s.sW * s.C_in) {
-    case 8: conv_rows<Isa, P, 8>(s, in, w, width, bias, o0, out); return true;
-    case 16: conv_rows<Isa, P, 16>(s, in, w, width, bias, o0, out); return true;
-    case 32: conv_rows<Isa, P, 32>(s, in, w, width, bias, o0, out); return true;
-    case 64: conv_rows<Isa, P, 64>(s, in, w, width, bias, o0, out); return true;
+    case 8: conv_rows<Isa, P, NV, 8>(s, in, w, width, bias, o0, out); return true;
+    case 16: conv_rows<Isa, P, NV, 16>(s, in, w, width, bias, o0, out); return true;
+    case 32: conv_rows<Isa, P, NV, 32>(s, in, w, width, bias, o0, out); return true;
+    case 64: conv_rows<Isa, P, NV, 64>(s, in, w, width, bias, o0, out); return true;
+    case 128: conv_rows<Isa, P, NV, 128>(s, in, w, width, bias, o0, out); return true;
+    case 256: conv_rows<Isa, P, NV, 256>(s, in, w, width, bias, o0, out); return true;
     default: return false;
   }
 }
@@ -151,7 +169,17 @@ void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, co
     const int64_t width = lesser(B, s.C_out - o0);
     const float* w = wt + o0 * K;
     if constexpr (R > 0) {
-      if (width == Isa::Wide::kLanes && s.W_out >= R && conv_rows_for_stride<Isa, R>(s, in, w, width, bias, o0, out)) {
+      // one vector: rows of at least R pixels; a full block: row tiles of P where they compute no
+      // more pixels than the wrapping ones (a 1×1 conv's one row: Winograd's products). Measured
+      // (as conv_rows_for_stride, forward / weight gradient, the latter with grad_weight_run_tile):
+      // 16 → 32 stride 2 @32 1.45 / 1.53–1.57 vs 1.53 / 1.66–1.69 ms, 32 → 64 stride 2 @16 1.37–1.39
+      // / 1.71–1.72 vs 1.42–1.43 / 1.73–2.02; Winograd 32 → 32 @16 2.44–2.48 / 2.05–2.20 vs
+      // 2.45–2.47 / 2.24–2.53, 64 → 64 @8 1.82–1.87 / 2.07–2.16 vs 1.90–1.93 / 2.07–2.20
+      if (width == Isa::Wide::kLanes && s.W_out >= R && conv_rows_for_stride<Isa, R, 1>(s, in, w, width, bias, o0, out)) {
+        continue;
+      }
+      if (width == B && tile == P && s.W_out >= P && s.H_out * pixels_computed(s.W_out, P) <= pixels_computed(pixels, P) &&
+          conv_rows_for_stride<Isa, P, Isa::kWideVectors>(s, in, w, width, bias, o0, out)) {
         continue;
       }
     }
@@ -170,9 +198,6 @@ void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, co
     }
   }
 }
-
-// Pixels computed by tiles of P over `pixels` (the last tile moved back recomputes some).
-inline int64_t pixels_computed(int64_t pixels, int64_t P) { return (pixels + P - 1) / P * P; }
 
 // One sample, in tiles of tile_pixels, or of tile_pixels_alt where those recompute fewer pixels
 // (an 8×8 map: 64 pixels are 8 tiles of 8, but 6 tiles of 12 compute 72).
@@ -232,33 +257,62 @@ __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float
   }
 }
 
-// One vector of output channels o0… × NC columns that are NC consecutive input channels of one
-// tap (a, b), x0 = that tap's first column's offset from a pixel's top-left tap: each column's
-// input value is an immediate offset from one pointer (the general tile above holds NC column
-// offsets, more than the general registers; as conv_row_tile). The sums are added to dw.
-template <class Vec, int NC>
-__attribute__((noinline)) void grad_weight_tap_tile(const DirectConv& s, const float* in, const float* dy, int64_t x0,
-                                                    int64_t o0, float* dw, int64_t K) {
+// NV vectors of output channels o0… × NC consecutive weight columns (a, b, c) whose inputs are
+// consecutive too (the channels of a tap, running on into the next tap along a row when dW = 1),
+// x0 = the first column's offset from a pixel's top-left tap: each column's input value is an
+// immediate offset from one pointer, where grad_weight_tile holds NC column offsets (more than the
+// general registers; as conv_row_tile). The sums are added to dw, the first `skip` columns left out.
+template <class Vec, int NC, int NV>
+__attribute__((noinline)) void grad_weight_run_tile(const DirectConv& s, const float* in, const float* dy, int64_t x0,
+                                                    int64_t o0, int64_t skip, float* dw, int64_t K) {
   constexpr int L = Vec::kLanes;
-  Vec acc[NC];
+  Vec acc[NC][NV];
 #pragma GCC unroll 32
-  for (int k = 0; k < NC; ++k) acc[k] = Vec::zero();
+  for (int k = 0; k < NC; ++k) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v] = Vec::zero();
+  }
   const int64_t O = s.C_out, step = s.sW * s.C_in;
   for (int64_t i = 0; i < s.H_out; ++i) {
     const float* x = in + i * s.sH * s.Wp * s.C_in + x0;
     const float* d = dy + i * s.W_out * O + o0;
     for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
-      const Vec dv = Vec::load(d);
+      Vec dv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) dv[v] = Vec::load(d + v * L);
 #pragma GCC unroll 32
-      for (int k = 0; k < NC; ++k) acc[k] = fma(Vec::splat(x + k), dv, acc[k]);
+      for (int k = 0; k < NC; ++k) {
+        const typename Vec::Splat xv = Vec::splat(x + k);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[k][v] = fma(xv, dv[v], acc[k][v]);
+      }
     }
   }
-  float sums[NC][L];
+  float sums[NC][NV * L];
 #pragma GCC unroll 32
-  for (int k = 0; k < NC; ++k) acc[k].store(sums[k]);
-  for (int64_t k = 0; k < NC; ++k) {
-    for (int64_t v = 0; v < L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  for (int k = 0; k < NC; ++k) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[k][v].store(sums[k] + v * L);
   }
+  for (int64_t k = skip; k < NC; ++k) {
+    for (int64_t v = 0; v < NV * L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+  }
+}
+
+// NC consecutive columns (grad_weight_run_tile) × every output channel, in the blocks of
+// grad_weight_columns below.
+template <class Isa, int NC>
+void grad_weight_run_columns(const DirectConv& s, const float* in, const float* dy, int64_t x0, int64_t skip,
+                             float* dw, int64_t K) {
+  using Wide = typename Isa::Wide;
+  using Half = typename Isa::Half;
+  constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
+  int64_t o0 = 0;
+  for (; o0 + full <= s.C_out; o0 += full) grad_weight_run_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, x0, o0, skip, dw, K);
+  if constexpr (Isa::kWideVectors > 1) {
+    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_run_tile<Wide, NC, 1>(s, in, dy, x0, o0, skip, dw, K);
+  }
+  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_run_tile<Half, NC, 1>(s, in, dy, x0, o0, skip, dw, K);
 }
 
 // NC columns × every output channel: tiles of kWideVectors Wide vectors, then single Wide
@@ -283,17 +337,23 @@ template <class Isa>
 void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, const int64_t* col, float* dw) {
   constexpr int64_t NC = Isa::kTiling.tile_columns;
   const int64_t K = s.kH * s.kW * s.C_in;
-  constexpr int R = Isa::kTiling.row_tile_pixels;  // also the tap tiles' columns
+  constexpr int R = Isa::kTiling.row_tile_pixels;  // also the 16-column runs' width
   if constexpr (R > 0) {
-    // one vector of output channels, every tap's channels in whole tiles of R. Measured (as
+    // one vector of output channels, every tap's channels in whole runs of R. Measured (as
     // conv_rows_for_stride): 16 → 16 @32 2.81–2.93 vs 3.16–3.22 ms (torch 2.63–2.66)
     if (s.C_out == Isa::Wide::kLanes && s.C_in % R == 0) {
-      for (int64_t k = 0; k < K; k += R) grad_weight_tap_tile<typename Isa::Wide, R>(s, in, dy, col[k], 0, dw + k, K);
+      for (int64_t k = 0; k < K; k += R) grad_weight_run_tile<typename Isa::Wide, R, 1>(s, in, dy, col[k], 0, 0, dw + k, K);
       return;
     }
   }
   for (int64_t k = 0; k < K; k += NC) {
     const int64_t k0 = lesser(k, K - NC);
+    if constexpr (R > 0) {
+      if (col[k0 + NC - 1] - col[k0] == NC - 1) {  // the NC inputs consecutive
+        grad_weight_run_columns<Isa, NC>(s, in, dy, col[k0], k - k0, dw + k0, K);
+        continue;
+      }
+    }
     grad_weight_columns<Isa>(s, in, dy, col + k0, k - k0, dw + k0, K);
   }
 }

@@ -62,6 +62,11 @@ CONV_CHANNELS_LAST += [
     Case("channels-last-direct-row-tiles-64", "conv2d", (2, 64, 3, 17), dict(padding=1), weight=(16, 64, 3, 3), layout="channels_last"),
     Case("channels-last-direct-row-tiles-48", "conv2d", (2, 8, 3, 16), dict(padding=1), weight=(48, 8, 3, 3), bias=False, layout="channels_last"),
     Case("channels-last-direct-row-tiles-strided", "conv2d", (2, 8, 5, 36), dict(stride=2, padding=2, dilation=2), weight=(16, 8, 3, 3), layout="channels_last"),
+    # a full 32-channel block in row tiles of 12 (rows of 24 pixels), whose weight gradient runs
+    # over consecutive columns (a row of taps: 48 columns); a 1×1 conv's 20 columns in two runs of
+    # 12, the second moved back over 4
+    Case("channels-last-direct-row-tiles-32", "conv2d", (2, 16, 2, 24), dict(padding=1), weight=(32, 16, 3, 3), layout="channels_last"),
+    Case("channels-last-direct-column-runs-1x1", "conv2d", (2, 20, 3, 5), {}, weight=(32, 20, 1, 1), layout="channels_last"),
 ]
 # A geometry each capability gives to a different kernel: 16 channels, 3×3, stride 1 (a ResNet-20
 # conv), forward, input gradient and weight gradient.
