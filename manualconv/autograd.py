@@ -646,6 +646,13 @@ class ReLUFunction(Function):
         (output,) = ctx.saved_tensors
         return _reference.relu_backward(input_t, output)  # ẏ = f′(z)·ż, selected as in backward
 
+    @staticmethod
+    def output_grad(output, delta, backend):
+        """δz from y (InplaceActivationFromOutputFunction: relu in place)."""
+        if differentiated_again():
+            return _reference.relu_backward(delta, output)
+        return elementwise_kernels(backend, output).relu_backward(delta, output)
+
 
 def squashing_input_grad(kind, y, delta, params, backend):
     """δx = δ ⊙ f′(x) of the squashing function ``kind`` (sigmoid, tanh) from its output y: the
@@ -1422,6 +1429,21 @@ class HardtanhFunction(KernelActivation, Function):
 
     differentiable_grad = staticmethod(_reference.hardtanh_grad)
 
+    @staticmethod
+    def support(output, min_val, max_val, backend):
+        """Where f′ = 1, read from y = clamp(x, min_val, max_val): min_val < y < max_val exactly where
+        min_val < x < max_val (NaN: neither)."""
+        return elementwise_kernels(backend, output).hardtanh_backward_mask(output, float(min_val), float(max_val))
+
+    @staticmethod
+    def support_is_exact(input, min_val, max_val, backend):
+        """Whether y tells the clamped entries from the rest: the clamp's bounds are values of x's
+        dtype (float32 / float64 clamp with the bounds in their dtype; bfloat16 / float16 are
+        clamped in float32 and rounded, so a bound between two of their values is not)."""
+        if input.dtype in (torch.float32, torch.float64):
+            return True
+        return all(torch.tensor(b, dtype=input.dtype).item() == b for b in (min_val, max_val))
+
 
 class HardswishFunction(KernelActivation, Function):
     """y = x·relu6(x + 3)/6; δx = 0 | δ(x/3 + ½) | δ on x ≤ −3 | −3 < x < 3 | x ≥ 3."""
@@ -1533,6 +1555,38 @@ class InplaceActivationFunction(Function):
         if check is not None:
             check(*ctx.args)
         return ctx.function.input_grad(original, delta, *ctx.args), None, None, None
+
+
+class InplaceActivationFromOutputFunction(Function):
+    """x ← f(x) in place, for an f whose derivative reads as well from its output y = f(x), so no
+    copy of x is kept (InplaceActivationFunction keeps one: mobilenet_v2's ReLU6(inplace=True)
+    layers held one more activation each).
+    - ReLU (``output_grad``): y, the overwritten input, is saved, as torch's relu_ saves its result
+      (δz = δ where y > 0 or y is NaN); a later in-place change of y makes the backward raise, as
+      torch's does.
+    - hardtanh (``support``): f′ = 1 where min_val < x < max_val, which is where min_val < y <
+      max_val, else 0 (NaN: 0); that bool mask is taken from y before anything can change y (1 byte
+      an entry; torch's hardtanh_ keeps a copy of x) and δx = δ where it holds, selected, so a later
+      change of y leaves the gradient torch's."""
+
+    @staticmethod
+    def forward(input, function, args):
+        return input.copy_(function.forward(input, *args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.function, ctx.args = inputs
+        ctx.mark_dirty(input)
+        support = getattr(ctx.function, "support", None)
+        ctx.save_for_backward(output if support is None else support(output, *ctx.args))
+
+    @staticmethod
+    def backward(ctx, delta):
+        (saved,) = ctx.saved_tensors
+        if saved.dtype == torch.bool:  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
+            backend = "reference" if differentiated_again() else ctx.args[-1]
+            return elementwise_kernels(backend, delta).select_backward(delta, saved), None, None
+        return ctx.function.output_grad(saved, delta, *ctx.args), None, None
 
 
 class SoftmaxFunction(Function):

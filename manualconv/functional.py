@@ -347,10 +347,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """max(z, 0) with δz = δ ⊙ 1[z > 0]. (``inplace`` is accepted for compatibility; the result
-    is always a new tensor.)"""
-    _check_tensor("relu", "input", input, input)
-    return ReLUFunction.apply(input, get_backend())
+    """max(z, 0) with δz = δ ⊙ 1[z > 0]; with ``inplace`` z is overwritten by y and returned, and
+    δz is computed from y (as torch's relu_). Integer tensors are clamped in their dtype, as torch's."""
+    _activation_input("relu", input, integers=True)
+    if not input.is_floating_point():  # integers carry no gradient: the clamp alone
+        return input.clamp_(min=0) if inplace else input.clamp(min=0)
+    return _activation(ReLUFunction, input, inplace, get_backend())
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
@@ -758,6 +760,7 @@ from .autograd import (  # noqa: E402
     HardswishFunction,
     HardtanhFunction,
     InplaceActivationFunction,
+    InplaceActivationFromOutputFunction,
     LeakyReLUFunction,
     LogSoftmaxFunction,
     SiLUFunction,
@@ -773,7 +776,7 @@ __all__ += [
 
 def _activation_input(op: str, input, integers: bool = False) -> None:
     """A Tensor, floating point (torch's kernels raise NotImplementedError for other dtypes;
-    hardtanh and relu6 also take integer tensors, as torch's do)."""
+    relu, hardtanh and relu6 also take integer tensors, as torch's do)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}(): argument 'input' (position 1) must be Tensor, not {type(input).__name__}")
     if not input.is_floating_point() and not (integers and not input.is_complex() and input.dtype != torch.bool):
@@ -786,6 +789,9 @@ def _activation(function, input: torch.Tensor, inplace: bool, *args) -> torch.Te
     if not inplace:
         return function.apply(input, *args)
     if torch.is_grad_enabled() and input.requires_grad:
+        if hasattr(function, "output_grad") or (hasattr(function, "support") and function.support_is_exact(input, *args)):
+            # f′ read from y: no copy of x
+            return InplaceActivationFromOutputFunction.apply(input, function, args)
         return InplaceActivationFunction.apply(input, input.detach().clone(), function, args)
     return input.copy_(function.forward(input, *args))
 

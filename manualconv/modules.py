@@ -101,7 +101,7 @@ class Linear(torch.nn.Linear):
 
 class ReLU(torch.nn.ReLU):
     def forward(self, input):
-        return functional.relu(input)
+        return functional.relu(input, self.inplace)
 
 
 class Sigmoid(torch.nn.Sigmoid):

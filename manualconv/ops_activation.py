@@ -47,6 +47,19 @@ def _(grad_output, output):
     return _like(output)
 
 
+@torch.library.register_fake("manualconv::hardtanh_backward_mask")
+def _(output, min_val, max_val):
+    return _like(output).to(torch.bool)
+
+
+@torch.library.register_fake("manualconv::select_backward")
+def _(grad_output, support):
+    torch._check(support.dtype == torch.bool, lambda: f"select_backward: support must be a bool tensor, but got dtype {support.dtype}")
+    torch._check(grad_output.shape == support.shape,
+                 lambda: f"select_backward: grad_output must have the support's size {list(support.shape)}")
+    return _like(support).to(grad_output.dtype)
+
+
 # csrc/activations.cpp's kinds and their parameter counts: reference.py's formulas f(x, *params)
 ACTIVATION_PARAMS = {kind: len(inspect.signature(forward).parameters) - 1
                      for kind, (forward, _) in reference.ACTIVATIONS.items()}

@@ -401,6 +401,16 @@ def relu_backward(grad_output, output):
     return torch.where(output <= 0, 0, grad_output)
 
 
+def hardtanh_backward_mask(output, min_val, max_val):
+    # where hardtanh's f′ = 1, read from y = clamp(x, min_val, max_val): min_val < y < max_val (NaN: no)
+    return (output > min_val) & (output < max_val)
+
+
+def select_backward(grad_output, support):
+    # δx = δy where the support holds, else 0 (a selection: never δy·0)
+    return torch.where(support, grad_output, torch.zeros((), dtype=grad_output.dtype, device=grad_output.device))
+
+
 # ---------------------------------------------------------------------------------------------
 # GELU (docs/derivation.md, "Activations"); the cpp kernels: csrc/gelu.cpp
 

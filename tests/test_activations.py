@@ -28,6 +28,7 @@ ACTIVATIONS = {
     "gelu": (MF.gelu, F.gelu, {}),
     "gelu_tanh": (MF.gelu, F.gelu, dict(approximate="tanh")),
     "silu": (MF.silu, F.silu, {}),
+    "relu": (MF.relu, F.relu, {}),
     "relu6": (MF.relu6, F.relu6, {}),
     "hardtanh": (MF.hardtanh, F.hardtanh, {}),
     "hardtanh_0_6": (MF.hardtanh, F.hardtanh, dict(min_val=-2.0, max_val=6.0)),
@@ -387,6 +388,97 @@ def test_inplace_behaves_as_torch(name):
     torch.testing.assert_close(plain, expected, **F64)
 
 
+FROM_OUTPUT = ["relu", "relu6", "hardtanh", "hardtanh_0_6"]  # f′ read from y = f(x)
+
+
+@pytest.mark.parametrize("name", FROM_OUTPUT)
+def test_inplace_saves_only_the_output_and_matches_torch(name):
+    """ReLU and hardtanh in place keep no copy of x (InplaceActivationFromOutputFunction): one
+    tensor is saved, the overwritten input for ReLU (as torch's relu_), the bool mask where f′ = 1,
+    read from y, for hardtanh (torch's hardtanh_ keeps a copy of x); δx equals torch's at the
+    breakpoints, NaN and ±inf too; modifying y afterwards makes the
+    backward raise where torch's does (relu_) and gives torch's gradient where it does not
+    (hardtanh_); double backward (gradgradcheck) holds."""
+    ours, theirs, kwargs = ACTIVATIONS[name]
+    base = special_and_random(torch.float64).requires_grad_(True)
+    delta = torch.randn(base.shape, dtype=torch.float64)
+    results, saved = [], []
+    for function in (ours, theirs):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            a = base * 1
+            out = function(a, inplace=True, **kwargs)
+        assert out is a
+        saved.append([t for t in packed if t.numel() > 1])
+        (g,) = torch.autograd.grad(out, base, delta)
+        results.append((out.detach(), g))
+    assert len(saved[0]) == len(saved[1]) == 1
+    if name == "relu":  # y itself, as torch's relu_
+        assert saved[0][0].data_ptr() == results[0][0].data_ptr()
+    else:  # a bool mask, a quarter of float32 x's bytes (torch's hardtanh_: a copy of x)
+        assert saved[0][0].dtype == torch.bool and saved[1][0].dtype == torch.float64
+    for ours_t, theirs_t in zip(*results):
+        torch.testing.assert_close(ours_t, theirs_t, **F64)
+    outcomes = []  # y modified after: torch's relu_ raises, its hardtanh_ does not; as theirs
+    for function in (theirs, ours):
+        leaf = base.detach().clone().requires_grad_(True)
+        out = function(leaf * 1, inplace=True, **kwargs)
+        out.mul_(-1)
+        try:
+            out.sum().backward()
+            outcomes.append(leaf.grad)
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            outcomes.append("raised")
+    if isinstance(outcomes[0], str):
+        assert outcomes[1] == "raised"
+    else:
+        torch.testing.assert_close(outcomes[1], outcomes[0], **F64)
+    x = (torch.randn(12, dtype=torch.float64) * 4).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: ours(t * 1, inplace=True, **kwargs), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bounds", [(0.0, 6.0), (0.1, 0.7)], ids=["relu6", "unrepresentable"])
+def test_inplace_hardtanh_in_low_precision_matches_torch(dtype, bounds):
+    """In float32 the clamp's bounds are float32 values in forward and support alike; bfloat16 is
+    clamped in float32 and rounded, so with a bound between two bfloat16 values y cannot tell a
+    clamped entry from an x equal to the rounded bound, and the copy of x is kept (support_is_exact).
+    Either way the gradient is torch's, at x on and next to the bounds too."""
+    lo, hi = bounds
+    values = torch.tensor([lo, hi], dtype=dtype)
+    near = torch.cat([values, torch.nextafter(values.float(), values.float() + 1).to(dtype),
+                      torch.nextafter(values.float(), values.float() - 1).to(dtype)])
+    # (no NaN: torch's own δx at a NaN x depends on the loop the entry falls in; NAN_INPUT_GRAD)
+    base = torch.cat([near, torch.randn(40).to(dtype), torch.tensor([float("inf"), -float("inf")], dtype=dtype)])
+    grads = []
+    for function in (F.hardtanh, MF.hardtanh):
+        leaf = base.clone().requires_grad_(True)
+        out = function(leaf * 1, lo, hi, inplace=True)
+        (g,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        grads.append((out.detach(), g))
+    assert torch.equal(grads[0][1], grads[1][1])
+    torch.testing.assert_close(grads[1][0], grads[0][0], equal_nan=True, rtol=0, atol=0)
+
+
+def test_selection_kernels(cpp):
+    """csrc/relu.cpp's hardtanh_backward_mask and select_backward: opcheck, their results against the
+    formulas, and bad arguments refused naming them."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 9, 50, 80).clamp(-1, 1).contiguous(memory_format=torch.channels_last)
+    delta = torch.randn(2, 9, 50, 80)  # NCHW: read in its own strides
+    torch.library.opcheck(torch.ops.manualconv.hardtanh_backward_mask, (y, -1.0, 1.0))
+    support = torch.ops.manualconv.hardtanh_backward_mask(y, -1.0, 1.0)
+    assert torch.equal(support, (y > -1) & (y < 1)) and support.stride() == y.stride()
+    torch.library.opcheck(torch.ops.manualconv.select_backward, (delta, support))
+    got = torch.ops.manualconv.select_backward(delta, support)
+    assert torch.equal(got, torch.where(support, delta, 0.0)) and got.stride() == y.stride()
+    with pytest.raises(RuntimeError, match="support must be a bool tensor"):
+        torch.ops.manualconv.select_backward(delta, y)
+    with pytest.raises(RuntimeError, match="grad_output must have the support's size"):
+        torch.ops.manualconv.select_backward(delta[:1], support)
+
+
 def test_inplace_underscore_spellings():
     for ours, theirs, kwargs in [(MF.hardtanh_, F.hardtanh_, dict(min_val=-0.5, max_val=0.5)),
                                  (MF.leaky_relu_, F.leaky_relu_, dict(negative_slope=0.3)),
@@ -537,7 +629,7 @@ def test_bad_input_raises_as_torch(name):
     with pytest.raises(TypeError, match="input"):
         ours("not a tensor", **kwargs)
     ints = torch.tensor([-2, 0, 3, 9])
-    if name.startswith(("relu6", "hardtanh")):  # torch clamps integer tensors; so does manualconv
+    if name.startswith(("relu", "hardtanh")):  # torch clamps integer tensors; so does manualconv
         assert torch.equal(ours(ints, **kwargs), theirs(ints, **kwargs))
         assert ours(ints, **kwargs).dtype == torch.int64
     else:
