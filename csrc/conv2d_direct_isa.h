@@ -37,7 +37,7 @@ constexpr DirectTiling kDirectTilingAvx2{16, 6, 6, 0};
 // (the pixel's value is an embedded broadcast operand); 32 channels × 12 columns likewise. 8-pixel
 // tiles where 12 would recompute more: on an 8×8 map the 12-pixel tiles measured 12 % slower than
 // AVX2's 6-pixel ones (1.60 vs 1.42 ms, 64 → 64 channels, batch 32, one thread, AMD EPYC Zen 4).
-// Row tiles (conv2d_direct_tiles.h's conv_row_tile: pixels along one output row, one pointer):
+// Row tiles (conv2d_direct_tiles.h's conv_tile with kStride > 0: pixels along one output row, one pointer):
 // 16 pixels for a block of one zmm (16 output channels: ResNet-20's first stage), tile_pixels (12)
 // for a full block where rows waste no more than the wrapping tiles; the weight gradient's runs of
 // consecutive columns: 16 for a one-zmm block of output channels, else tile_columns (12).

@@ -23,7 +23,12 @@ inline int64_t pixels_computed(int64_t pixels, int64_t P) { return (pixels + P -
 // (a, b, c) of every pixel is (a·dH·Wp + b·dW)·C_in + c further on; w points at channel o0 of a
 // weight block `width` channels wide. Sums every tap, then writes the sum plus the bias into
 // y (pixel k at y + k·C_out).
-template <class Vec, int P, int NV>
+// A row tile (kStride > 0): the P pixels lie along one output row, pixel k's taps kStride =
+// sW·C_in floats after pixel k − 1's, and only px[0] is read, so every pixel's input value is an
+// immediate offset from one pointer. Pixels anywhere (kStride = 0) keep a pointer each, more than
+// x86-64's 16 general registers: the compiler keeps some in vector registers and on the stack and
+// moves them back for every tap (3 extra instructions per 12 FMAs, seen in the AVX-512 code).
+template <class Vec, int P, int NV, int kStride = 0>
 __attribute__((noinline)) void conv_tile(const DirectConv& s, const float* const* px, const float* w_block, int64_t width,
                const float* bias, int64_t o0, float* y) {
   constexpr int L = Vec::kLanes;
@@ -36,7 +41,7 @@ __attribute__((noinline)) void conv_tile(const DirectConv& s, const float* const
   }
   const float* p[P];
 #pragma GCC unroll 32
-  for (int k = 0; k < P; ++k) p[k] = px[k];
+  for (int k = 0; k < P; ++k) p[k] = kStride > 0 ? px[0] + k * kStride : px[k];
   for (int64_t a = 0; a < s.kH; ++a) {
     for (int64_t b = 0; b < s.kW; ++b) {
       const int64_t off = (a * s.dH * s.Wp + b * s.dW) * s.C_in;
@@ -77,47 +82,6 @@ void conv_block(const DirectConv& s, const float* const* px, const float* w, int
   for (; q + Half::kLanes <= width; q += Half::kLanes) conv_tile<Half, P, 1>(s, px, w + q, width, bias, o0 + q, y);
 }
 
-// P pixels along one output row × NV vectors of output channels o0…: pixel k's taps lie
-// kStride = sW·C_in floats after pixel k − 1's, a constant here, so every pixel's input value is
-// an immediate offset from one pointer p0 (the pixel-0 top-left tap). The wrapping tiles above
-// hold a pointer per pixel, more than x86-64's 16 general registers: the compiler keeps some in
-// vector registers and on the stack and moves them back for every tap (3 extra instructions per
-// 12 FMAs, seen in the AVX-512 code). Sums every tap, then writes the sum plus the bias into y.
-template <class Vec, int P, int NV, int kStride>
-__attribute__((noinline)) void conv_row_tile(const DirectConv& s, const float* p0, const float* w_block, int64_t width,
-                                             const float* bias, int64_t o0, float* y) {
-  constexpr int L = Vec::kLanes;
-  Vec acc[P][NV];
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    const Vec b = bias ? Vec::load(bias + o0 + v * L) : Vec::zero();
-#pragma GCC unroll 32
-    for (int k = 0; k < P; ++k) acc[k][v] = b;
-  }
-  for (int64_t a = 0; a < s.kH; ++a) {
-    for (int64_t bb = 0; bb < s.kW; ++bb) {
-      const float* p = p0 + (a * s.dH * s.Wp + bb * s.dW) * s.C_in;
-      const float* w = w_block + (a * s.kW + bb) * s.C_in * width;
-      for (int64_t c = 0; c < s.C_in; ++c, w += width) {
-        Vec wv[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) wv[v] = Vec::load(w + v * L);
-#pragma GCC unroll 32
-        for (int k = 0; k < P; ++k) {
-          const typename Vec::Splat x = Vec::splat(p + c + k * kStride);
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[k][v] = fma(x, wv[v], acc[k][v]);
-        }
-      }
-    }
-  }
-#pragma GCC unroll 32
-  for (int k = 0; k < P; ++k) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[k][v].store(y + k * s.C_out + o0 + v * L);
-  }
-}
-
 // Every output row of one sample for a weight block NV Wide vectors wide, in row tiles of P
 // pixels (the last moved back to end at the row's end, recomputing a few pixels bit for bit).
 template <class Isa, int P, int NV, int kStride>
@@ -127,8 +91,8 @@ void conv_rows(const DirectConv& s, const float* in, const float* w, int64_t wid
     const float* row = in + i * s.sH * s.Wp * s.C_in;
     for (int64_t j = 0; j < s.W_out; j += P) {
       const int64_t j0 = lesser(j, s.W_out - P);
-      conv_row_tile<typename Isa::Wide, P, NV, kStride>(s, row + j0 * kStride, w, width, bias, o0,
-                                                    out + (i * s.W_out + j0) * s.C_out);
+      const float* p0 = row + j0 * kStride;
+      conv_tile<typename Isa::Wide, P, NV, kStride>(s, &p0, w, width, bias, o0, out + (i * s.W_out + j0) * s.C_out);
     }
   }
 }
@@ -171,7 +135,7 @@ void conv_sample_tiled(const DirectConv& s, const float* in, const float* wt, co
     if constexpr (R > 0) {
       // one vector: rows of at least R pixels; a full block: row tiles of P where they compute no
       // more pixels than the wrapping ones (a 1×1 conv's one row: Winograd's products). Measured
-      // (as conv_rows_for_stride, forward / weight gradient, the latter with grad_weight_run_tile):
+      // (as conv_rows_for_stride, forward / weight gradient, the latter with ColumnRun tiles):
       // 16 → 32 stride 2 @32 1.45 / 1.53–1.57 vs 1.53 / 1.66–1.69 ms, 32 → 64 stride 2 @16 1.37–1.39
       // / 1.71–1.72 vs 1.42–1.43 / 1.73–2.02; Winograd 32 → 32 @16 2.44–2.48 / 2.05–2.20 vs
       // 2.45–2.47 / 2.24–2.53, 64 → 64 @8 1.82–1.87 / 2.07–2.16 vs 1.90–1.93 / 2.07–2.20
@@ -213,26 +177,46 @@ void conv_sample(const DirectConv& s, const float* in, const float* wt, const fl
   conv_sample_tiled<Isa, P>(s, in, wt, bias, out);
 }
 
+// Where a weight-gradient tile's NC columns read their input, as offsets from a pixel's top-left
+// tap: any columns (col[k], held in registers: NC of them do not all fit in x86-64's 16 general
+// registers beside the loop's own, and the compiler moves some back for every pixel), or a run of
+// consecutive inputs (x0 + k: the channels of a tap, running on into the next tap along a row when
+// dW = 1), each an immediate offset from one pointer.
+struct ColumnOffsets {
+  static constexpr bool kRun = false;
+  const int64_t* col;
+};
+struct ColumnRun {
+  static constexpr bool kRun = true;
+  int64_t x0;
+};
+
 // Weight gradient, one sample: NV vectors of output channels o0… × NC consecutive weight columns
-// (column k at offset col[k] from a pixel's top-left input tap), summed over every output pixel:
-// per pixel NV vectors of δy and NC broadcast input values. The sums are added to dw (C_out × K);
-// the first `skip` columns are left out (a tile moved back to end at column K overlaps the one
-// before).
-template <class Vec, int NC, int NV>
-__attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float* in, const float* dy, const int64_t* col,
-                      int64_t o0, int64_t skip, float* dw, int64_t K) {
+// (their inputs where `columns` says), summed over every output pixel: per pixel NV vectors of δy
+// and NC broadcast input values. The sums are added to dw (C_out × K); the first `skip` columns
+// are left out (a tile moved back to end at column K overlaps the one before).
+template <class Vec, int NC, int NV, class Columns>
+__attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float* in, const float* dy, Columns columns,
+                                                int64_t o0, int64_t skip, float* dw, int64_t K) {
   constexpr int L = Vec::kLanes;
+  constexpr bool run = Columns::kRun;
   Vec acc[NC][NV];
   int64_t c[NC];
 #pragma GCC unroll 32
   for (int k = 0; k < NC; ++k) {
-    c[k] = col[k];
+    if constexpr (run) {
+      c[k] = k;  // (constants: immediate offsets)
+    } else {
+      c[k] = columns.col[k];
+    }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[k][v] = Vec::zero();
   }
+  int64_t x0 = 0;
+  if constexpr (run) x0 = columns.x0;
   const int64_t O = s.C_out, step = s.sW * s.C_in;
   for (int64_t i = 0; i < s.H_out; ++i) {
-    const float* x = in + i * s.sH * s.Wp * s.C_in;
+    const float* x = in + i * s.sH * s.Wp * s.C_in + x0;
     const float* d = dy + i * s.W_out * O + o0;
     for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
       Vec dv[NV];
@@ -257,79 +241,20 @@ __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float
   }
 }
 
-// NV vectors of output channels o0… × NC consecutive weight columns (a, b, c) whose inputs are
-// consecutive too (the channels of a tap, running on into the next tap along a row when dW = 1),
-// x0 = the first column's offset from a pixel's top-left tap: each column's input value is an
-// immediate offset from one pointer, where grad_weight_tile holds NC column offsets (more than the
-// general registers; as conv_row_tile). The sums are added to dw, the first `skip` columns left out.
-template <class Vec, int NC, int NV>
-__attribute__((noinline)) void grad_weight_run_tile(const DirectConv& s, const float* in, const float* dy, int64_t x0,
-                                                    int64_t o0, int64_t skip, float* dw, int64_t K) {
-  constexpr int L = Vec::kLanes;
-  Vec acc[NC][NV];
-#pragma GCC unroll 32
-  for (int k = 0; k < NC; ++k) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[k][v] = Vec::zero();
-  }
-  const int64_t O = s.C_out, step = s.sW * s.C_in;
-  for (int64_t i = 0; i < s.H_out; ++i) {
-    const float* x = in + i * s.sH * s.Wp * s.C_in + x0;
-    const float* d = dy + i * s.W_out * O + o0;
-    for (int64_t j = 0; j < s.W_out; ++j, x += step, d += O) {
-      Vec dv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) dv[v] = Vec::load(d + v * L);
-#pragma GCC unroll 32
-      for (int k = 0; k < NC; ++k) {
-        const typename Vec::Splat xv = Vec::splat(x + k);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[k][v] = fma(xv, dv[v], acc[k][v]);
-      }
-    }
-  }
-  float sums[NC][NV * L];
-#pragma GCC unroll 32
-  for (int k = 0; k < NC; ++k) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[k][v].store(sums[k] + v * L);
-  }
-  for (int64_t k = skip; k < NC; ++k) {
-    for (int64_t v = 0; v < NV * L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
-  }
-}
-
-// NC consecutive columns (grad_weight_run_tile) × every output channel, in the blocks of
-// grad_weight_columns below.
-template <class Isa, int NC>
-void grad_weight_run_columns(const DirectConv& s, const float* in, const float* dy, int64_t x0, int64_t skip,
-                             float* dw, int64_t K) {
-  using Wide = typename Isa::Wide;
-  using Half = typename Isa::Half;
-  constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
-  int64_t o0 = 0;
-  for (; o0 + full <= s.C_out; o0 += full) grad_weight_run_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, x0, o0, skip, dw, K);
-  if constexpr (Isa::kWideVectors > 1) {
-    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_run_tile<Wide, NC, 1>(s, in, dy, x0, o0, skip, dw, K);
-  }
-  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_run_tile<Half, NC, 1>(s, in, dy, x0, o0, skip, dw, K);
-}
-
 // NC columns × every output channel: tiles of kWideVectors Wide vectors, then single Wide
 // vectors, then Half vectors.
-template <class Isa>
-void grad_weight_columns(const DirectConv& s, const float* in, const float* dy, const int64_t* col,
+template <class Isa, int NC, class Columns>
+void grad_weight_columns(const DirectConv& s, const float* in, const float* dy, Columns columns,
                          int64_t skip, float* dw, int64_t K) {
   using Wide = typename Isa::Wide;
   using Half = typename Isa::Half;
-  constexpr int NC = Isa::kTiling.tile_columns;
   constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
   int64_t o0 = 0;
-  for (; o0 + full <= s.C_out; o0 += full) grad_weight_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, col, o0, skip, dw, K);
+  for (; o0 + full <= s.C_out; o0 += full) grad_weight_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, columns, o0, skip, dw, K);
   if constexpr (Isa::kWideVectors > 1) {
-    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_tile<Wide, NC, 1>(s, in, dy, col, o0, skip, dw, K);
+    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_tile<Wide, NC, 1>(s, in, dy, columns, o0, skip, dw, K);
   }
-  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_tile<Half, NC, 1>(s, in, dy, col, o0, skip, dw, K);
+  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_tile<Half, NC, 1>(s, in, dy, columns, o0, skip, dw, K);
 }
 
 // One sample's contribution to dw (C_out × K), in tiles of NC weight columns.
@@ -342,7 +267,9 @@ void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, c
     // one vector of output channels, every tap's channels in whole runs of R. Measured (as
     // conv_rows_for_stride): 16 → 16 @32 2.81–2.93 vs 3.16–3.22 ms (torch 2.63–2.66)
     if (s.C_out == Isa::Wide::kLanes && s.C_in % R == 0) {
-      for (int64_t k = 0; k < K; k += R) grad_weight_run_tile<typename Isa::Wide, R, 1>(s, in, dy, col[k], 0, 0, dw + k, K);
+      for (int64_t k = 0; k < K; k += R) {
+        grad_weight_tile<typename Isa::Wide, R, 1>(s, in, dy, ColumnRun{col[k]}, 0, 0, dw + k, K);
+      }
       return;
     }
   }
@@ -350,10 +277,10 @@ void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, c
     const int64_t k0 = lesser(k, K - NC);
     if constexpr (R > 0) {
       if (col[k0 + NC - 1] - col[k0] == NC - 1) {  // the NC inputs consecutive
-        grad_weight_run_columns<Isa, NC>(s, in, dy, col[k0], k - k0, dw + k0, K);
+        grad_weight_columns<Isa, NC>(s, in, dy, ColumnRun{col[k0]}, k - k0, dw + k0, K);
         continue;
       }
     }
-    grad_weight_columns<Isa>(s, in, dy, col + k0, k - k0, dw + k0, K);
+    grad_weight_columns<Isa, NC>(s, in, dy, ColumnOffsets{col + k0}, k - k0, dw + k0, K);
   }
 }
