@@ -258,14 +258,16 @@ at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options,
                                    memory_format ? memory_format : options.memory_format_opt());
 }
 
-at::Tensor empty_like(const at::Tensor& t, std::optional<at::MemoryFormat> memory_format) {
+at::Tensor empty_like(const at::Tensor& t, std::optional<at::MemoryFormat> memory_format,
+                      std::optional<at::ScalarType> dtype) {
+  const at::TensorOptions options = t.options().dtype(dtype.value_or(t.scalar_type()));
   const at::MemoryFormat format = memory_format.value_or(at::MemoryFormat::Preserve);
-  if (format != at::MemoryFormat::Preserve) return empty(t.sizes(), t.options(), format);
-  if (!t.is_non_overlapping_and_dense()) return empty(t.sizes(), t.options(), t.suggest_memory_format());
-  const size_t nbytes = at::detail::computeStorageNbytes(t.sizes(), t.strides(), t.dtype().itemsize());
-  if (nbytes < kMinCachedBytes || !cacheable(t.options())) return at::empty_like(t);
+  if (format != at::MemoryFormat::Preserve) return empty(t.sizes(), options, format);
+  if (!t.is_non_overlapping_and_dense()) return empty(t.sizes(), options, t.suggest_memory_format());
+  const size_t nbytes = at::detail::computeStorageNbytes(t.sizes(), t.strides(), options.dtype().itemsize());
+  if (nbytes < kMinCachedBytes || !cacheable(options)) return at::empty_like(t, options);
   return at::detail::empty_strided_generic(t.sizes(), t.strides(), &OutputCache::instance(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), t.scalar_type());
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype().toScalarType());
 }
 
 at::Tensor contiguous(const at::Tensor& t, at::MemoryFormat memory_format) {

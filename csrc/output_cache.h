@@ -16,10 +16,11 @@ namespace manualconv {
 at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options,
                  std::optional<at::MemoryFormat> memory_format = std::nullopt);
 
-// at::empty_like(t, memory_format) on the cache: Preserve (the default) keeps a dense tensor's
-// strides, as at::empty_like does
+// at::empty_like(t, memory_format, dtype) on the cache: Preserve (the default) keeps a dense
+// tensor's strides, as at::empty_like does; dtype (default: t's) may differ from t's
 at::Tensor empty_like(const at::Tensor& t,
-                      std::optional<at::MemoryFormat> memory_format = std::nullopt);
+                      std::optional<at::MemoryFormat> memory_format = std::nullopt,
+                      std::optional<at::ScalarType> dtype = std::nullopt);
 
 // t.contiguous(memory_format), a copy's memory from the cache (t itself if already so laid out)
 at::Tensor contiguous(const at::Tensor& t, at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);

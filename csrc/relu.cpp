@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -52,14 +53,14 @@ at::Tensor hardtanh_backward_mask(const at::Tensor& output, double min_val, doub
               output.scalar_type());
   at::NoGradGuard no_grad;
   const at::Tensor y = dense(output);
-  at::Tensor support = at::empty_like(y, y.options().dtype(at::kBool));
+  at::Tensor support = manualconv::empty_like(y, std::nullopt, at::kBool);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "manualconv_hardtanh_backward_mask", [&] {
+    using compare_t = at::opmath_type<scalar_t>;  // float64 in float64, the others in float32
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-    const float lo = static_cast<float>(min_val), hi = static_cast<float>(max_val);
-    const bool wide = y.scalar_type() == at::kDouble;  // float64: compared in float64
-    map_entries(y.numel(), support.mutable_data_ptr<bool>(), [y_data, lo, hi, min_val, max_val, wide](int64_t i) {
-      return wide ? (double(y_data[i]) > min_val && double(y_data[i]) < max_val)
-                  : (float(y_data[i]) > lo && float(y_data[i]) < hi);
+    const compare_t lo = static_cast<compare_t>(min_val), hi = static_cast<compare_t>(max_val);
+    map_entries(y.numel(), support.mutable_data_ptr<bool>(), [y_data, lo, hi](int64_t i) {
+      const compare_t v = static_cast<compare_t>(y_data[i]);
+      return v > lo && v < hi;
     });
   });
   return support;
@@ -78,9 +79,7 @@ at::Tensor select_backward(const at::Tensor& grad_output, const at::Tensor& supp
               support.sizes(), ", but got ", grad_output.sizes());
   at::NoGradGuard no_grad;
   const at::Tensor m = dense(support);
-  const at::MemoryFormat format = m.suggest_memory_format();  // δx in the support's strides
-  at::Tensor dx = m.is_contiguous(format) ? manualconv::empty(m.sizes(), grad_output.options(), format)
-                                          : at::empty_strided(m.sizes(), m.strides(), grad_output.options());
+  at::Tensor dx = manualconv::empty_like(m, std::nullopt, grad_output.scalar_type());  // the support's strides
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_output.scalar_type(), "manualconv_select_backward", [&] {
     // the flags as bytes (not bools, whose 0/1 range lets the compiler turn the select into a
     // branch, mispredicted on half the entries: 3.2 ms against relu_backward's 0.13 ms for

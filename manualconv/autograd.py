@@ -1583,7 +1583,7 @@ class InplaceActivationFromOutputFunction(Function):
     @staticmethod
     def backward(ctx, delta):
         (saved,) = ctx.saved_tensors
-        if saved.dtype == torch.bool:  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
+        if hasattr(ctx.function, "support"):  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
             backend = "reference" if differentiated_again() else ctx.args[-1]
             return elementwise_kernels(backend, delta).select_backward(delta, saved), None, None
         return ctx.function.output_grad(saved, delta, *ctx.args), None, None
