@@ -398,7 +398,7 @@ def test_inplace_saves_only_the_output_and_matches_torch(name):
     read from y, for hardtanh (torch's hardtanh_ keeps a copy of x); δx equals torch's at the
     breakpoints, NaN and ±inf too; modifying y afterwards makes the
     backward raise where torch's does (relu_) and gives torch's gradient where it does not
-    (hardtanh_); double backward (gradgradcheck) holds."""
+    (hardtanh_); gradcheck and gradgradcheck hold; empty tensors pass through."""
     ours, theirs, kwargs = ACTIVATIONS[name]
     base = special_and_random(torch.float64).requires_grad_(True)
     delta = torch.randn(base.shape, dtype=torch.float64)
@@ -435,7 +435,13 @@ def test_inplace_saves_only_the_output_and_matches_torch(name):
     else:
         torch.testing.assert_close(outcomes[1], outcomes[0], **F64)
     x = (torch.randn(12, dtype=torch.float64) * 4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ours(t * 1, inplace=True, **kwargs), (x,))
     assert torch.autograd.gradgradcheck(lambda t: ours(t * 1, inplace=True, **kwargs), (x,))
+    for shape in [(0,), (0, 3)]:  # empty tensors, as torch
+        empty = torch.empty(shape, dtype=torch.float64, requires_grad=True)
+        out = ours(empty * 1, inplace=True, **kwargs)
+        out.sum().backward()
+        assert out.shape == empty.grad.shape == shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
