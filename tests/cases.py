@@ -355,6 +355,12 @@ def linear_cases() -> List[Case]:
         Case("3d-no-bias", "linear", (2, 3, 5), weight=(4, 5), bias=False),
         Case("1d", "linear", (5,), weight=(2, 5)),
         Case("in-features-mismatch", "linear", (4, 6), weight=(3, 5), error=(RuntimeError, r"in_features=5")),
+        Case("bias-broadcast-scalar-like", "linear", (4, 6), weight=(3, 6), bias=(1,)),  # torch broadcasts b to z
+        Case("bias-per-row", "linear", (4, 6), weight=(3, 6), bias=(4, 3)),
+        Case("bias-wrong-size", "linear", (4, 6), weight=(3, 6), bias=(5,),
+             error=(RuntimeError, r"bias of size \[5\] does not broadcast")),
+        Case("bias-too-many-dims", "linear", (4, 6), weight=(3, 6), bias=(2, 4, 3),
+             error=(RuntimeError, r"bias of size \[2, 4, 3\] does not broadcast")),
     ]
 
 
