@@ -230,7 +230,7 @@ class Conv2dFunction(Function):
         if ctx.needs_input_grad[2]:  # ∂J/∂b = Σ δ (the C++ sum on the CPU; tensor code to differentiate again)
             backend = ctx.conf[-1]
             grad_bias = conv2d_grad_bias(grad_output) if differentiated_again() else \
-                elementwise_kernels(backend, grad_output).conv2d_grad_bias(grad_output)
+                cpu_only_kernels(backend, grad_output).conv2d_grad_bias(grad_output)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
     @staticmethod
@@ -594,7 +594,7 @@ class LinearFunction(Function):
     """z = W·x + b (rows of x are samples: z = x Wᵀ + b); δx = Wᵀδ, ∂J/∂W = δ xᵀ, ∂J/∂b = δ."""
 
     @staticmethod
-    def forward(input, weight, bias):
+    def forward(input, weight, bias, backend):
         if input.dim() == 2 and bias is not None and bias.dim() <= 1:
             # z = b + x Wᵀ in one GEMM pass (b over the rows). Only for a matrix x: a reshaped result
             # would be a view, which in-place ops on the output (Hardswish(inplace=True)) may not modify
@@ -604,7 +604,7 @@ class LinearFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias = inputs
+        input, weight, bias, ctx.backend = inputs
         ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.save_for_forward(input, weight)  # jvp: ż = ẋWᵀ + xẆᵀ + ḃ
         ctx.bias_size = None if bias is None else bias.shape  # a bias broadcasts to z, as torch's does
@@ -613,21 +613,25 @@ class LinearFunction(Function):
     def backward(ctx, delta):
         input, weight = ctx.saved_tensors
         grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not differentiated_again():
+            # δx = δW and ∂J/∂W = δᵀx in one call, which may run the two products side by side (csrc/linear.cpp)
+            grad_input, grad_weight = cpu_only_kernels(ctx.backend, delta).linear_backward(_rows(delta), _rows(input), weight)
+            grad_input = grad_input.reshape(input.shape)
+        elif ctx.needs_input_grad[0]:
             grad_input = delta.matmul(weight)  # δˡ⁻¹ = Wᵀ δˡ (before ⊙ f′, which the activation applies)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_weight is None:
             grad_weight = _rows(delta).t().matmul(_rows(input))  # δ xᵀ
         if ctx.needs_input_grad[2]:
             grad_bias = delta.sum_to_size(ctx.bias_size)  # ∂J/∂b = δ, summed over samples (and broadcast dims)
-        return grad_input, grad_weight, grad_bias
+        return grad_input, grad_weight, grad_bias, None
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias):
-        x_dim, w_dim, b_dim = in_dims
+    def vmap(info, in_dims, input, weight, bias, backend):
+        x_dim, w_dim, b_dim, _ = in_dims
         batch = info.batch_size
         x = _sample_first(input, x_dim, batch)  # linear acts on the last dimension: the rest are rows
         if w_dim is None:
-            z = LinearFunction.apply(x, weight, bias if b_dim is None else None)
+            z = LinearFunction.apply(x, weight, bias if b_dim is None else None, backend)
         else:  # a weight per sample: z_n = x_n W_nᵀ, one batched matmul
             w = _sample_first(weight, w_dim, batch)
             z = x.reshape(batch, -1, x.shape[-1]).matmul(w.transpose(1, 2)).reshape(x.shape[:-1] + w.shape[1:2])
@@ -639,13 +643,13 @@ class LinearFunction(Function):
         return z, 0
 
     @forward_mode_rule
-    def jvp(ctx, input_t, weight_t, bias_t):
+    def jvp(ctx, input_t, weight_t, bias_t, _):
         # ż = ẋWᵀ + xẆᵀ + ḃ  (z is linear in each of x, W, b)
         input, weight = ctx.saved_tensors
         size = torch.broadcast_shapes(input.shape[:-1] + weight.shape[:1], () if ctx.bias_size is None else ctx.bias_size)
         return tangent_sum(
-            None if input_t is None else LinearFunction.apply(input_t, weight, None),
-            None if weight_t is None else LinearFunction.apply(input, weight_t, None),
+            None if input_t is None else LinearFunction.apply(input_t, weight, None, ctx.backend),
+            None if weight_t is None else LinearFunction.apply(input, weight_t, None, ctx.backend),
             None if bias_t is None else bias_t.expand(size),
         )
 
@@ -670,7 +674,7 @@ class ReLUFunction(Function):
         (output,) = ctx.saved_tensors
         if differentiated_again():  # create_graph or forward AD: the selection in differentiable tensor code
             return _reference.relu_backward(delta, output), None
-        return elementwise_kernels(ctx.backend, output).relu_backward(delta, output), None
+        return cpu_only_kernels(ctx.backend, output).relu_backward(delta, output), None
 
     @staticmethod
     def vmap(info, in_dims, input, backend):
@@ -686,7 +690,7 @@ class ReLUFunction(Function):
         """δz from y (InplaceActivationFromOutputFunction: relu in place)."""
         if differentiated_again():
             return _reference.relu_backward(delta, output)
-        return elementwise_kernels(backend, output).relu_backward(delta, output)
+        return cpu_only_kernels(backend, output).relu_backward(delta, output)
 
 
 def squashing_input_grad(kind, y, delta, params, backend):
@@ -695,7 +699,7 @@ def squashing_input_grad(kind, y, delta, params, backend):
     reference.py's same formula in tensor code that autograd differentiates once more."""
     if differentiated_again():
         return _reference.SQUASHING[kind](y, delta, *params)
-    return elementwise_kernels(backend, y).activation_backward_from_output(delta, y, kind, [float(p) for p in params])
+    return cpu_only_kernels(backend, y).activation_backward_from_output(delta, y, kind, [float(p) for p in params])
 
 
 class SigmoidFunction(Function):
@@ -1287,9 +1291,9 @@ class DropoutFunction(Function):
 # is torch's. Every backward is differentiable tensor algebra: double backward works.
 
 
-def elementwise_kernels(backend: str, input: torch.Tensor):
-    """The kernels of an elementwise op with only CPU kernels in csrc (GELU): a CUDA tensor takes
-    the reference formulas (torch's elementwise CUDA math)."""
+def cpu_only_kernels(backend: str, input: torch.Tensor):
+    """The kernels of an op with only CPU kernels in csrc (GELU, linear's backward): a CUDA tensor
+    takes the reference formulas (torch's CUDA math)."""
     return kernels(backend if input.device.type == "cpu" else "reference")
 
 
@@ -1331,7 +1335,7 @@ class GELUFunction(ElementwiseRules, Function):
 
     @staticmethod
     def forward(input, approximate, backend):
-        return elementwise_kernels(backend, input).gelu_forward(input, approximate)
+        return cpu_only_kernels(backend, input).gelu_forward(input, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1355,7 +1359,7 @@ class GELUBackwardFunction(Function):
 
     @staticmethod
     def forward(grad_output, input, approximate, backend):
-        return elementwise_kernels(backend, input).gelu_backward(grad_output, input, approximate)
+        return cpu_only_kernels(backend, input).gelu_backward(grad_output, input, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1394,7 +1398,7 @@ def activation_kernel_forward(kind, input, *args):
     """y = f(x) by the activation kernel ``kind`` (csrc/activations.cpp; the reference backend and
     CUDA tensors: reference.py's same formulas); args = (*params, backend)."""
     *params, backend = args
-    return elementwise_kernels(backend, input).activation_forward(input, kind, [float(p) for p in params])
+    return cpu_only_kernels(backend, input).activation_forward(input, kind, [float(p) for p in params])
 
 
 def activation_input_grad(kind, differentiable_grad, input, delta, args):
@@ -1404,7 +1408,7 @@ def activation_input_grad(kind, differentiable_grad, input, delta, args):
     if differentiated_again():
         return differentiable_grad(input, delta, *args[:-1])
     *params, backend = args
-    return elementwise_kernels(backend, input).activation_backward(delta, input, kind, [float(p) for p in params])
+    return cpu_only_kernels(backend, input).activation_backward(delta, input, kind, [float(p) for p in params])
 
 
 def activation_backward(kind, differentiable_grad, ctx, delta):
@@ -1468,7 +1472,7 @@ class HardtanhFunction(KernelActivation, Function):
     def support(output, min_val, max_val, backend):
         """Where f′ = 1, read from y = clamp(x, min_val, max_val): min_val < y < max_val exactly where
         min_val < x < max_val (NaN: neither)."""
-        return elementwise_kernels(backend, output).hardtanh_backward_mask(output, float(min_val), float(max_val))
+        return cpu_only_kernels(backend, output).hardtanh_backward_mask(output, float(min_val), float(max_val))
 
     @staticmethod
     def support_is_exact(input, min_val, max_val, backend):
@@ -1620,7 +1624,7 @@ class InplaceActivationFromOutputFunction(Function):
         (saved,) = ctx.saved_tensors
         if hasattr(ctx.function, "support"):  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
             backend = "reference" if differentiated_again() else ctx.args[-1]
-            return elementwise_kernels(backend, delta).select_backward(delta, saved), None, None
+            return cpu_only_kernels(backend, delta).select_backward(delta, saved), None, None
         return ctx.function.output_grad(saved, delta, *ctx.args), None, None
 
 
@@ -1629,7 +1633,7 @@ class SoftmaxFunction(Function):
 
     @staticmethod
     def forward(input, dim, backend):
-        return elementwise_kernels(backend, input).softmax_forward(input, dim, False)
+        return cpu_only_kernels(backend, input).softmax_forward(input, dim, False)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1642,7 +1646,7 @@ class SoftmaxFunction(Function):
         (y,) = ctx.saved_tensors
         if differentiated_again():  # the formula in differentiable tensor code
             return _reference.softmax_backward(delta, y, ctx.dim, False), None, None
-        return elementwise_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, False), None, None
+        return cpu_only_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, False), None, None
 
     @staticmethod
     def vmap(info, in_dims, input, dim, backend):
@@ -1659,7 +1663,7 @@ class LogSoftmaxFunction(Function):
 
     @staticmethod
     def forward(input, dim, backend):
-        return elementwise_kernels(backend, input).softmax_forward(input, dim, True)
+        return cpu_only_kernels(backend, input).softmax_forward(input, dim, True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1672,7 +1676,7 @@ class LogSoftmaxFunction(Function):
         (y,) = ctx.saved_tensors
         if differentiated_again():  # the formula in differentiable tensor code
             return _reference.softmax_backward(delta, y, ctx.dim, True), None, None
-        return elementwise_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, True), None, None
+        return cpu_only_kernels(ctx.backend, y).softmax_backward(delta, y, ctx.dim, True), None, None
 
     @staticmethod
     def vmap(info, in_dims, input, dim, backend):

@@ -186,6 +186,17 @@ def check_grad_output(op: str, grad_output_size: Sequence[int], expected: Sequen
         )
 
 
+def check_linear_backward(grad_output_size, input_size, weight_size) -> None:
+    """linear's backward (csrc/linear.cpp): δ (n × out), x (n × in) and W (out × in) as the
+    forward z = x Wᵀ left them."""
+    if len(grad_output_size) != 2 or len(input_size) != 2 or len(weight_size) != 2:
+        raise RuntimeError(f"linear_backward: grad_output, input and weight must be matrices, but got sizes "
+                           f"{_fmt(grad_output_size)}, {_fmt(input_size)} and {_fmt(weight_size)}")
+    if input_size[1] != weight_size[1]:
+        raise RuntimeError(f"linear_backward: input of size {_fmt(input_size)} does not fit weight of size {_fmt(weight_size)}")
+    check_grad_output("linear_backward", grad_output_size, (input_size[0], weight_size[0]))
+
+
 def check_avg_pool2d(input_size, kernel_size, stride, padding, ceil_mode, divisor_override):
     """check_pool2d for average pooling (no dilation), plus a non-zero divisor_override."""
     if divisor_override is not None and divisor_override == 0:

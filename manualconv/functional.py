@@ -347,7 +347,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise RuntimeError(
                 f"{op}: bias of size {list(bias.shape)} does not broadcast to the output size {list(out_size)}"
             )
-    return LinearFunction.apply(input, weight, bias)
+    return LinearFunction.apply(input, weight, bias, get_backend())
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -13,7 +13,8 @@ import importlib
 import torch
 
 from .precision import AUTOCAST_OPERATORS, register_autocast
-from .checks import check_adaptive_pool2d, check_avg_pool2d, check_conv2d, check_grad_output, check_pool2d
+from .checks import (check_adaptive_pool2d, check_avg_pool2d, check_conv2d, check_grad_output, check_linear_backward,
+                     check_pool2d)
 
 try:
     importlib.import_module("manualconv._C")  # loading it runs TORCH_LIBRARY(manualconv, ...)
@@ -93,6 +94,11 @@ if AVAILABLE:
         torch._check(grad_output.dim() == 4,
                      lambda: f"conv2d_grad_bias: grad_output must be 4-D (N, C, H, W), but got size {list(grad_output.shape)}")
         return grad_output.new_empty(grad_output.shape[1])
+
+    @torch.library.register_fake("manualconv::linear_backward")
+    def _(grad_output, input, weight):
+        check_linear_backward(grad_output.shape, input.shape, weight.shape)
+        return input.new_empty(input.shape), weight.new_empty(weight.shape)
 
     @torch.library.register_fake("manualconv::max_pool2d_forward")
     def _(input, kernel_size, stride, padding, dilation, ceil_mode):

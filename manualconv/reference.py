@@ -24,6 +24,7 @@ from .checks import (
     check_avg_pool2d,
     check_conv2d,
     check_grad_output,
+    check_linear_backward,
     check_max_pool2d_indices,
     check_pool2d,
 )
@@ -123,6 +124,12 @@ def conv2d_grad_weight(input, grad_output, weight_size, stride, padding, dilatio
 def conv2d_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     # ∂J/∂b[o] = Σ_{n,i,j} δ[n,o,i,j]
     return grad_output.sum(dim=(0, 2, 3))
+
+
+def linear_backward(grad_output, input, weight):
+    # δx = δ W, ∂J/∂W = δᵀ x  (z = x Wᵀ + b, rows of x are samples; derivation.md §11)
+    check_linear_backward(grad_output.shape, input.shape, weight.shape)
+    return grad_output.mm(weight), grad_output.t().mm(input)
 
 
 def _pool_taps(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int):

@@ -785,7 +785,17 @@ _RECORDS = [
     ),
     OpRecord(
         "linear", MF.linear, F.linear, ("input", "weight", "bias"), input_weight_bias(), tuple(linear_cases()),
-        "linear", linear_reduction_length, modules={"manual": manualconv.Linear, "native": torch.nn.Linear},
+        "linear", linear_reduction_length, ("linear_backward",),
+        kernel_errors=(
+            KernelError("backward-wrong-delta", "linear_backward",
+                        lambda: (torch.randn(4, 2), torch.randn(4, 6), torch.randn(3, 6)), r"grad_output must have .* size \[4, 3\]"),
+            KernelError("backward-in-features", "linear_backward",
+                        lambda: (torch.randn(4, 3), torch.randn(4, 6), torch.randn(3, 5)), r"input of size \[4, 6\] does not fit weight"),
+            KernelError("backward-not-matrices", "linear_backward",
+                        lambda: (torch.randn(4, 3), torch.randn(2, 2, 6), torch.randn(3, 6)), r"must be matrices"),
+        ),
+        opcheck=frozenset({"2d", "3d-no-bias", "1d", "bias-per-row"}),
+        modules={"manual": manualconv.Linear, "native": torch.nn.Linear},
     ),
     _pointwise("relu", manualconv.ReLU, torch.nn.ReLU),
     _pointwise("sigmoid", manualconv.Sigmoid, torch.nn.Sigmoid),

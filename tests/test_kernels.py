@@ -362,3 +362,37 @@ def test_conv2d_grad_bias_kernel_rejects_bad_input(cpp):
         torch.ops.manualconv.conv2d_grad_bias(torch.randn(3, 4))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.manualconv.conv2d_grad_bias(torch.ones(1, 2, 3, 3, dtype=torch.int64))
+
+
+# csrc/linear.cpp: δx = δW and ∂J/∂W = δᵀx, side by side on two threads where
+# linear_backward_side_by_side says so (up to 512 MFLOP a product), else one after the other.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,in_features,out_features", [
+    (128, 512, 256),  # side by side on two threads
+    (1024, 512, 600),  # 629 MFLOP a product: one after the other
+    (3, 5, 4), (1, 7, 1),
+    (0, 5, 4),  # no rows: δx empty, ∂J/∂W = 0
+    (6, 0, 4),  # no input features: both gradients empty
+])
+def test_linear_backward_kernel(cpp, threads, dtype, rows, in_features, out_features):
+    """Both products against float64 ones, within the bound of a k-term dot product (Higham §3.1:
+    γ_k·Σ|terms|, γ_k = k·u/(1 − k·u) ≤ (k + 1)·u here, u the unit roundoff; k = out_features for
+    δx, rows for ∂J/∂W): the two schedules run the BLAS on different thread counts, so the
+    summation order may differ, the bound holds for any. Also a transposed δ (autograd's δ of a
+    transposed output), and opcheck."""
+    torch.manual_seed(0)
+    delta, x, w = (torch.randn(s, dtype=dtype) for s in ((rows, out_features), (rows, in_features), (out_features, in_features)))
+    u = torch.finfo(dtype).eps / 2
+    d, xd, wd = delta.double(), x.double(), w.double()
+    expected = ((d @ wd, d.abs() @ wd.abs(), out_features), (d.t() @ xd, d.t().abs() @ xd.abs(), rows))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for grad_output in (delta, delta.t().contiguous().t()):
+            for got, (exact, magnitude, k) in zip(torch.ops.manualconv.linear_backward(grad_output, x, w), expected):
+                assert got.dtype == dtype and got.shape == exact.shape
+                assert ((got.double() - exact).abs() <= (k + 1) * u * magnitude).all()
+    finally:
+        torch.set_num_threads(saved)
+    torch.library.opcheck(torch.ops.manualconv.linear_backward, (delta, x, w))
