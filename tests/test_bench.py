@@ -63,3 +63,12 @@ def test_channels_last_rows_run_channels_last():
         for name, t in zip(("x", "weight", "grad_output"), bench.inputs(layer, batch=2)):
             strictly_nhwc = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
             assert strictly_nhwc == layer.channels_last, f"{layer.name}: {name} strides {t.stride()}"
+
+
+def test_pairs_alternate_which_side_runs_first():
+    """time_pairs calls native, manual, then manual, native, and so on: neither side is always the
+    second of a pair (which ran slower); at least `repeat` pairs."""
+    calls = []
+    times_native, times_manual = bench.time_pairs(lambda: calls.append("n"), lambda: calls.append("m"), repeat=5)
+    assert calls == ["n", "m", "m", "n", "n", "m", "m", "n", "n", "m"]
+    assert len(times_native) == len(times_manual) == 5
