@@ -1250,37 +1250,47 @@ class ChannelAffineFunction(Function):
 
 
 class DropoutFunction(Function):
-    """y = x ⊙ m with the scaled keep mask m = Bernoulli(1 − p)/(1 − p) (broadcast over whole
-    feature maps for dropout2d); linear in x, so δx = δy ⊙ m."""
+    """y = x ⊙ m with the scaled keep mask m = s where the drawn bool mask holds, else 0 (s = 1/(1 − p);
+    the mask broadcast over whole feature maps for dropout2d); linear in x, so δx = δy ⊙ m."""
 
     @staticmethod
-    def forward(input, noise):
-        return input * noise
+    def forward(input, mask, scale, backend):
+        return dropout_masked_scale(input, mask, scale, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.save_for_forward(inputs[1])  # jvp
+        _, mask, ctx.scale, ctx.backend = inputs
+        ctx.save_for_backward(mask)  # one byte an entry (torch's dropout keeps its float mask)
+        ctx.save_for_forward(mask)  # jvp
 
     @staticmethod
     def backward(ctx, grad_output):
-        (noise,) = ctx.saved_tensors
-        return derivative(DropoutFunction, grad_output, noise), None
+        (mask,) = ctx.saved_tensors
+        return derivative(DropoutFunction, grad_output, mask, ctx.scale, ctx.backend), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, input, noise):
+    def vmap(info, in_dims, input, mask, scale, backend):
         # elementwise with a broadcast mask: an unmapped input or mask broadcasts over the samples
         batch = info.batch_size
-        mask = noise if in_dims[1] is None else noise.movedim(in_dims[1], 0)
+        mask = mask if in_dims[1] is None else mask.movedim(in_dims[1], 0)
         x = _sample_first(input, in_dims[0], batch)
         if in_dims[1] is not None:
             mask = mask.reshape(mask.shape[:1] + (1,) * (x.dim() - mask.dim()) + mask.shape[1:])
-        return DropoutFunction.apply(x, mask), 0
+        return DropoutFunction.apply(x, mask, scale, backend), 0
 
     @forward_mode_rule
-    def jvp(ctx, input_t, _):
-        (noise,) = ctx.saved_tensors
-        return DropoutFunction.apply(input_t, noise)  # linear in x
+    def jvp(ctx, input_t, *_):
+        (mask,) = ctx.saved_tensors
+        return DropoutFunction.apply(input_t, mask, ctx.scale, ctx.backend)  # linear in x
+
+
+def dropout_masked_scale(values, mask, scale, backend):
+    """values ⊙ m (dropout's product, both directions): csrc/dropout.cpp for a CPU float32/float64
+    tensor of the mask's size (dropout's), else reference.py's formula (dropout2d's broadcast mask,
+    bfloat16/float16, CUDA)."""
+    kernel = backend == "cpp" and values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) \
+        and values.shape == mask.shape
+    return (kernels("cpp") if kernel else _reference).dropout_masked_scale(values, mask, scale)
 
 
 # =============================================================================================

@@ -715,18 +715,22 @@ def _check_dropout(p: float) -> None:
 
 def _dropout(input: torch.Tensor, p: float, training: bool, noise_shape) -> torch.Tensor:
     """x ⊙ m, m = Bernoulli(1 − p)/(1 − p): the mask drawn as torch's CPU dropout draws it
-    (bernoulli_(1 − p) on a new tensor of the mask's shape, then ÷ (1 − p)), so a seeded run
-    draws the same mask. p = 0, eval or an empty input: x itself; p = 1: x ⊙ 0 (NaN stays NaN)."""
+    (bernoulli_(1 − p) on a new tensor of the mask's shape and layout: bool here, 1 byte an entry,
+    the same values), so a seeded run draws the same mask; the scale 1/(1 − p) rounded in x's
+    dtype, as torch's float mask holds it. p = 0, eval or an empty input: x itself; p = 1: x ⊙ 0
+    (NaN stays NaN)."""
     if not input.is_floating_point():
         raise RuntimeError(f"dropout: input must be a floating-point tensor, but got dtype {input.dtype}")
     if p == 0 or not training or input.numel() == 0:
         return input
-    if p == 1:
-        noise = input.new_zeros(())
-    else:
-        noise = torch.empty_like(input) if noise_shape is None else input.new_empty(noise_shape)
-        noise.bernoulli_(1 - p).div_(1 - p)
-    return DropoutFunction.apply(input, noise)
+    if p == 1:  # torch multiplies by 0 and draws nothing
+        mask, scale = input.new_zeros((), dtype=torch.bool), 0.0
+    else:  # bernoulli_ draws the same values into a bool tensor as into torch's float one
+        mask = torch.empty_like(input, dtype=torch.bool) if noise_shape is None else \
+            input.new_empty(noise_shape, dtype=torch.bool)
+        mask.bernoulli_(1 - p)
+        scale = torch.ones((), dtype=input.dtype).div_(1 - p).item()  # 1/(1 − p) rounded as torch's noise.div_
+    return DropoutFunction.apply(input, mask, scale, get_backend())
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -249,6 +249,11 @@ _FORWARD_OPERATORS: Dict[str, Callable] = {
 }
 
 
+# Operators only a training graph holds (dropout in eval mode is the identity and calls nothing):
+# no translation, as for the backward operators.
+TRAINING_ONLY_OPERATORS = ("dropout_masked_scale",)
+
+
 def translation_table() -> Dict[Callable, Callable]:
     """``{torch.ops.manualconv.<op>.default: ONNX translation}`` for torch.onnx.export's
     ``custom_translation_table`` (empty when the C++ extension is not built: then manualconv's

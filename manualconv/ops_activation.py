@@ -1,4 +1,5 @@
-"""Fake kernels of the activation operators (csrc/gelu.cpp, csrc/relu.cpp, csrc/activations.cpp), so ``torch.compile`` and
+"""Fake kernels of the activation operators (csrc/gelu.cpp, csrc/relu.cpp, csrc/activations.cpp) and of
+dropout's product (csrc/dropout.cpp), so ``torch.compile`` and
 ``torch.library.opcheck`` can trace them: each checks what the C++ kernel checks and returns an
 empty tensor with the output's size, dtype and strides. Imported by ops.py when the extension is
 built."""
@@ -50,6 +51,14 @@ def _(grad_output, output):
 @torch.library.register_fake("manualconv::hardtanh_backward_mask")
 def _(output, min_val, max_val):
     return _like(output).to(torch.bool)
+
+
+@torch.library.register_fake("manualconv::dropout_masked_scale")
+def _(values, mask, scale):
+    torch._check(mask.dtype == torch.bool, lambda: f"dropout_masked_scale: mask must be a bool tensor, but got dtype {mask.dtype}")
+    torch._check(values.shape == mask.shape,
+                 lambda: f"dropout_masked_scale: values must have the mask's size {list(mask.shape)}")
+    return torch.empty_like(_like(mask), dtype=values.dtype)  # the mask's strides (dense) or contiguous
 
 
 @torch.library.register_fake("manualconv::select_backward")

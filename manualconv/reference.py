@@ -126,6 +126,12 @@ def conv2d_grad_bias(grad_output: torch.Tensor) -> torch.Tensor:
     return grad_output.sum(dim=(0, 2, 3))
 
 
+def dropout_masked_scale(values, mask, scale: float):
+    # values ⊙ m, m = scale where the bool mask holds, else 0 (a product: inf·0 = NaN, as torch's x·0);
+    # scale is already a value of values' dtype, so m's entries are exact
+    return values * mask.to(values.dtype).mul_(scale)
+
+
 def linear_backward(grad_output, input, weight):
     # δx = δ W, ∂J/∂W = δᵀ x  (z = x Wᵀ + b, rows of x are samples; derivation.md §11)
     check_linear_backward(grad_output.shape, input.shape, weight.shape)

@@ -711,3 +711,37 @@ def test_cpp_and_reference_statistics_agree():
             # float64: relative error a few ε of |μ| (the mean) and of var·(1 + (μ − K)²/var) (the shift K)
             assert torch.allclose(mean, ref_mean, rtol=1e-13, atol=0)
             assert torch.allclose(var, ref_var, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed-values"])
+def test_dropout_masked_scale_kernel(cpp, dtype, layout):
+    """csrc/dropout.cpp: values ⊙ (mask ? s : 0) equals torch's product with its float mask (one
+    product per entry: exact), NaN and ±inf included (inf·0 = NaN, never a selection); values in
+    another layout than the mask are read in their own strides; the saved mask is the bool one;
+    opcheck; a mask of another size or dtype is refused."""
+    torch.manual_seed(0)
+    values = torch.randn(4, 6, 5, 3, dtype=dtype)
+    values[0, 0, 0, :] = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    mask = torch.rand(4, 6, 5, 3) < 0.7
+    mask[0, 0, 0, 0] = False  # inf · 0
+    if layout == "channels_last":
+        values, mask = values.contiguous(memory_format=torch.channels_last), mask.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed-values":
+        values = values.transpose(1, 3).contiguous().transpose(1, 3)  # the same entries, other strides
+    scale = torch.ones((), dtype=dtype).div_(1 - 0.3).item()
+    got = torch.ops.manualconv.dropout_masked_scale(values, mask, scale)
+    expected = values * mask.to(dtype).div_(1 - 0.3)  # torch's float mask: bernoulli 0/1, then ÷ (1 − p)
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num())
+    assert got[0, 0, 0, 0].isnan()
+    assert got.stride() == mask.stride()
+    finite = values.nan_to_num(posinf=1.0, neginf=-1.0)  # (opcheck's comparisons take NaN ≠ NaN)
+    torch.library.opcheck(torch.ops.manualconv.dropout_masked_scale, (finite, mask, scale))
+    x = values.clone().requires_grad_()
+    with manualconv.use_backend("cpp"):
+        y = MF.dropout(x, 0.3)
+    assert y.grad_fn.saved_tensors[0].dtype == torch.bool  # 1 byte an entry
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
+        torch.ops.manualconv.dropout_masked_scale(values, mask.to(dtype), scale)
+    with pytest.raises(RuntimeError, match="values must have the mask's size"):
+        torch.ops.manualconv.dropout_masked_scale(values[:1], mask, scale)

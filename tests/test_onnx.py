@@ -240,15 +240,20 @@ def test_pool_indices_export_exactly(cpp):
 
 def test_translation_table_covers_every_forward_operator(cpp):
     """Every manualconv operator an inference graph can hold has a translation (the rest are
-    backward operators: grad_*/backward, which exported inference graphs never contain, and the
-    queries without tensor arguments: cpu_capability, conv2d_selected_kernel)."""
+    backward operators: grad_*/backward, which exported inference graphs never contain, the
+    training-only ones (dropout's product: in eval mode dropout is the identity, checked here),
+    and the queries without tensor arguments: cpu_capability, conv2d_selected_kernel)."""
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("manualconv::")}
 
     def takes_tensors(name: str) -> bool:
         schema = getattr(torch.ops.manualconv, name).default._schema
         return any("Tensor" in str(argument.type) for argument in schema.arguments)
     backward = ("backward", "grad_weight", "grad_bias")  # (conv2d_grad_input is conv_transpose2d's forward)
-    forward = {name for name in registered if not any(b in name for b in backward) and takes_tensors(name)}
+    forward = {name for name in registered if not any(b in name for b in backward) and takes_tensors(name)
+               and name not in manualconv.onnx.TRAINING_ONLY_OPERATORS}
+    x = torch.randn(2, 3, 4, 4)
+    with manualconv.use_backend("cpp"):
+        assert manualconv.Dropout(0.5).eval()(x) is x and manualconv.Dropout2d(0.5).eval()(x) is x
     assert {"conv2d_forward", "gelu_forward", "group_norm_forward"} <= forward  # the filter keeps the graph ops
     translated = {op.name().split("::")[1] for op in manualconv.onnx.translation_table()}
     assert forward <= translated, f"no ONNX translation for {sorted(forward - translated)}"
