@@ -11,6 +11,7 @@ in checks.py) before any kernel runs, so mistakes raise the exception torch woul
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -713,6 +714,12 @@ def _check_dropout(p: float) -> None:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
+@functools.lru_cache(maxsize=64)
+def _keep_scale(p: float, dtype: torch.dtype) -> float:
+    """1/(1 − p) rounded in ``dtype`` as torch's dropout mask holds it (noise.div_(1 − p))."""
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
+
+
 def _dropout(input: torch.Tensor, p: float, training: bool, noise_shape) -> torch.Tensor:
     """x ⊙ m, m = Bernoulli(1 − p)/(1 − p): the mask drawn as torch's CPU dropout draws it
     (bernoulli_(1 − p) on a new tensor of the mask's shape and layout: bool here, 1 byte an entry,
@@ -729,7 +736,7 @@ def _dropout(input: torch.Tensor, p: float, training: bool, noise_shape) -> torc
         mask = torch.empty_like(input, dtype=torch.bool) if noise_shape is None else \
             input.new_empty(noise_shape, dtype=torch.bool)
         mask.bernoulli_(1 - p)
-        scale = torch.ones((), dtype=input.dtype).div_(1 - p).item()  # 1/(1 − p) rounded as torch's noise.div_
+        scale = _keep_scale(float(p), input.dtype)
     return DropoutFunction.apply(input, mask, scale, get_backend())
 
 
