@@ -110,11 +110,17 @@ def _eager_twin(cls):
         cls.setup_context(ctx, args, output)
         return output
 
-    def jvp(ctx, *tangents):  # (looked up at each call: forward_mode_rule answers per caller)
+    # backward and jvp are looked up at each call: a backward replaced on the class after it was
+    # defined (a researcher's variant, tests/test_verify.py's injected error) is the one that runs,
+    # and forward_mode_rule answers per caller
+    def backward(ctx, *grads):
+        return cls.backward(ctx, *grads)
+
+    def jvp(ctx, *tangents):
         return cls.jvp(ctx, *tangents)
 
     twin = torch.autograd.function.FunctionMeta(cls.__name__, (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), backward=staticmethod(cls.backward), jvp=staticmethod(jvp),
+        forward=staticmethod(forward), backward=staticmethod(backward), jvp=staticmethod(jvp),
         __module__=cls.__module__, __qualname__=cls.__qualname__))
     return twin
 
