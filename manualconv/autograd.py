@@ -78,9 +78,9 @@ class Function(torch.autograd.Function):
     time in them). Our calls pass every argument positionally (functional.py), which
     _ForwardSignature binds directly. AMD EPYC Zen 4, torch 2.14.1.
 
-    Outside torch.func's transforms (and for keyword calls), ``apply`` runs ``_eager``, the same
-    Function in torch's ctx-first form, whose ``apply`` binds nothing and calls no
-    ``setup_context``: 11-15 µs less a forward + backward (a batch-1 ReLU 63.6 → 51.9 µs, torch's
+    Outside torch.func's transforms (and except for keyword calls), ``apply`` runs ``_eager``, the
+    same Function in torch's ctx-first form (its forward calls ``forward``, then ``setup_context``),
+    whose ``apply`` binds no arguments: 11-15 µs less a forward + backward (a batch-1 ReLU 63.6 → 51.9 µs, torch's
     26.5; linear 110.8 → 98.2, torch's 72.0; AMD EPYC Zen 4). Under torch.func ``apply`` is
     torch's, with ``setup_context`` and ``vmap`` as torch.func requires; torch.compile never calls
     it (dynamo traces Function.apply itself)."""
