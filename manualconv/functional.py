@@ -12,6 +12,7 @@ in checks.py) before any kernel runs, so mistakes raise the exception torch woul
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -623,6 +624,13 @@ def batch_norm(
     return y if input.dim() == 4 else y.reshape(input.shape)
 
 
+def _shaped(t: Optional[torch.Tensor], size: tuple) -> Optional[torch.Tensor]:
+    """t reshaped to size, or t itself where it has that size already: a reshape of a tensor that
+    requires grad is a view autograd walks back through (a node and a reshape of δ each backward),
+    as γ and β of a 1-D normalized_shape, a matrix input and a norm's output mostly do not need."""
+    return t if t is None or tuple(t.shape) == size else t.reshape(size)
+
+
 def layer_norm(
     input: torch.Tensor,
     normalized_shape,
@@ -656,10 +664,10 @@ def layer_norm(
     d = 1
     for s in shape:
         d *= s
-    rows = input.reshape(-1, d)
-    y, _, _ = LayerNormFunction.apply(rows, None if weight is None else weight.reshape(d),
-                                      None if bias is None else bias.reshape(d), float(eps), get_backend())
-    return y.reshape(input.shape)
+    rows = math.prod(input.shape[:input.dim() - len(shape)])
+    y, _, _ = LayerNormFunction.apply(_shaped(input, (rows, d)), _shaped(weight, (d,)),
+                                      _shaped(bias, (d,)), float(eps), get_backend())
+    return _shaped(y, tuple(input.shape))
 
 
 def group_norm(
@@ -700,7 +708,7 @@ def group_norm(
     if backend == "cpp" and input.device.type == "cpu" and hasattr(kernels(backend), "group_norm_forward"):
         maps = input if input.dim() == 4 else input.reshape(n, channels, group_size // (channels // num_groups), 1)  # (n, C, P, 1)
         y, _, _ = GroupNormFunction.apply(maps, weight, bias, num_groups, float(eps), backend)
-        return y.reshape(input.shape)
+        return _shaped(y, tuple(input.shape))
     rows = input.reshape(n * num_groups, group_size)
     x_hat, _, _ = LayerNormFunction.apply(rows, None, None, float(eps), get_backend())
     x_hat = x_hat.reshape(input.shape)
