@@ -395,3 +395,21 @@ def test_forward_over_reverse_through_the_backward(layer, backend):
     assert ours is not None
     # float64 sums of a few hundred terms, two derivative passes: far below 1e-9 of the scale
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
+
+
+def test_function_backward_replaced_after_definition_runs_in_eager_and_under_torch_func(monkeypatch):
+    """A Function's apply takes its eager ctx-first twin outside torch.func and torch's own apply
+    under it (autograd.py, Function): a backward replaced on the class later (a researcher's
+    variant) runs on both paths, and the eager node is still the Function's (name, module)."""
+    from manualconv.autograd import ReLUFunction
+    x = torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    y = ReLUFunction.apply(x, "reference")
+    assert type(y.grad_fn).__name__ == "ReLUFunctionBackward"
+    assert y.grad_fn._forward_cls.__module__ == "manualconv.autograd"
+    original = ReLUFunction.backward
+    monkeypatch.setattr(ReLUFunction, "backward", staticmethod(
+        lambda ctx, delta: (2 * original(ctx, delta)[0], None)))
+    (eager,) = torch.autograd.grad(ReLUFunction.apply(x, "reference").sum(), x)
+    assert torch.equal(eager, torch.tensor([0.0, 2.0, 2.0], dtype=torch.float64))
+    transformed = grad(lambda t: ReLUFunction.apply(t, "reference").sum())(x.detach())
+    assert torch.equal(transformed, eager)
