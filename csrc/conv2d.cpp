@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace manualconv {
@@ -47,13 +48,22 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // measured choice below.
   const bool avx512 = capability >= CpuCapability::Avx512;
   const DirectTiling& tiling = avx512 ? kDirectTilingAvx512 : kDirectTilingAvx2;
+  // Where the tiles outrun the BLAS (cpu_capability.h: MKL's AVX2 code on an AMD Zen 5), they take
+  // wider layers and NCHW convs; each such limit below cites its measurement, made on an AMD EPYC
+  // Zen 5 (family 26 model 2, avx512), 2 threads, batch 128, forward / input grad / weight grad, ms.
+  const bool fast_tiles = capability >= CpuCapability::Avx2 && tiles_outrun_blas();
   // The direct weight-gradient tiles (also Winograd's weight-gradient products), up to:
   // AVX2 (Zen 3): 8 or 16 output channels; at 32 the GEMM path took 4.5 ms, the direct kernel
   // 4.8 ms; at 64, 4.0 vs 5.2 ms (stop 10). AVX-512 (Zen 4, one thread, batch 32, ms): up to 32
   // output channels: 32 → 32 @16 direct 1.52 vs GEMM 1.93; 64 → 64 @8 1.80–1.96 vs 1.67–1.78.
   // Winograd's products (Zen 4, 2 threads, batch 128, NHWC, ms, tiles vs BLAS): 32 → 32 @16
   // 2.19 vs 2.93, 64 → 64 @8 2.38 vs 2.09, 128 → 128 @16 38.8 vs 26.8.
-  const int64_t max_direct_grad_weight_channels = avx512 ? 32 : 16;
+  // Zen 5 (fast tiles), direct vs NHWC GEMM: 128 → 256 @8 1×1 1.75 vs 2.59; 128 → 256 @16 3×3
+  // stride 2 15.8 vs 21.8; 256 → 256 @8 1×1 3.7 vs 5.0; but 256 → 512 @8 3×3 stride 2 34.7 vs 21.7:
+  // up to 256. Winograd's products, tiles vs BLAS: NHWC 64 → 64 @8 1.26–1.48 vs 1.9–2.1; 64 → 128
+  // @16 14.0 vs 16.5; 128 → 256 @8 16.9 vs 14.4: up to 128.
+  const int64_t max_direct_grad_weight_channels = fast_tiles ? 256 : avx512 ? 32 : 16;
+  const int64_t max_winograd_grad_weight_tile_channels = fast_tiles ? 128 : max_direct_grad_weight_channels;
   if (winograd_allowed && padding_products_ok && dtype == at::kFloat && g.groups == 1 &&
       g.kH == 3 && g.kW == 3 && g.sH == 1 && g.sW == 1 && g.dH == 1 && g.dW == 1 && g.pH <= 2 &&
       g.pW <= 2) {
@@ -64,7 +74,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     const int64_t product_channels = pass == Conv2dPass::GradInput ? g.C : g.O;
     const bool tiles = capability >= CpuCapability::Avx2 && product_channels % kDirectLanes == 0 &&
                        (pass != Conv2dPass::GradWeight ||
-                        (g.C >= tiling.tile_columns && g.O <= max_direct_grad_weight_channels));
+                        (g.C >= tiling.tile_columns && g.O <= max_winograd_grad_weight_tile_channels));
     const Conv2dKernel winograd = !tiles ? Conv2dKernel::Winograd
                                   : avx512 ? Conv2dKernel::WinogradAvx512
                                            : Conv2dKernel::WinogradAvx2;
@@ -157,13 +167,22 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // 0.26 / 0.28 / 0.85; 960→160 @3×3 3.83 / 4.54 / 0.61 vs 0.53 / 0.54 / 0.57; 384→64 @4×4
   // 0.18 / 0.20 / 0.19 vs 0.23 / 0.21 / 0.21; @1×1 a tie.
   constexpr int64_t kMinNchwGemmPixels = 16;
-  if (!channels_last) {
+  // Where the tiles outrun the BLAS, an NCHW conv whose pass the direct kernel takes (below) runs
+  // it on x / δy copied channels-last, the result copied back, if the conv reads every input pixel
+  // (a strided 1×1 reads a quarter of them; the copy moves all) and has at least 16 input channels.
+  // Zen 5, NCHW GEMM vs via channels-last: 16 → 16 @32 4.95 / 4.58 / 4.21 vs 2.55 / 2.68 / 2.76;
+  // 32 → 32 @32 15.8 / 18.0 / 14.6 vs 8.5 / 8.6 / 10.3; 64 → 64 @32 50.7 / 51.4 / 49.1 vs
+  // 29.2 / 29.6 / 35.2; 16 → 32 @32 stride 2 forward 2.38 vs 1.33, weight grad 2.42 vs 1.67 (its
+  // input gradient, on the NHWC GEMM, 2.17 vs 2.71: stays); 64 → 128 @8 1×1 0.72 / 0.75 / 0.85 vs
+  // 0.55 / 0.56 / 0.84; but the 3 → 16 stem 0.94 / 0.99 vs 1.07 / 2.43, a 16 → 32 1×1 stride 2
+  // 0.36 / 0.42 / 0.41 vs 0.83 / 1.07 / 0.83.
+  const bool direct_possible = dtype == at::kFloat && g.groups == 1 && capability >= CpuCapability::Avx2;
+  const bool nchw_via_direct = fast_tiles && g.C >= 16 && g.sH <= g.kH && g.sW <= g.kW;
+  if (!channels_last && !(direct_possible && nchw_via_direct)) {
     return g.H_out * g.W_out < kMinNchwGemmPixels ? Conv2dKernel::NhwcGemm : Conv2dKernel::NchwGemm;
   }
   // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
-  if (dtype != at::kFloat || g.groups != 1 || capability < CpuCapability::Avx2) {
-    return Conv2dKernel::NhwcGemm;
-  }
+  if (!direct_possible) return Conv2dKernel::NhwcGemm;
   const Conv2dKernel direct_kernel = avx512 ? Conv2dKernel::DirectAvx512 : Conv2dKernel::DirectAvx2;
   // Forward and input gradient: up to 64 channels (the channels the tiles run over, in whole
   // vectors). AVX2 (AMD EPYC Zen 3): at 128 channels the direct kernel measured 0.69–0.83×
@@ -171,7 +190,10 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // 2026-11-29, one thread, batch 32, best of 7, forward / input gradient ms, a loaded machine):
   // 64 → 64 @8 direct 1.60 / 1.60 vs GEMM 1.68 / 1.73; 128 → 128 @8 10.5 / 10.8 vs 10.8 / 10.8
   // (a tie, within the noise); 128 → 256 @8 25.3 / 24.1 vs 26.6 / 20.8: the same limit.
-  const int64_t max_direct_channels = 64;
+  // Zen 5 (fast tiles), direct vs NHWC GEMM: 128 → 128 @16 3×3 stride 2 4.99 / (GEMM) vs 12.1;
+  // 128 → 256 @8 1×1 1.16 / 1.13 vs 2.60 / 2.55; 256 → 512 @8 3×3 stride 2 10.4 vs 21.4 (forward):
+  // no limit (the widest measured: 512).
+  const int64_t max_direct_channels = fast_tiles ? INT64_MAX : 64;
   auto direct_for = [](int64_t channels, int64_t limit) {
     return channels % kDirectLanes == 0 && channels <= limit;
   };
@@ -191,7 +213,11 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
       direct = direct_for(g.O, max_direct_grad_weight_channels) && g.K() >= tiling.tile_columns;
       break;
   }
-  return direct ? direct_kernel : Conv2dKernel::NhwcGemm;
+  if (direct) return direct_kernel;
+  if (!channels_last) {  // (an NCHW conv the direct kernel does not take: as above)
+    return g.H_out * g.W_out < kMinNchwGemmPixels ? Conv2dKernel::NhwcGemm : Conv2dKernel::NchwGemm;
+  }
+  return Conv2dKernel::NhwcGemm;
 }
 
 namespace {
@@ -354,7 +380,7 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
       return conv2d_forward_depthwise(input, weight, bias, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return conv2d_forward_direct(input, weight, bias, g, kernel);
+      return in_layout_of(conv2d_forward_direct(as_channels_last(input), weight, bias, g, kernel), input);
     default:
       break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW input: laid out channels-last, the result back)
@@ -421,7 +447,7 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
       return conv2d_grad_input_depthwise(grad_output, weight, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return conv2d_grad_input_direct(grad_output, weight, g, kernel);
+      return in_layout_of(conv2d_grad_input_direct(as_channels_last(grad_output), weight, g, kernel), grad_output);
     default:
       break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW δy: laid out channels-last, the result back)
@@ -482,8 +508,8 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
       return conv2d_grad_weight_depthwise(input, grad_output, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return conv2d_grad_weight_direct(
-          input, manualconv::contiguous(grad_output, at::MemoryFormat::ChannelsLast), g, kernel);
+      return in_layout_of(conv2d_grad_weight_direct(as_channels_last(input), as_channels_last(grad_output), g, kernel),
+                          input);
     case Conv2dKernel::NhwcGemm:  // (NCHW x, δy: laid out channels-last, the result contiguous)
       return in_layout_of(conv2d_grad_weight_channels_last(as_channels_last(input), as_channels_last(grad_output), g),
                           input);

@@ -8,8 +8,15 @@
 
 #include <torch/library.h>
 
+#include <ATen/Context.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 namespace manualconv {
 namespace {
@@ -66,6 +73,33 @@ CpuCapability choose_capability() {
   return CpuCapability::Default;  // (not reached)
 }
 
+// An AMD CPU with full-width 512-bit FMAs: family 0x1A (Zen 5) or later (cpuid leaf 1's family,
+// with the extended family added as for every family 0xF and above).
+bool amd_full_width_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  char vendor[13] = {};
+  std::memcpy(vendor, &ebx, 4), std::memcpy(vendor + 4, &edx, 4), std::memcpy(vendor + 8, &ecx, 4);
+  if (std::string(vendor) != "AuthenticAMD" || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned int base = (eax >> 8) & 0xF, extended = (eax >> 20) & 0xFF;
+  return (base == 0xF ? base + extended : base) >= 0x1A;
+#else
+  return false;
+#endif
+}
+
+bool detect_tiles_outrun_blas() {
+  const char* requested = std::getenv("MANUALCONV_TILES_OUTRUN_BLAS");
+  if (requested != nullptr && requested[0] != '\0') {
+    const std::string value(requested);
+    TORCH_CHECK(value == "0" || value == "1", "MANUALCONV_TILES_OUTRUN_BLAS=", value,
+                " is not 0 or 1 (unset: detected from the CPU)");
+    return value == "1";
+  }
+  return cpu_capability() == CpuCapability::Avx512 && at::hasMKL() && amd_full_width_avx512();
+}
+
 Conv2dPass pass_named(const std::string& name) {
   if (name == "forward") return Conv2dPass::Forward;
   if (name == "grad_input") return Conv2dPass::GradInput;
@@ -107,12 +141,18 @@ CpuCapability cpu_capability() {
   return capability;
 }
 
+bool tiles_outrun_blas() {
+  static const bool outrun = detect_tiles_outrun_blas();  // a throw leaves it undecided
+  return outrun;
+}
+
 }  // namespace manualconv
 
 // No tensor arguments: registered as composite (every dispatch key), with no fake kernel needed.
 TORCH_LIBRARY_FRAGMENT(manualconv, m) {
   m.def("cpu_capability() -> str",
         []() { return std::string(manualconv::capability_name(manualconv::cpu_capability())); });
+  m.def("tiles_outrun_blas() -> bool", []() { return manualconv::tiles_outrun_blas(); });
   m.def(
       "conv2d_selected_kernel(str pass_name, int[4] input_size, int[4] weight_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool channels_last) -> str",

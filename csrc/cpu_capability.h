@@ -17,6 +17,17 @@ const char* capability_name(CpuCapability capability);
 // manualconv`, which calls torch.ops.manualconv.cpu_capability()).
 CpuCapability cpu_capability();
 
+// Whether the direct kernels' register tiles outrun torch's BLAS on this CPU, so that
+// select_conv2d_kernel gives them wider layers and NCHW convs (conv2d.cpp, with the measurements).
+// Detected: the capability is avx512, torch's BLAS is MKL, and the CPU is an AMD one that runs
+// 512-bit FMAs at full width (family 0x1A, Zen 5, on). MKL runs its AVX2 code on CPUs not made by
+// Intel: on 2 Zen 5 cores its SGEMM gave 206-223 GFLOP/s where the AVX-512 tiles reached 340-390
+// (and torch's oneDNN convs 490). Zen 4 (family 0x19) splits each 512-bit FMA in two 256-bit
+// halves, so there the tiles' peak is MKL's AVX2 peak, as on every AVX2 CPU; an Intel AVX-512 CPU
+// has MKL's AVX-512 code. MANUALCONV_TILES_OUTRUN_BLAS=1|0 overrides the detection (the tests run
+// both branches on any CPU with tiles); decided on the first call.
+bool tiles_outrun_blas();
+
 // f() (a loop written once in plain C++, e.g. a lambda over a kernel's channels) built for the
 // capability the kernels use: its body inlined whole (flatten) into a function compiled for
 // AVX-512 (F, BW, DQ, VL) or AVX2 + FMA, or as compiled (Default: the baseline, SSE2 on x86-64).

@@ -15,6 +15,7 @@ from .backend import get_backend, set_backend, use_backend
 from .convert import convert, revert
 from .deltas import record_deltas
 from .ops import cpu_capability  # the instruction set of the C++ kernels (MANUALCONV_CPU_CAPABILITY)
+from .ops import tiles_outrun_blas  # whether the kernel choice favours the tiles (MANUALCONV_TILES_OUTRUN_BLAS)
 from .ops import empty_cache, output_cache_info  # the C++ operators' CPU output cache (MANUALCONV_CPU_CACHE_MB)
 from .modules import (
     AdaptiveAvgPool2d,
@@ -48,7 +49,7 @@ __all__ = [
     "Conv2d", "MaxPool2d", "AvgPool2d", "Conv1d", "ConvTranspose2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
     "Linear", "ReLU", "Sigmoid", "Tanh", "ScaledTanh", "CrossEntropyLoss", "Subsampling2d",
 ]
-__all__ += ["cpu_capability", "empty_cache", "output_cache_info"]
+__all__ += ["cpu_capability", "tiles_outrun_blas", "empty_cache", "output_cache_info"]
 __all__ += ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "Dropout", "Dropout2d"]  # normalisation, dropout
 __all__ += ["GELU", "SiLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "LeakyReLU", "ELU", "Softmax", "LogSoftmax",
             "capture"]  # activations, functional capture

@@ -48,7 +48,7 @@ from . import functional as MF
 from . import models
 from .backend import get_backend, use_backend
 from .convert import convert
-from .ops import cpu_capability, empty_cache, output_cache_info
+from .ops import cpu_capability, empty_cache, output_cache_info, tiles_outrun_blas
 
 
 @dataclass
@@ -429,7 +429,8 @@ def run(batch: int, repeat: int, only: Optional[str], markdown: Optional[str],
         per_sample_batch: Optional[int] = None, seconds: float = DEFAULT_SECONDS) -> Dict[str, float]:
     rows, model_rows = [], []
     peak = sgemm_gflops() if only != "per_sample" else float("nan")  # the roof only the conv rows use
-    header = f"{cpu_model()}, capability {cpu_capability()}" + ("" if math.isnan(peak) else f", SGEMM {peak:.0f} GFLOP/s") + \
+    header = f"{cpu_model()}, capability {cpu_capability()}" + (" (tiles outrun BLAS)" if tiles_outrun_blas() else "") + \
+             ("" if math.isnan(peak) else f", SGEMM {peak:.0f} GFLOP/s") + \
              f"; manualconv {get_backend()} vs torch {torch.__version__}, float32 (bf16 rows: bfloat16), batch {batch}, " \
              f"{torch.get_num_threads()} threads, median of {repeat} (layers: of at least {repeat}, to {seconds:g} s a side), " \
              f"forward+backward"

@@ -34,6 +34,13 @@ def cpu_capability() -> str:
     return torch.ops.manualconv.cpu_capability() if AVAILABLE else "default"
 
 
+def tiles_outrun_blas() -> bool:
+    """Whether the direct kernels' register tiles outrun torch's BLAS on this CPU (MKL's AVX2 code
+    on an AMD Zen 5, family 0x1A), so that the kernel choice gives them wider layers and NCHW convs;
+    MANUALCONV_TILES_OUTRUN_BLAS=1|0 overrides the detection. csrc/cpu_capability.h."""
+    return bool(torch.ops.manualconv.tiles_outrun_blas()) if AVAILABLE else False
+
+
 def output_cache_info() -> dict:
     """The C++ operators' CPU output cache (csrc/output_cache.cpp: their tensors of 1 MiB and more
     reuse freed memory instead of faulting fresh pages in): bytes free and reserved (free and in
@@ -52,8 +59,10 @@ def empty_cache() -> int:
 
 # An unknown or unsupported MANUALCONV_CPU_CAPABILITY is a RuntimeError here, at import (naming the
 # variable, its value and what this CPU supports), not at the first conv; so is a
-# MANUALCONV_CPU_CACHE_MB that is not a whole number of MiB.
+# MANUALCONV_TILES_OUTRUN_BLAS other than 0 or 1, and a MANUALCONV_CPU_CACHE_MB that is not a whole
+# number of MiB.
 cpu_capability()
+tiles_outrun_blas()
 output_cache_info()
 
 

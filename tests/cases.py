@@ -115,6 +115,13 @@ def conv2d_cases() -> List[Case]:
         c("kernel-equals-input", (2, 2, 3, 3), (4, 2, 3, 3)),
         c("1x1-stride1", (2, 4, 4, 4), (3, 4, 1, 1), bias=False),
         c("1x1-stride2", (1, 4, 5, 5), (3, 4, 1, 1), stride=2),
+        # at least 16 input channels, NCHW: where the direct tiles outrun the BLAS (AMD Zen 5) these
+        # run the direct kernel on channels-last copies (select_conv2d_kernel; the strided input
+        # gradient and the strided 1×1 stay NCHW); tests/test_cpu_capability.py runs them both ways
+        c("nchw-16-channels", (2, 16, 6, 7), (16, 16, 3, 3), padding=1),
+        c("nchw-16-channels-strided", (2, 16, 7, 9), (32, 16, 3, 3), bias=False, stride=2, padding=1),
+        c("nchw-16-channels-1x1", (2, 16, 4, 5), (24, 16, 1, 1)),
+        c("nchw-16-channels-1x1-strided", (2, 16, 5, 5), (16, 16, 1, 1), stride=2),
         Case("channels-last", "conv2d", (2, 3, 5, 5), dict(padding=1), weight=(4, 3, 3, 3), layout="channels_last"),
         # the channels-last kernels (csrc/conv2d_channels_last.cpp): im2col with partial and whole
         # kernel rows, the 1×1 path without im2col, and blocks of several samples per GEMM

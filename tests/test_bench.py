@@ -44,12 +44,14 @@ def test_bad_seconds_are_refused(value, capsys):
 
 def _check_header(line: str) -> None:
     """The first line names the CPU (/proc/cpuinfo's model name, family and model), the capability
-    the kernels run with and this machine's SGEMM rate: every figure below holds for those."""
+    the kernels run with (and whether the kernel choice favours the tiles) and this machine's SGEMM
+    rate: every figure below holds for those."""
     with open("/proc/cpuinfo") as f:
         fields = dict(l.split(":", 1) for l in f.read().split("\n\n")[0].splitlines() if ":" in l)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     cpu = f"{fields['model name']} (family {fields['cpu family']} model {fields['model']})"
-    assert line.startswith(f"{cpu}, capability {manualconv.cpu_capability()}, SGEMM "), line
+    outrun = " (tiles outrun BLAS)" if manualconv.tiles_outrun_blas() else ""
+    assert line.startswith(f"{cpu}, capability {manualconv.cpu_capability()}{outrun}, SGEMM "), line
     assert re.search(r", SGEMM \d+ GFLOP/s; ", line), line
 
 

@@ -68,11 +68,29 @@ CONV_CHANNELS_LAST += [
     Case("channels-last-direct-row-tiles-32", "conv2d", (2, 16, 2, 24), dict(padding=1), weight=(32, 16, 3, 3), layout="channels_last"),
     Case("channels-last-direct-column-runs-1x1", "conv2d", (2, 20, 3, 5), {}, weight=(32, 20, 1, 1), layout="channels_last"),
 ]
+# NCHW float32 conv cases with at least 16 input channels: where the tiles outrun the BLAS, the
+# direct kernel on channels-last copies (select_conv2d_kernel), else the NCHW GEMM.
+CONV_NCHW_WIDE = [c for c in SAMPLES if record_of(c).name == "conv2d" and c.layout == "contiguous"
+                  and len(c.input) == 4 and c.input[1] >= 16]
+FLAG = "MANUALCONV_TILES_OUTRUN_BLAS"
 # A geometry each capability gives to a different kernel: 16 channels, 3×3, stride 1 (a ResNet-20
 # conv), forward, input gradient and weight gradient.
 GEOMETRY = dict(input_size=[2, 16, 8, 8], weight_size=[16, 16, 3, 3], stride=[1, 1], padding=[1, 1],
                 dilation=[1, 1], groups=1, channels_last=True)
 EXPECTED_KERNEL = {"default": "nhwc_gemm", "avx2": "direct_avx2", "avx512": "direct_avx512"}
+
+
+def _amd_full_width_avx512() -> bool:
+    """An AMD CPU of family 0x1A (Zen 5) or later, read from /proc/cpuinfo (independently of the
+    extension's cpuid)."""
+    fields = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields.get("vendor_id") == "AuthenticAMD" and int(fields.get("cpu family", "0")) >= 0x1A
 
 
 def _selected_kernel(passname: str, **overrides) -> str:
@@ -92,28 +110,57 @@ def test_channels_last_conv_case(case, cpp):
         assert_within(case, f"{what} on {manualconv.cpu_capability()}", ours[what], exact_value, bound[what])
 
 
+@pytest.mark.parametrize("case", CONV_NCHW_WIDE, ids=str)
+def test_nchw_conv_case(case, cpp):
+    tensors, grad_output, ours = _float32_run(case, "manual")
+    exact, bound = exact_and_bound(case, tensors, grad_output)
+    for what, exact_value in exact.items():
+        assert_within(case, f"{what} on {manualconv.cpu_capability()}, tiles outrun BLAS: "
+                      f"{manualconv.tiles_outrun_blas()}", ours[what], exact_value, bound[what])
+
+
 def test_selected_kernel_follows_capability(cpp):
     capability = manualconv.cpu_capability()
     assert capability == os.environ.get(VARIABLE) or (not os.environ.get(VARIABLE) and capability == max(
         SUPPORTED, key=CAPABILITIES.index)), capability
+    assert manualconv.tiles_outrun_blas() == (os.environ[FLAG] == "1" if os.environ.get(FLAG) else (
+        capability == "avx512" and _amd_full_width_avx512() and torch.backends.mkl.is_available()))
+    fast = manualconv.tiles_outrun_blas() and capability != "default"  # (the baseline has no tiles)
     for passname in ("forward", "grad_input", "grad_weight"):
         assert _selected_kernel(passname) == EXPECTED_KERNEL[capability], passname
     # Winograd (3×3, stride 1, ≥ 32 channels each way): its products on the capability's direct
-    # tiles, BLAS on the baseline; the weight gradient's on the tiles only up to the direct weight
-    # gradient's output channels (32 on AVX-512, 16 on AVX2)
+    # tiles, BLAS on the baseline; the weight gradient's on the tiles only up to 32 output channels
+    # on AVX-512, 16 on AVX2, 128 where the tiles outrun the BLAS
     tiles = {"default": "winograd", "avx2": "winograd_avx2", "avx512": "winograd_avx512"}[capability]
     tiles4x4 = {"default": "winograd4x4", "avx2": "winograd4x4_avx2", "avx512": "winograd4x4_avx512"}[capability]
     wide = dict(input_size=[64, 64, 8, 8], weight_size=[64, 64, 3, 3])
     assert _selected_kernel("forward", **wide) == tiles
     assert _selected_kernel("grad_input", **wide) == tiles
-    assert _selected_kernel("grad_weight", **wide) == "winograd"
+    assert _selected_kernel("grad_weight", **wide) == (tiles if fast else "winograd")
+    assert _selected_kernel("grad_weight", input_size=[64, 128, 8, 8], weight_size=[256, 128, 3, 3]) == "winograd"
     wider = dict(input_size=[64, 128, 8, 8], weight_size=[128, 128, 3, 3])  # F(4×4): 128 summed channels
     assert _selected_kernel("forward", **wider) == tiles4x4
     assert _selected_kernel("grad_input", **wider) == tiles4x4
     narrow = dict(input_size=[64, 32, 8, 8], weight_size=[32, 32, 3, 3])
-    assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" else "winograd")
-    # NCHW, float64 (not expressible here: the op asks for float32), groups: never direct
-    assert _selected_kernel("forward", channels_last=False) == "nchw_gemm"
+    assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" or fast else "winograd")
+    # the direct kernels' channel limits (forward, input gradient: 64; weight gradient: 32 on
+    # AVX-512, 16 on AVX2), lifted where the tiles outrun the BLAS (none; 256 for the weight gradient)
+    strided = dict(input_size=[8, 128, 16, 16], weight_size=[256, 128, 3, 3], stride=[2, 2])
+    direct = EXPECTED_KERNEL[capability]
+    assert _selected_kernel("forward", **strided) == (direct if fast else "nhwc_gemm")
+    assert _selected_kernel("grad_input", **strided) == "nhwc_gemm"  # (stride 2: no direct kernel)
+    assert _selected_kernel("grad_weight", **strided) == (direct if fast else "nhwc_gemm")
+    assert _selected_kernel("grad_weight", **{**strided, "weight_size": [512, 128, 3, 3]}) == "nhwc_gemm"
+    # NCHW: the NCHW GEMM, or where the tiles outrun the BLAS the direct kernel for the passes it
+    # takes, at ≥ 16 input channels, unless a strided 1×1 (float64, not expressible here: the op
+    # asks for float32, and groups never take the direct kernel)
+    assert _selected_kernel("forward", channels_last=False) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", channels_last=False) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", channels_last=False, stride=[2, 2]) == "nchw_gemm"
+    assert _selected_kernel("forward", channels_last=False, input_size=[2, 8, 8, 8], weight_size=[16, 8, 3, 3]) == "nchw_gemm"
+    assert _selected_kernel("forward", channels_last=False, weight_size=[16, 16, 1, 1], stride=[2, 2],
+                            padding=[0, 0]) == "nchw_gemm"
+    assert _selected_kernel("forward", channels_last=False, groups=2, weight_size=[16, 8, 3, 3]) == "nchw_gemm"
     assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"
     # one filter per channel (groups = C = O): the depthwise kernels, in either layout, every pass;
     # a channel multiplier (O = 2C) stays on the GEMM path
@@ -122,34 +169,39 @@ def test_selected_kernel_follows_capability(cpp):
         for channels_last in (True, False):
             assert _selected_kernel(passname, channels_last=channels_last, **depthwise) == "depthwise", passname
     assert _selected_kernel("forward", groups=16, weight_size=[32, 1, 3, 3]) == "nhwc_gemm"
-    # NCHW maps of fewer than 16 output pixels: the channels-last GEMM (one GEMM over the batch)
+    # NCHW maps of fewer than 16 output pixels: the channels-last GEMM (one GEMM over the batch), or
+    # where the tiles outrun the BLAS the direct kernel
     tiny = dict(input_size=[32, 960, 2, 2], weight_size=[160, 960, 1, 1], padding=[0, 0], channels_last=False)
     for passname in ("forward", "grad_input", "grad_weight"):
-        assert _selected_kernel(passname, **tiny) == "nhwc_gemm", passname
-    assert _selected_kernel("forward", **{**tiny, "input_size": [32, 960, 4, 4]}) == "nchw_gemm"
+        assert _selected_kernel(passname, **tiny) == (direct if fast else "nhwc_gemm"), passname
+    assert _selected_kernel("forward", **{**tiny, "input_size": [32, 960, 4, 4]}) == (direct if fast else "nchw_gemm")
 
 
 # ---- each capability in a subprocess ----
 
-def _run(capability: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, VARIABLE: capability}
+def _run(capability: str, *args: str, **variables: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, VARIABLE: capability, **variables}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
 
+@pytest.mark.parametrize("outrun", ("0", "1"))
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_each_capability(capability):
-    """Supported: every channels-last conv case within its bound and the capability's kernels
-    selected. Not supported by this CPU: `import manualconv` refuses it, naming what it supports."""
+def test_each_capability(capability, outrun):
+    """Supported: every channels-last conv case and every wide NCHW one within its bound and the
+    capability's kernels selected, with the tiles outrunning the BLAS (the kernel choice of an AMD
+    Zen 5) and without. Not supported by this CPU: `import manualconv` refuses it, naming what it
+    supports."""
     assert ops.AVAILABLE, f"the C++ extension is not built: {ops.LOAD_ERROR}"
     run = _run(capability, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
                f"{HERE}/test_cpu_capability.py::test_channels_last_conv_case",
-               f"{HERE}/test_cpu_capability.py::test_selected_kernel_follows_capability")
+               f"{HERE}/test_cpu_capability.py::test_nchw_conv_case",
+               f"{HERE}/test_cpu_capability.py::test_selected_kernel_follows_capability", **{FLAG: outrun})
     output = run.stdout + run.stderr
     if capability in SUPPORTED:
         assert run.returncode == 0, output
         passed = re.search(r"(\d+) passed", output)
-        assert passed and int(passed.group(1)) == len(CONV_CHANNELS_LAST) + 1, output
+        assert passed and int(passed.group(1)) == len(CONV_CHANNELS_LAST) + len(CONV_NCHW_WIDE) + 1, output
         assert "skipped" not in output, output
     else:
         assert run.returncode != 0, output
@@ -162,6 +214,14 @@ def test_unknown_capability_is_refused_at_import():
     assert "RuntimeError" in run.stderr, run.stderr
     assert f"{VARIABLE}=avx1024 is not a capability: use avx512, avx2 or default" in run.stderr, run.stderr
     assert "this CPU supports: " + ", ".join(c for c in reversed(CAPABILITIES) if c in SUPPORTED) in run.stderr
+
+
+def test_bad_tiles_outrun_blas_is_refused_at_import():
+    best = max(SUPPORTED, key=CAPABILITIES.index)
+    run = _run(best, "-c", "import manualconv", **{FLAG: "yes"})
+    assert run.returncode != 0
+    assert "RuntimeError" in run.stderr, run.stderr
+    assert f"{FLAG}=yes is not 0 or 1 (unset: detected from the CPU)" in run.stderr, run.stderr
 
 
 # ---- no AVX code escapes the per-ISA units ----
