@@ -142,11 +142,14 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     // points, and F(3×3, 3×3), also exceeded it at 32). So: at least 128 summed channels (C for
     // the forward, O for the input gradient; tests/test_winograd.py); the weight gradient stays
     // F(2×2).
+    // Where the tiles outrun the BLAS (Zen 5, NHWC, F(4×4) vs F(2×2)): 128 → 128 @8 6.09 / 6.26 vs
+    // 4.13 / 4.20; 128 → 256 @8 12.0 / 12.5 vs 10.1 / 8.8; 256 → 256 @8 23.4 / 23.8 vs 18.9 / 19.3;
+    // but 128 → 128 @16 11.2 / 11.3 vs 12.4 / 12.6. So there: output maps of at least 16×16.
     constexpr int64_t kMinWinograd4x4SummedChannels = 128;
-    constexpr int64_t kMinWinograd4x4Map = 8;
+    const int64_t min_winograd4x4_map = fast_tiles ? 16 : 8;
     const int64_t summed_channels = pass == Conv2dPass::GradInput ? g.O : g.C;
     const bool large_tiles = pass != Conv2dPass::GradWeight && summed_channels >= kMinWinograd4x4SummedChannels &&
-                             std::min(g.H_out, g.W_out) >= kMinWinograd4x4Map;
+                             std::min(g.H_out, g.W_out) >= min_winograd4x4_map;
     if (choice == WinogradChoice::Measured && wide && layout && long_sums &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
       return large_tiles ? winograd4x4 : winograd;

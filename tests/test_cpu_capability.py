@@ -138,9 +138,11 @@ def test_selected_kernel_follows_capability(cpp):
     assert _selected_kernel("grad_input", **wide) == tiles
     assert _selected_kernel("grad_weight", **wide) == (tiles if fast else "winograd")
     assert _selected_kernel("grad_weight", input_size=[64, 128, 8, 8], weight_size=[256, 128, 3, 3]) == "winograd"
-    wider = dict(input_size=[64, 128, 8, 8], weight_size=[128, 128, 3, 3])  # F(4×4): 128 summed channels
-    assert _selected_kernel("forward", **wider) == tiles4x4
-    assert _selected_kernel("grad_input", **wider) == tiles4x4
+    # F(4×4): 128 summed channels, output maps of 8×8 (16×16 where the tiles outrun the BLAS)
+    wider = dict(input_size=[64, 128, 8, 8], weight_size=[128, 128, 3, 3])
+    assert _selected_kernel("forward", **wider) == (tiles if fast else tiles4x4)
+    assert _selected_kernel("grad_input", **wider) == (tiles if fast else tiles4x4)
+    assert _selected_kernel("forward", **{**wider, "input_size": [64, 128, 16, 16]}) == tiles4x4
     narrow = dict(input_size=[64, 32, 8, 8], weight_size=[32, 32, 3, 3])
     assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" or fast else "winograd")
     # the direct kernels' channel limits (forward, input gradient: 64; weight gradient: 32 on

@@ -304,6 +304,7 @@ MODES = {"4": "always4x4", "2": "always", "-": "never"}
 
 @pytest.mark.parametrize("C, O, size, nchw, channels_last", [
     (128, 128, 8, "442", "442"),  # ≥ 128 summed channels, output maps ≥ 8×8: F(4×4)
+    (128, 128, 16, "442", "442"),  # (where the tiles outrun the BLAS, maps ≥ 16×16: see below)
     (64, 128, 8, "242", "242"),  # the forward sums 64 channels, the input gradient 128
     (128, 128, 4, "222", "222"),  # a 4×4 map: F(2×2)
     (64, 64, 8, "222", "222"), (32, 64, 5, "222", "222"), (128, 32, 4, "222", "222"),  # ≥ 32 each way, maps ≥ 4×4
@@ -317,8 +318,8 @@ def test_measured_selection(monkeypatch, C, O, size, nchw, channels_last, layout
     """select_conv2d_kernel's measured choice (switch unset) gives the bits of the kernel it
     names, in each pass: Winograd's with at least 32 channels each way, on maps of at least 4×4
     (NCHW: of at most 16×16), and for the weight gradient on sums of at least 2048 terms, F(4×4)
-    for the forward and input gradient from 128 summed channels on output maps of at least 8×8;
-    the GEMM/direct kernels' otherwise."""
+    for the forward and input gradient from 128 summed channels on output maps of at least 8×8
+    (16×16 where the tiles outrun the BLAS); the GEMM/direct kernels' otherwise."""
     gen = torch.Generator().manual_seed(C + O + size)
     N = 2048 // (size * size) + 1  # the weight gradient's sum N·H_out·W_out just over 2048 terms
     x = laid_out(torch.randn(N, C, size, size, generator=gen), layout)
@@ -328,6 +329,8 @@ def test_measured_selection(monkeypatch, C, O, size, nchw, channels_last, layout
         monkeypatch.setenv("MANUALCONV_WINOGRAD", choice)
         results[choice] = (forward(x, w, None, 1), grad_input(dy, w, x.shape, 1), grad_weight(x, dy, w.shape, 1))
     modes = channels_last if layout == "channels_last" else nchw
+    if ops.tiles_outrun_blas() and size < 16:  # there F(4×4) takes output maps of ≥ 16×16 only
+        modes = modes.replace("4", "2")
     for k, what in enumerate(("forward", "grad_input", "grad_weight")):
         assert not torch.equal(results["always"][k], results["never"][k]), f"{what}: the two kernels agree bit for bit"
         if k < 2:
