@@ -196,24 +196,31 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // Zen 5 (fast tiles), direct vs NHWC GEMM: 128 → 128 @16 3×3 stride 2 4.99 / (GEMM) vs 12.1;
   // 128 → 256 @8 1×1 1.16 / 1.13 vs 2.60 / 2.55; 256 → 512 @8 3×3 stride 2 10.4 vs 21.4 (forward):
   // no limit (the widest measured: 512).
+  // But without a limit the tiles meet mobilenet_v2's wide 1×1 convs on maps of 1 or 4 pixels a
+  // sample, where a 12-pixel tile computes mostly waste (Zen 5, batch 64, direct vs NHWC GEMM):
+  // 160 → 960 @1 0.56 / 0.98 / 0.60 vs 0.12 / 0.12 / 0.22; 96 → 576 @2 0.24 / 0.30 / 0.55 vs
+  // 0.16 / 0.15 / 0.22; while at 4×4, 32 → 192 0.05 / 0.05 vs 0.08 / 0.08. So there the map the
+  // tiles run over (the output's; δx's for the input gradient) must have at least 16 pixels.
   const int64_t max_direct_channels = fast_tiles ? INT64_MAX : 64;
-  auto direct_for = [](int64_t channels, int64_t limit) {
-    return channels % kDirectLanes == 0 && channels <= limit;
+  const int64_t min_direct_pixels = fast_tiles ? 16 : 1;
+  auto direct_for = [&](int64_t channels, int64_t limit, int64_t pixels) {
+    return channels % kDirectLanes == 0 && channels <= limit && pixels >= min_direct_pixels;
   };
   bool direct = false;
   switch (pass) {
     case Conv2dPass::Forward:
-      direct = direct_for(g.O, max_direct_channels);
+      direct = direct_for(g.O, max_direct_channels, g.H_out * g.W_out);
       break;
     case Conv2dPass::GradInput:
       // δx is the stride-1 "full" correlation of δy, padded by d·(k − 1) − p ≥ 0, with the
       // rotated kernel: a direct conv over the input channels, for stride 1 only
-      direct = direct_for(g.C, max_direct_channels) && g.sH == 1 && g.sW == 1 &&
+      direct = direct_for(g.C, max_direct_channels, g.H * g.W) && g.sH == 1 && g.sW == 1 &&
                g.pH <= g.dH * (g.kH - 1) && g.pW <= g.dW * (g.kW - 1) && padding_products_ok;
       break;
     case Conv2dPass::GradWeight:
       // a tile spans tile_columns weight columns (a, b, c): K must have that many
-      direct = direct_for(g.O, max_direct_grad_weight_channels) && g.K() >= tiling.tile_columns;
+      direct = direct_for(g.O, max_direct_grad_weight_channels, g.H_out * g.W_out) &&
+               g.K() >= tiling.tile_columns;
       break;
   }
   if (direct) return direct_kernel;

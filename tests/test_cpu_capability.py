@@ -171,11 +171,13 @@ def test_selected_kernel_follows_capability(cpp):
         for channels_last in (True, False):
             assert _selected_kernel(passname, channels_last=channels_last, **depthwise) == "depthwise", passname
     assert _selected_kernel("forward", groups=16, weight_size=[32, 1, 3, 3]) == "nhwc_gemm"
-    # NCHW maps of fewer than 16 output pixels: the channels-last GEMM (one GEMM over the batch), or
-    # where the tiles outrun the BLAS the direct kernel
+    # NCHW maps of fewer than 16 output pixels: the channels-last GEMM (one GEMM over the batch);
+    # where the tiles outrun the BLAS also channels-last ones (the direct tiles need 16 pixels there),
+    # and from 16 pixels on the direct kernel
     tiny = dict(input_size=[32, 960, 2, 2], weight_size=[160, 960, 1, 1], padding=[0, 0], channels_last=False)
     for passname in ("forward", "grad_input", "grad_weight"):
-        assert _selected_kernel(passname, **tiny) == (direct if fast else "nhwc_gemm"), passname
+        assert _selected_kernel(passname, **tiny) == "nhwc_gemm", passname
+        assert _selected_kernel(passname, **{**tiny, "channels_last": True}) == "nhwc_gemm", passname
     assert _selected_kernel("forward", **{**tiny, "input_size": [32, 960, 4, 4]}) == (direct if fast else "nchw_gemm")
 
 
