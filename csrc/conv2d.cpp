@@ -179,12 +179,25 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // input gradient, on the NHWC GEMM, 2.17 vs 2.71: stays); 64 → 128 @8 1×1 0.72 / 0.75 / 0.85 vs
   // 0.55 / 0.56 / 0.84; but the 3 → 16 stem 0.94 / 0.99 vs 1.07 / 2.43, a 16 → 32 1×1 stride 2
   // 0.36 / 0.42 / 0.41 vs 0.83 / 1.07 / 0.83.
+  // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   const bool direct_possible = dtype == at::kFloat && g.groups == 1 && capability >= CpuCapability::Avx2;
+  // The NHWC GEMM's input gradient with its product δY · W on the tiles, where they outrun the BLAS,
+  // on output maps of at least 16 pixels, and K fills whole vectors. (The forward and the weight
+  // gradient under the same conditions take the direct kernel itself.) Zen 5, NHWC, tiles vs BLAS,
+  // the input gradient of stride-2 3×3 convs (batch 64): 16 → 32 @32 0.48 vs 0.93; 64 → 128 @16
+  // 1.32 vs 2.90; 128 → 256 @16 6.73 vs 11.7; 256 → 512 @8 5.55 vs 11.8. On mobilenet_v2's 1×1
+  // convs of 1 and 2×2 pixels a sample, a block has only 32 or 128 rows and the tiles re-read the
+  // weights per block: mixed, e.g. 160 → 960 @1 0.06–0.14 vs 0.12 and 320 → 1280 @1 0.16–0.35 vs
+  // 0.30 (noisy rows of 0.05–0.5 ms): BLAS there.
+  const bool gemm_on_tiles = fast_tiles && direct_possible && pass == Conv2dPass::GradInput &&
+                             g.H_out * g.W_out >= 16 && g.K() % kDirectLanes == 0;
+  const Conv2dKernel nhwc_gemm = !gemm_on_tiles ? Conv2dKernel::NhwcGemm
+                                 : avx512       ? Conv2dKernel::NhwcGemmAvx512
+                                                : Conv2dKernel::NhwcGemmAvx2;
   const bool nchw_via_direct = fast_tiles && g.C >= 16 && g.sH <= g.kH && g.sW <= g.kW;
   if (!channels_last && !(direct_possible && nchw_via_direct)) {
-    return g.H_out * g.W_out < kMinNchwGemmPixels ? Conv2dKernel::NhwcGemm : Conv2dKernel::NchwGemm;
+    return g.H_out * g.W_out < kMinNchwGemmPixels ? nhwc_gemm : Conv2dKernel::NchwGemm;
   }
-  // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   if (!direct_possible) return Conv2dKernel::NhwcGemm;
   const Conv2dKernel direct_kernel = avx512 ? Conv2dKernel::DirectAvx512 : Conv2dKernel::DirectAvx2;
   // Forward and input gradient: up to 64 channels (the channels the tiles run over, in whole
@@ -224,10 +237,13 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
       break;
   }
   if (direct) return direct_kernel;
-  if (!channels_last) {  // (an NCHW conv the direct kernel does not take: as above)
-    return g.H_out * g.W_out < kMinNchwGemmPixels ? Conv2dKernel::NhwcGemm : Conv2dKernel::NchwGemm;
+  // An NCHW conv the direct kernel does not take: as above, or via channels-last copies to the
+  // tiles' GEMM (Zen 5, batch 128, the input gradient of stride-2 3×3 convs, NCHW GEMM vs tiles:
+  // 16 → 32 @32 2.31 vs 1.98; 32 → 64 @16 2.04 vs 1.02; 64 → 128 @16 7.09 vs 3.81).
+  if (!channels_last) {
+    return g.H_out * g.W_out < kMinNchwGemmPixels || gemm_on_tiles ? nhwc_gemm : Conv2dKernel::NchwGemm;
   }
-  return Conv2dKernel::NhwcGemm;
+  return nhwc_gemm;
 }
 
 namespace {
@@ -442,7 +458,7 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
   const bool channels_last = is_channels_last(grad_output);
   Conv2dKernel kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(),
                                              channels_last, cpu_capability());
-  if (kernel != Conv2dKernel::NchwGemm && kernel != Conv2dKernel::NhwcGemm && !all_finite(weight)) {
+  if (kernel != Conv2dKernel::NchwGemm && !is_nhwc_gemm(kernel) && !all_finite(weight)) {
     kernel = select_conv2d_kernel(Conv2dPass::GradInput, g, grad_output.scalar_type(), channels_last,
                                   cpu_capability(), /*winograd=*/true, /*finite_weight=*/false);
   }
@@ -461,7 +477,10 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
     default:
       break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW δy: laid out channels-last, the result back)
-      return in_layout_of(conv2d_grad_input_channels_last(as_channels_last(grad_output), weight, g), grad_output);
+    case Conv2dKernel::NhwcGemmAvx2:
+    case Conv2dKernel::NhwcGemmAvx512:
+      return in_layout_of(conv2d_grad_input_channels_last(as_channels_last(grad_output), weight, g, kernel),
+                          grad_output);
     case Conv2dKernel::NchwGemm:
       break;  // below
   }

@@ -15,6 +15,10 @@ enum class Conv2dPass { Forward, GradInput, GradWeight };
 enum class Conv2dKernel {
   NchwGemm,  // conv2d.cpp: im2col + GEMM per sample and group, NCHW
   NhwcGemm,  // conv2d_channels_last.cpp: im2col + GEMM per block of samples, channels-last
+  // the same, the input gradient's product on the direct kernels' register tiles as a 1×1 conv
+  // over the block's rows (where the tiles outrun the BLAS)
+  NhwcGemmAvx2,
+  NhwcGemmAvx512,
   // conv2d_direct.cpp: register tiles straight from the padded input, channels-last, compiled
   // per instruction set (conv2d_direct_avx2.cpp, conv2d_direct_avx512.cpp)
   DirectAvx2,
@@ -60,6 +64,11 @@ inline bool is_winograd(Conv2dKernel kernel) {
   }
 }
 
+inline bool is_nhwc_gemm(Conv2dKernel kernel) {
+  return kernel == Conv2dKernel::NhwcGemm || kernel == Conv2dKernel::NhwcGemmAvx2 ||
+         kernel == Conv2dKernel::NhwcGemmAvx512;
+}
+
 // The output tile m of a Winograd kernel F(m×m, 3×3): 2 or 4.
 inline int64_t winograd_tile(Conv2dKernel kernel) {
   return kernel == Conv2dKernel::Winograd4x4 || kernel == Conv2dKernel::Winograd4x4Avx2 ||
@@ -68,7 +77,7 @@ inline int64_t winograd_tile(Conv2dKernel kernel) {
              : 2;
 }
 
-// The per-ISA kernels of a Direct* or Winograd{Avx2,Avx512} kernel choice (conv2d_direct_isa.h),
+// The per-ISA kernels of a Direct*, Winograd*{Avx2,Avx512} or NhwcGemm{Avx2,Avx512} kernel choice (conv2d_direct_isa.h),
 // defined in conv2d_direct.cpp.
 struct DirectKernels {
   DirectTiling tiling;
@@ -83,11 +92,15 @@ DirectKernels direct_kernels(Conv2dKernel kernel);
 at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block);
 
 // The channels-last GEMM kernels (conv2d_channels_last.cpp). Arguments are already checked;
-// x / dy are channels-last, weight any layout; bias may be undefined.
+// x / dy are channels-last, weight any layout; bias may be undefined. The input gradient's
+// `kernel` is NhwcGemm (its product δY · W by BLAS) or NhwcGemmAvx2/Avx512 (by the direct tiles, as
+// select_conv2d_kernel gives them: float32, one group, the CPU runs that instruction set, and
+// K = kH·kW·C/G a multiple of kDirectLanes).
 at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,
-                                           const Conv2dGeometry& g);
+                                           const Conv2dGeometry& g,
+                                           Conv2dKernel kernel = Conv2dKernel::NhwcGemm);
 at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tensor& dy,
                                             const Conv2dGeometry& g);
 

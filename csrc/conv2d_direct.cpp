@@ -41,10 +41,12 @@ DirectKernels direct_kernels(Conv2dKernel kernel) {
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::WinogradAvx2:
     case Conv2dKernel::Winograd4x4Avx2:
+    case Conv2dKernel::NhwcGemmAvx2:
       return {kDirectTilingAvx2, direct_conv_sample_avx2, direct_grad_weight_sample_avx2};
     case Conv2dKernel::DirectAvx512:
     case Conv2dKernel::WinogradAvx512:
     case Conv2dKernel::Winograd4x4Avx512:
+    case Conv2dKernel::NhwcGemmAvx512:
       return {kDirectTilingAvx512, direct_conv_sample_avx512, direct_grad_weight_sample_avx512};
     default:
       break;

@@ -112,6 +112,8 @@ const char* kernel_name(Conv2dKernel kernel) {
   switch (kernel) {
     case Conv2dKernel::NchwGemm: return "nchw_gemm";
     case Conv2dKernel::NhwcGemm: return "nhwc_gemm";
+    case Conv2dKernel::NhwcGemmAvx2: return "nhwc_gemm_avx2";
+    case Conv2dKernel::NhwcGemmAvx512: return "nhwc_gemm_avx512";
     case Conv2dKernel::DirectAvx2: return "direct_avx2";
     case Conv2dKernel::DirectAvx512: return "direct_avx512";
     case Conv2dKernel::Winograd: return "winograd";
