@@ -154,13 +154,15 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
       for (int64_t c = 0; c < g.C; ++c) col[(a * g.kW + b) * g.C + c] = (a * g.dH * s.Wp + b * g.dW) * g.C + c;
     }
   }
-  const PerThreadSum dw_sum(at::get_num_threads(), {g.O, K}, x.options());
+  const PerThreadSum dwt_sum(at::get_num_threads(), {K, g.O}, x.options());  // ∂J/∂Wᵀ, as the tiles add it
   const float* dy_data = dy.const_data_ptr<float>();
   for_each_padded_sample(s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
                          [&](int64_t n, const float* padded) {
-    k.grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dw_sum.mine<float>());
+    k.grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dwt_sum.mine<float>());
   });
-  return dw_sum.total().view({g.O, g.kH, g.kW, g.C}).permute({0, 3, 1, 2});  // (O, C, kH, kW), channels-last
+  // (kH, kW, C, O) → (O, C, kH, kW), channels-last
+  return manualconv::contiguous(dwt_sum.total().view({g.kH, g.kW, g.C, g.O}).permute({3, 2, 0, 1}),
+                                at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace manualconv

@@ -41,8 +41,8 @@ void direct_conv_sample_avx512(const DirectConv& s, const float* in, const float
 }
 
 void direct_grad_weight_sample_avx512(const DirectConv& s, const float* in, const float* dy,
-                                    const int64_t* col, float* dw) {
-  grad_weight_sample<Isa>(s, in, dy, col, dw);
+                                    const int64_t* col, float* dwt) {
+  grad_weight_sample<Isa>(s, in, dy, col, dwt);
 }
 
 }  // namespace manualconv

@@ -46,10 +46,10 @@ constexpr DirectTiling kDirectTilingAvx512{32, 12, 12, 8, 16};
 // One sample of the forward / input-gradient direct conv: out = in ⋆ wt (+ bias, may be null).
 using DirectConvSample = void (*)(const DirectConv& s, const float* in, const float* wt,
                                   const float* bias, float* out);
-// One sample's weight gradient added to dw (C_out × K, K = kH·kW·C_in, channels-last columns):
-// dw[o, k] += Σ_pixels dy[pixel, o] · in[pixel's top-left tap + col[k]].
+// One sample's weight gradient added to dwᵀ (K × C_out, K = kH·kW·C_in, channels-last columns):
+// dwt[k, o] += Σ_pixels dy[pixel, o] · in[pixel's top-left tap + col[k]].
 using DirectGradWeightSample = void (*)(const DirectConv& s, const float* in, const float* dy,
-                                        const int64_t* col, float* dw);
+                                        const int64_t* col, float* dwt);
 
 #ifdef MANUALCONV_HAVE_DIRECT_KERNELS
 void direct_conv_sample_avx2(const DirectConv&, const float*, const float*, const float*, float*);

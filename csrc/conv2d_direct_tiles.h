@@ -193,11 +193,12 @@ struct ColumnRun {
 
 // Weight gradient, one sample: NV vectors of output channels o0… × NC consecutive weight columns
 // (their inputs where `columns` says), summed over every output pixel: per pixel NV vectors of δy
-// and NC broadcast input values. The sums are added to dw (C_out × K); the first `skip` columns
-// are left out (a tile moved back to end at column K overlaps the one before).
+// and NC broadcast input values. The sums are added to dwᵀ (the tile's columns × C_out: column k
+// of the tile at dwt + k·C_out), a vector each; the first `skip` columns are left out (a tile
+// moved back to end at column K overlaps the one before).
 template <class Vec, int NC, int NV, class Columns>
 __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float* in, const float* dy, Columns columns,
-                                                int64_t o0, int64_t skip, float* dw, int64_t K) {
+                                                int64_t o0, int64_t skip, float* dwt) {
   constexpr int L = Vec::kLanes;
   constexpr bool run = Columns::kRun;
   Vec acc[NC][NV];
@@ -230,14 +231,14 @@ __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float
       }
     }
   }
-  float sums[NC][NV * L];
+  // (dwᵀ, not dw: the sums of column k are consecutive output channels, one vector add each where
+  // C_out × K would take NV·L scalar adds a column; 8×8 maps' tiles sum only 64 pixels, and those
+  // adds cost a third as much again as the FMAs)
 #pragma GCC unroll 32
   for (int k = 0; k < NC; ++k) {
+    if (k < skip) continue;
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[k][v].store(sums[k] + v * L);
-  }
-  for (int64_t k = skip; k < NC; ++k) {
-    for (int64_t v = 0; v < NV * L; ++v) dw[(o0 + v) * K + k] += sums[k][v];
+    for (int v = 0; v < NV; ++v) acc[k][v].add_to(dwt + k * O + o0 + v * L);
   }
 }
 
@@ -245,21 +246,21 @@ __attribute__((noinline)) void grad_weight_tile(const DirectConv& s, const float
 // vectors, then Half vectors.
 template <class Isa, int NC, class Columns>
 void grad_weight_columns(const DirectConv& s, const float* in, const float* dy, Columns columns,
-                         int64_t skip, float* dw, int64_t K) {
+                         int64_t skip, float* dwt) {
   using Wide = typename Isa::Wide;
   using Half = typename Isa::Half;
   constexpr int64_t full = Isa::kWideVectors * Wide::kLanes;
   int64_t o0 = 0;
-  for (; o0 + full <= s.C_out; o0 += full) grad_weight_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, columns, o0, skip, dw, K);
+  for (; o0 + full <= s.C_out; o0 += full) grad_weight_tile<Wide, NC, Isa::kWideVectors>(s, in, dy, columns, o0, skip, dwt);
   if constexpr (Isa::kWideVectors > 1) {
-    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_tile<Wide, NC, 1>(s, in, dy, columns, o0, skip, dw, K);
+    for (; o0 + Wide::kLanes <= s.C_out; o0 += Wide::kLanes) grad_weight_tile<Wide, NC, 1>(s, in, dy, columns, o0, skip, dwt);
   }
-  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_tile<Half, NC, 1>(s, in, dy, columns, o0, skip, dw, K);
+  for (; o0 + Half::kLanes <= s.C_out; o0 += Half::kLanes) grad_weight_tile<Half, NC, 1>(s, in, dy, columns, o0, skip, dwt);
 }
 
-// One sample's contribution to dw (C_out × K), in tiles of NC weight columns.
+// One sample's contribution to dwᵀ (K × C_out), in tiles of NC weight columns.
 template <class Isa>
-void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, const int64_t* col, float* dw) {
+void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, const int64_t* col, float* dwt) {
   constexpr int64_t NC = Isa::kTiling.tile_columns;
   const int64_t K = s.kH * s.kW * s.C_in;
   constexpr int R = Isa::kTiling.row_tile_pixels;  // also the 16-column runs' width
@@ -268,7 +269,7 @@ void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, c
     // conv_rows_for_stride): 16 → 16 @32 2.81–2.93 vs 3.16–3.22 ms (torch 2.63–2.66)
     if (s.C_out == Isa::Wide::kLanes && s.C_in % R == 0) {
       for (int64_t k = 0; k < K; k += R) {
-        grad_weight_tile<typename Isa::Wide, R, 1>(s, in, dy, ColumnRun{col[k]}, 0, 0, dw + k, K);
+        grad_weight_tile<typename Isa::Wide, R, 1>(s, in, dy, ColumnRun{col[k]}, 0, 0, dwt + k * s.C_out);
       }
       return;
     }
@@ -277,10 +278,10 @@ void grad_weight_sample(const DirectConv& s, const float* in, const float* dy, c
     const int64_t k0 = lesser(k, K - NC);
     if constexpr (R > 0) {
       if (col[k0 + NC - 1] - col[k0] == NC - 1) {  // the NC inputs consecutive
-        grad_weight_columns<Isa, NC>(s, in, dy, ColumnRun{col[k0]}, k - k0, dw + k0, K);
+        grad_weight_columns<Isa, NC>(s, in, dy, ColumnRun{col[k0]}, k - k0, dwt + k0 * s.C_out);
         continue;
       }
     }
-    grad_weight_columns<Isa, NC>(s, in, dy, ColumnOffsets{col + k0}, k - k0, dw + k0, K);
+    grad_weight_columns<Isa, NC>(s, in, dy, ColumnOffsets{col + k0}, k - k0, dwt + k0 * s.C_out);
   }
 }

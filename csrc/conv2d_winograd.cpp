@@ -290,14 +290,14 @@ struct WinogradProducts {
     }
   }
 
-  // W_ξ (Co × Ci) += D_ξᵀ (Co × T) · V_ξ (T × Ci); column[c] = c (c < Ci) for the tiles
+  // W_ξᵀ (Ci × Co) += V_ξᵀ (Ci × T) · D_ξ (T × Co); column[c] = c (c < Ci) for the tiles
   void accumulate(int64_t T, int64_t Ci, int64_t Co, const float* V, const float* D,
-                  const int64_t* column, float* W) const {
+                  const int64_t* column, float* Wt) const {
     if (tiles) {
       const DirectConv pixels{1, T, Ci, Co, 1, 1, 1, 1, 1, 1, 1, T};  // that conv's weight gradient
-      k.grad_weight_sample(pixels, V, D, column, W);
+      k.grad_weight_sample(pixels, V, D, column, Wt);
     } else {
-      gemm(true, false, Co, Ci, T, 1.0f, D, Co, V, Ci, 1.0f, W, Ci);
+      gemm(true, false, Ci, Co, T, 1.0f, V, Ci, D, Co, 1.0f, Wt, Co);
     }
   }
 };
@@ -379,18 +379,19 @@ void transform_grad_output_tile(const float* const* dy, int64_t Co, int64_t ld, 
   }
 }
 
-// ∂J/∂g[o, c] = Gᵀ Wξ[o, c] G for Wξ = Σ_t Dξ[t, o]·Vξ[t, c] (16, Co, Ci): computed in float64 and
-// rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last (Co, 3, 3, Ci).
-at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co) {
+// ∂J/∂g[o, c] = Gᵀ Wξ[o, c] G for Wξ = Σ_t Dξ[t, o]·Vξ[t, c], given transposed (Wt: 16, Ci, Co):
+// computed in float64 and rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last
+// (Co, 3, 3, Ci).
+at::Tensor inverse_transform_weights(const at::Tensor& Wt, int64_t Ci, int64_t Co) {
   const auto& G = kG2;
-  const at::Tensor w = W.to(at::kDouble).contiguous();
+  const at::Tensor w = Wt.to(at::kDouble).contiguous();
   const double* w_data = w.const_data_ptr<double>();
-  at::Tensor dg = manualconv::empty({Co, 3, 3, Ci}, W.options());
+  at::Tensor dg = manualconv::empty({Co, 3, 3, Ci}, Wt.options());
   float* out = dg.mutable_data_ptr<float>();
   for (int64_t c = 0; c < Ci; ++c) {
     for (int64_t o = 0; o < Co; ++o) {
       double m[4][4];
-      for (int r = 0; r < 16; ++r) m[r / 4][r % 4] = w_data[(r * Co + o) * Ci + c];
+      for (int r = 0; r < 16; ++r) m[r / 4][r % 4] = w_data[(r * Ci + c) * Co + o];
       double mG[4][3];  // Wξ G
       for (int r = 0; r < 4; ++r) {
         for (int b = 0; b < 3; ++b) mG[r][b] = m[r][0] * G[0][b] + m[r][1] * G[1][b] + m[r][2] * G[2][b] + m[r][3] * G[3][b];
@@ -406,7 +407,7 @@ at::Tensor inverse_transform_weights(const at::Tensor& W, int64_t Ci, int64_t Co
   return dg.permute({0, 3, 1, 2});
 }
 
-// W = Σ_t Dξ[t, ·]ᵀ Vξ[t, ·] (16, Co, Ci) of the correlation s (in: its input, dy: the gradient of
+// Wᵀ = Σ_t Vξ[t, ·]ᵀ Dξ[t, ·] (16, Ci, Co) of the correlation s (in: its input, dy: the gradient of
 // its output): per block of tiles, 16 products of depth T into each thread's own accumulator.
 at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProducts& products,
                                      const float* in, const float* dy, const at::TensorOptions& options) {
@@ -415,7 +416,7 @@ at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProduc
   const int64_t ldv = plane_stride(block, s.Ci), ldd = plane_stride(block, s.Co);
   std::vector<int64_t> column(s.Ci);  // the tiles' weight columns: channel c of a tile's row
   for (int64_t c = 0; c < s.Ci; ++c) column[c] = c;
-  const PerThreadSum W(at::get_num_threads(), {kPoints, s.Co, s.Ci}, options);
+  const PerThreadSum W(at::get_num_threads(), {kPoints, s.Ci, s.Co}, options);
   at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<float> V(kPoints * ldv), D(kPoints * ldd);
@@ -440,7 +441,7 @@ at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProduc
         }
         run_for_cpu([&] { transform_grad_output_tile(e, s.Co, ldd, D.data() + t * s.Co); });
       }
-      // Wξ += Dξᵀ · Vξ   (Co × Ci, a sum over the block's T tiles)
+      // Wξᵀ += Vξᵀ · Dξ   (Ci × Co, a sum over the block's T tiles)
       for (int64_t xi = 0; xi < kPoints; ++xi) {
         products.accumulate(T, s.Ci, s.Co, V.data() + xi * ldv, D.data() + xi * ldd, column.data(),
                             w + xi * s.Co * s.Ci);
