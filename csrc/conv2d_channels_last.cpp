@@ -164,29 +164,6 @@ const scalar_t* block_columns(const scalar_t* x, const Conv2dGeometry& g, int64_
   return cols;
 }
 
-// The input gradient's product δY · W on the direct kernels' register tiles (NhwcGemmAvx2/Avx512:
-// one group, float32): a (rows × k) · (k × n) product is a 1×1 conv of `rows` pixels with k input
-// and n output channels (as Winograd's products in conv2d_winograd.cpp).
-struct GemmProducts {
-  bool tiles;
-  DirectKernels k;  // (tiles only)
-
-  explicit GemmProducts(Conv2dKernel kernel)
-      : tiles(kernel != Conv2dKernel::NhwcGemm), k(tiles ? direct_kernels(kernel) : DirectKernels{}) {}
-
-  // A (k_in, n) row-major matrix as multiply() reads it: in blocks of output channels for the tiles
-  at::Tensor weights(const at::Tensor& w, int64_t n) const {
-    return tiles ? pack_weight_blocks(w, n, k.tiling.block_channels) : w;
-  }
-
-  // out (rows × n, row stride n) = in (rows × k_in, row stride k_in) · w (k_in × n, from weights())
-  void multiply(int64_t rows, int64_t k_in, int64_t n, const float* in, const float* w, float* out) const {
-    const DirectConv pixels{1, rows, k_in, n, 1, 1, 1, 1, 1, 1, 1, rows};
-    k.conv_sample(pixels, in, w, nullptr, out);
-  }
-
-};
-
 }  // namespace
 
 // Y[g] = im2col(x[g]) · W[g]ᵀ + b[g]   (per block of samples)
@@ -229,19 +206,23 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
                             dy.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t L = g.L(), K = g.K(), C = g.C, O = g.O, Cg = g.C_g(), Og = g.O_g();
   const int64_t HWC = g.H * g.W * C;
-  const GemmProducts products(kernel);
-  if (products.tiles) {  // cols = δY · W on the tiles (W: O × K, in blocks of K), then col2im
-    const at::Tensor wt = products.weights(w.permute({0, 2, 3, 1}).reshape({O, K}), K);
+  if (kernel != Conv2dKernel::NhwcGemm) {
+    // NhwcGemmAvx2/Avx512 (one group, float32): cols = δY · W on the direct kernels' register
+    // tiles, a 1×1 conv of the block's rows with O input and K output channels (as Winograd's
+    // products in conv2d_winograd.cpp; W: O × K, packed in blocks of K), then col2im
+    const DirectKernels k = direct_kernels(kernel);
+    const at::Tensor wt = pack_weight_blocks(w.permute({0, 2, 3, 1}).reshape({O, K}), K, k.tiling.block_channels);
     const float* dy_data = dy.const_data_ptr<float>();
     float* dx_data = dx.mutable_data_ptr<float>();
     for_each_block(g, dy.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
       const int64_t rows = (n_end - n_begin) * L;
+      const DirectConv product{1, rows, O, K, 1, 1, 1, 1, 1, 1, 1, rows};
       if (g.is_pointwise()) {  // δx = δY · W, written in place
-        products.multiply(rows, O, K, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), dx_data + n_begin * HWC);
+        k.conv_sample(product, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), nullptr, dx_data + n_begin * HWC);
         return;
       }
       float* cols = buffer.mutable_data_ptr<float>();
-      products.multiply(rows, O, K, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), cols);
+      k.conv_sample(product, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), nullptr, cols);
       std::fill(dx_data + n_begin * HWC, dx_data + n_end * HWC, 0.0f);  // col2im accumulates
       for (int64_t n = n_begin; n < n_end; ++n) {
         col2im_channels_last(cols + (n - n_begin) * L * K, g, 0, dx_data + n * HWC);
