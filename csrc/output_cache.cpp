@@ -32,6 +32,8 @@
 
 #include "output_cache.h"
 
+#include "layout_copy.h"
+
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -272,7 +274,9 @@ at::Tensor empty_like(const at::Tensor& t, std::optional<at::MemoryFormat> memor
 
 at::Tensor contiguous(const at::Tensor& t, at::MemoryFormat memory_format) {
   if (t.is_contiguous(memory_format)) return t;
-  return empty(t.sizes(), t.options(), memory_format).copy_(t);
+  at::Tensor copy = empty(t.sizes(), t.options(), memory_format);
+  if (copy_between_layouts(t, copy)) return copy;  // NCHW ↔ channels-last: per-sample transposes
+  return copy.copy_(t);
 }
 
 }  // namespace manualconv

@@ -149,6 +149,13 @@ if AVAILABLE:
         check_grad_output("adaptive_avg_pool2d_backward", grad_output.shape, out_size)
         return _empty(grad_output, input_size, is_channels_last(grad_output))
 
+    @torch.library.register_fake("manualconv::layout_copy")
+    def _(input, channels_last):
+        torch._check(not channels_last or input.dim() == 4,
+                     lambda: f"layout_copy: channels_last needs a 4-d input, got {input.dim()} dimensions")
+        return input.new_empty(input.shape).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
 
 if AVAILABLE:
     # torch.autocast: the conv operators cast their inputs to the autocast dtype (bfloat16 on CPU,
