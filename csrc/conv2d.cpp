@@ -150,7 +150,15 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     const int64_t summed_channels = pass == Conv2dPass::GradInput ? g.O : g.C;
     const bool large_tiles = pass != Conv2dPass::GradWeight && summed_channels >= kMinWinograd4x4SummedChannels &&
                              std::min(g.H_out, g.W_out) >= min_winograd4x4_map;
-    if (choice == WinogradChoice::Measured && wide && layout && long_sums &&
+    // Where the tiles outrun the BLAS, a weight gradient whose products would run on BLAS (more
+    // than max_winograd_grad_weight_tile_channels output channels) takes the direct kernel where
+    // that can (Zen 5, weight gradient, ms, Winograd on BLAS vs direct): NCHW 128 → 256 @8 (batch
+    // 128) 13.8 vs 11.1–11.7; batch 64, NHWC: 128 → 256 @8 6.65 vs 5.68, 256 → 256 @8 12.2 vs 11.1,
+    // 128 → 256 @16 24.9 vs 21.1; but NCHW 256 → 512 @8 24.8 vs 48.9 on the NCHW GEMM (the direct
+    // kernel stops at max_direct_grad_weight_channels).
+    const bool direct_grad_weight_wins = fast_tiles && pass == Conv2dPass::GradWeight && !tiles &&
+                                         g.O <= max_direct_grad_weight_channels && g.O % kDirectLanes == 0;
+    if (choice == WinogradChoice::Measured && wide && layout && long_sums && !direct_grad_weight_wins &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
       return large_tiles ? winograd4x4 : winograd;
     }

@@ -108,6 +108,10 @@ void transpose_planes(const uint32_t* src, uint32_t* dst, int64_t N, int64_t row
 
 }  // namespace
 
+void transpose_planes(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols) {
+  transpose_planes(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst), N, rows, cols);
+}
+
 bool copy_between_layouts(const at::Tensor& src, at::Tensor& dst) {
   if (src.dim() != 4 || dst.dim() != 4 || src.sizes() != dst.sizes() || src.scalar_type() != dst.scalar_type() ||
       src.element_size() != 4 || !src.device().is_cpu() || !dst.device().is_cpu() || src.is_conj() ||

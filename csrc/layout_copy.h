@@ -4,11 +4,17 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+
 namespace manualconv {
 
 // dst = src where src is NCHW-contiguous and dst channels-last-contiguous (or the other way
 // round), both CPU tensors of one 4-byte dtype and the same sizes; returns false, copying
 // nothing, for any other pair (the caller then copies with dst.copy_(src)).
 bool copy_between_layouts(const at::Tensor& src, at::Tensor& dst);
+
+// Each of N row-major planes: dst[n] (cols × rows) = src[n] (rows × cols)ᵀ, planes spread over
+// threads (the transposes copy_between_layouts runs; also the Winograd kernels' weight layouts).
+void transpose_planes(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols);
 
 }  // namespace manualconv

@@ -137,7 +137,11 @@ def test_selected_kernel_follows_capability(cpp):
     assert _selected_kernel("forward", **wide) == tiles
     assert _selected_kernel("grad_input", **wide) == tiles
     assert _selected_kernel("grad_weight", **wide) == (tiles if fast else "winograd")
-    assert _selected_kernel("grad_weight", input_size=[64, 128, 8, 8], weight_size=[256, 128, 3, 3]) == "winograd"
+    # (wider, on BLAS; where the tiles outrun the BLAS, the direct kernel up to 256 output channels)
+    direct = {"default": "nchw_gemm", "avx2": "direct_avx2", "avx512": "direct_avx512"}[capability]
+    assert _selected_kernel("grad_weight", input_size=[64, 128, 8, 8], weight_size=[256, 128, 3, 3]) == (
+        direct if fast else "winograd")
+    assert _selected_kernel("grad_weight", input_size=[64, 256, 8, 8], weight_size=[512, 256, 3, 3]) == "winograd"
     # F(4×4): 128 summed channels, output maps of 8×8 (16×16 where the tiles outrun the BLAS)
     wider = dict(input_size=[64, 128, 8, 8], weight_size=[128, 128, 3, 3])
     assert _selected_kernel("forward", **wider) == (tiles if fast else tiles4x4)
