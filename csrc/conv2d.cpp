@@ -190,15 +190,17 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   const bool direct_possible = dtype == at::kFloat && g.groups == 1 && capability >= CpuCapability::Avx2;
   // The NHWC GEMM's input gradient with its product δY · W on the tiles, where they outrun the BLAS,
-  // on output maps of at least 16 pixels, and K fills whole vectors. (The forward and the weight
+  // on output maps of at least 16 pixels (K padded to whole vectors, but for a pointwise conv,
+  // whose product is δx itself: there K must fill them). (The forward and the weight
   // gradient under the same conditions take the direct kernel itself.) Zen 5, NHWC, tiles vs BLAS,
   // the input gradient of stride-2 3×3 convs (batch 64): 16 → 32 @32 0.48 vs 0.93; 64 → 128 @16
   // 1.32 vs 2.90; 128 → 256 @16 6.73 vs 11.7; 256 → 512 @8 5.55 vs 11.8. On mobilenet_v2's 1×1
   // convs of 1 and 2×2 pixels a sample, a block has only 32 or 128 rows and the tiles re-read the
   // weights per block: mixed, e.g. 160 → 960 @1 0.06–0.14 vs 0.12 and 320 → 1280 @1 0.16–0.35 vs
-  // 0.30 (noisy rows of 0.05–0.5 ms): BLAS there.
+  // 0.30 (noisy rows of 0.05–0.5 ms): BLAS there. The stem's input gradient (3 → 16 @32, K = 27
+  // padded to 32, batch 128, NHWC): 2.29–2.36 ms on BLAS vs 0.98–1.00 on the tiles (torch 1.46–1.48).
   const bool gemm_on_tiles = fast_tiles && direct_possible && pass == Conv2dPass::GradInput &&
-                             g.H_out * g.W_out >= 16 && g.K() % kDirectLanes == 0;
+                             g.H_out * g.W_out >= 16 && (g.K() % kDirectLanes == 0 || !g.is_pointwise());
   const Conv2dKernel nhwc_gemm = !gemm_on_tiles ? Conv2dKernel::NhwcGemm
                                  : avx512       ? Conv2dKernel::NhwcGemmAvx512
                                                 : Conv2dKernel::NhwcGemmAvx2;

@@ -94,8 +94,8 @@ at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block
 // The channels-last GEMM kernels (conv2d_channels_last.cpp). Arguments are already checked;
 // x / dy are channels-last, weight any layout; bias may be undefined. The input gradient's
 // `kernel` is NhwcGemm (its product δY · W by BLAS) or NhwcGemmAvx2/Avx512 (by the direct tiles, as
-// select_conv2d_kernel gives them: float32, one group, the CPU runs that instruction set, and
-// K = kH·kW·C/G a multiple of kDirectLanes).
+// select_conv2d_kernel gives them: float32, one group, the CPU runs that instruction set; K =
+// kH·kW·C/G is padded to a multiple of kDirectLanes, except for a pointwise conv, where it must be one).
 at::Tensor conv2d_forward_channels_last(const at::Tensor& x, const at::Tensor& weight,
                                         const at::Tensor& bias, const Conv2dGeometry& g);
 at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tensor& weight,

@@ -48,15 +48,16 @@ Blocks sample_blocks(const Conv2dGeometry& g, int64_t element_size) {
 }
 
 // Calls body(n_begin, n_end, buffer) for every block of samples, blocks spread over threads;
-// buffer is the calling thread's column buffer (undefined for a pointwise conv, which needs
-// none). The dispatch-key guard is thread-local, so each worker sets its own.
+// buffer is the calling thread's column buffer of `width` columns a row (K unless given;
+// undefined for a pointwise conv, which needs none). The dispatch-key guard is thread-local, so
+// each worker sets its own.
 template <typename F>
-void for_each_block(const Conv2dGeometry& g, const at::TensorOptions& options, const F& body) {
+void for_each_block(const Conv2dGeometry& g, const at::TensorOptions& options, const F& body, int64_t width = 0) {
   const Blocks blocks = sample_blocks(g, options.dtype().itemsize());
   at::parallel_for(0, blocks.count, /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor buffer =
-        g.is_pointwise() ? at::Tensor() : manualconv::empty({blocks.size * g.L(), g.K()}, options);
+    at::Tensor buffer = g.is_pointwise() ? at::Tensor()
+                                         : manualconv::empty({blocks.size * g.L(), width > 0 ? width : g.K()}, options);
     for (int64_t block = first; block < last; ++block) {
       const int64_t n_begin = block * blocks.size;
       body(n_begin, std::min(g.N, n_begin + blocks.size), buffer);
@@ -112,12 +113,13 @@ void im2col_channels_last(const scalar_t* x, const Conv2dGeometry& g, int64_t gr
 }
 
 // col2im, channels-last, the adjoint of im2col_channels_last: x[h, w, grp·C/G + c] += every
-// cols entry that im2col read from there (entries that read the padding are dropped).
-// Single-threaded per sample, so the summation order is fixed.
+// cols entry that im2col read from there (entries that read the padding are dropped); cols' rows
+// are ld ≥ K floats apart (K unless given). Single-threaded per sample, so the summation order is
+// fixed.
 template <typename scalar_t>
 void col2im_channels_last(const scalar_t* cols, const Conv2dGeometry& g, int64_t grp,
-                          scalar_t* x) {
-  const int64_t C = g.C, Cg = g.C_g(), K = g.K();
+                          scalar_t* x, int64_t ld = 0) {
+  const int64_t C = g.C, Cg = g.C_g(), K = ld > 0 ? ld : g.K();
   const bool whole_rows = g.groups == 1 && g.dW == 1;
   x += grp * Cg;
   for (int64_t i = 0; i < g.H_out; ++i) {
@@ -209,14 +211,19 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
   if (kernel != Conv2dKernel::NhwcGemm) {
     // NhwcGemmAvx2/Avx512 (one group, float32): cols = δY · W on the direct kernels' register
     // tiles, a 1×1 conv of the block's rows with O input and K output channels (as Winograd's
-    // products in conv2d_winograd.cpp; W: O × K, packed in blocks of K), then col2im
+    // products in conv2d_winograd.cpp; W: O × K, packed in blocks of K), then col2im. K is padded
+    // with zero columns to Kp, a multiple of the tiles' vectors (the stem's 3·3·3 = 27 → 32), which
+    // col2im skips.
     const DirectKernels k = direct_kernels(kernel);
-    const at::Tensor wt = pack_weight_blocks(w.permute({0, 2, 3, 1}).reshape({O, K}), K, k.tiling.block_channels);
+    const int64_t Kp = ceil_div(K, kDirectLanes) * kDirectLanes;
+    TORCH_INTERNAL_ASSERT(Kp == K || !g.is_pointwise(), "conv2d: the tiles' GEMM writes a pointwise δx in place");
+    const at::Tensor w_padded = at::constant_pad_nd(w.permute({0, 2, 3, 1}).reshape({O, K}), {0, Kp - K});
+    const at::Tensor wt = pack_weight_blocks(w_padded.contiguous(), Kp, k.tiling.block_channels);
     const float* dy_data = dy.const_data_ptr<float>();
     float* dx_data = dx.mutable_data_ptr<float>();
     for_each_block(g, dy.options(), [&](int64_t n_begin, int64_t n_end, at::Tensor& buffer) {
       const int64_t rows = (n_end - n_begin) * L;
-      const DirectConv product{1, rows, O, K, 1, 1, 1, 1, 1, 1, 1, rows};
+      const DirectConv product{1, rows, O, Kp, 1, 1, 1, 1, 1, 1, 1, rows};
       if (g.is_pointwise()) {  // δx = δY · W, written in place
         k.conv_sample(product, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), nullptr, dx_data + n_begin * HWC);
         return;
@@ -225,9 +232,9 @@ at::Tensor conv2d_grad_input_channels_last(const at::Tensor& dy, const at::Tenso
       k.conv_sample(product, dy_data + n_begin * L * O, wt.const_data_ptr<float>(), nullptr, cols);
       std::fill(dx_data + n_begin * HWC, dx_data + n_end * HWC, 0.0f);  // col2im accumulates
       for (int64_t n = n_begin; n < n_end; ++n) {
-        col2im_channels_last(cols + (n - n_begin) * L * K, g, 0, dx_data + n * HWC);
+        col2im_channels_last(cols + (n - n_begin) * L * Kp, g, 0, dx_data + n * HWC, Kp);
       }
-    });
+    }, Kp);
     return dx;
   }
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "manualconv_conv2d_grad_input_channels_last", [&] {

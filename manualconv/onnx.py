@@ -14,7 +14,7 @@ AveragePool, adaptive pools → GlobalAveragePool / AveragePool / MaxPool where 
 uniform, else one ReduceMean/ReduceMax (and ArgMax) per window; the norms' statistics and
 normalisation → ReduceMean, Sub, Mul, Sqrt, Reciprocal, Add; GELU → Erf (or Tanh), Mul, Add; SiLU →
 Sigmoid, Mul; hardtanh / ReLU6 → Clip; hardswish, hardsigmoid, leaky ReLU, ELU → HardSwish,
-HardSigmoid, LeakyRelu, Elu; softmax, log-softmax → Softmax, LogSoftmax. Linear, ReLU, sigmoid,
+HardSigmoid, LeakyRelu, Elu; softmax, log-softmax → Softmax, LogSoftmax; a layout copy → Identity. Linear, ReLU, sigmoid,
 tanh and the loss are plain tensor code and export through torch's own translations (MatMul,
 Add, Clip, ...).
 With the 'reference' backend the graph is plain tensor code throughout.
@@ -232,6 +232,11 @@ def group_norm_forward(input, weight, bias, num_groups, eps):
     return y, op.Squeeze(mean, [2]), op.Squeeze(invstd, [2])
 
 
+def layout_copy(input, channels_last):
+    # a copy in the other memory layout (csrc/layout_copy.cpp): ONNX tensors have no layout
+    return op.Identity(input)
+
+
 _FORWARD_OPERATORS: Dict[str, Callable] = {
     "conv2d_forward": conv2d_forward,
     "conv2d_grad_input": conv2d_grad_input,
@@ -246,6 +251,7 @@ _FORWARD_OPERATORS: Dict[str, Callable] = {
     "activation_forward": activation_forward,
     "softmax_forward": softmax_forward,
     "group_norm_forward": group_norm_forward,
+    "layout_copy": layout_copy,
 }
 
 

@@ -179,6 +179,21 @@ def test_gelu_exports(cpp, approximate):
     torch.testing.assert_close(torch.as_tensor(got).double(), expected, rtol=2e-6, atol=1e-6)
 
 
+def test_layout_copy_exports_as_identity(cpp):
+    """layout_copy (csrc/layout_copy.cpp) exports to Identity: onnxruntime returns the input's values
+    exactly (ONNX tensors have no memory layout)."""
+
+    class ToChannelsLast(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.manualconv.layout_copy(x, True)
+
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(6))
+    program = manualconv.onnx.export(ToChannelsLast().eval(), (x,))
+    _assert_standard_onnx(program)
+    (got,) = _run_onnxruntime(program, x)
+    assert torch.equal(torch.as_tensor(got), x)
+
+
 def test_activations_export(cpp):
     """activation_forward (csrc/activations.cpp) exports to Sigmoid·x, Clip, HardSwish, HardSigmoid,
     LeakyRelu and Elu; onnxruntime's results equal torch.nn's within float32 elementwise rounding
