@@ -179,14 +179,13 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // 0.18 / 0.20 / 0.19 vs 0.23 / 0.21 / 0.21; @1×1 a tie.
   constexpr int64_t kMinNchwGemmPixels = 16;
   // Where the tiles outrun the BLAS, an NCHW conv whose pass the direct kernel takes (below) runs
-  // it on x / δy copied channels-last, the result copied back, if the conv reads every input pixel
-  // (a strided 1×1 reads a quarter of them; the copy moves all) and has at least 16 input channels.
-  // Zen 5, NCHW GEMM vs via channels-last: 16 → 16 @32 4.95 / 4.58 / 4.21 vs 2.55 / 2.68 / 2.76;
-  // 32 → 32 @32 15.8 / 18.0 / 14.6 vs 8.5 / 8.6 / 10.3; 64 → 64 @32 50.7 / 51.4 / 49.1 vs
-  // 29.2 / 29.6 / 35.2; 16 → 32 @32 stride 2 forward 2.38 vs 1.33, weight grad 2.42 vs 1.67 (its
-  // input gradient, on the NHWC GEMM, 2.17 vs 2.71: stays); 64 → 128 @8 1×1 0.72 / 0.75 / 0.85 vs
-  // 0.55 / 0.56 / 0.84; but the 3 → 16 stem 0.94 / 0.99 vs 1.07 / 2.43, a 16 → 32 1×1 stride 2
-  // 0.36 / 0.42 / 0.41 vs 0.83 / 1.07 / 0.83.
+  // it, each sample transposed in the cache (conv2d_direct.cpp). Zen 5, batch 128, NCHW GEMM vs
+  // direct, forward / input grad / weight grad, ms: 64 → 128 @8 1×1 0.72 / 0.75 / 0.85 vs 0.35 /
+  // 0.35 / 0.40; the 3 → 16 stem 0.94–0.97 / – / 0.98–1.00 vs 0.74–0.76 / – / 0.53; 16 → 32 1×1
+  // stride 2 0.39–0.41 / – / 0.46–0.52 vs 0.24–0.31 / – / 0.24–0.25; 8 → 16 @32 2.41–2.43 /
+  // 2.31–2.37 / 2.34–2.39 vs 0.91–0.95 / 2.09 / 0.89–1.03. (With copies of the whole tensors
+  // between layouts, before: 16 → 16 @32 4.95 / 4.58 / 4.21 vs 2.55 / 2.68 / 2.76; 32 → 32 @32
+  // 15.8 / 18.0 / 14.6 vs 8.5 / 8.6 / 10.3; 64 → 64 @32 50.7 / 51.4 / 49.1 vs 29.2 / 29.6 / 35.2.)
   // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   const bool direct_possible = dtype == at::kFloat && g.groups == 1 && capability >= CpuCapability::Avx2;
   // The NHWC GEMM's input gradient with its product δY · W on the tiles, where they outrun the BLAS,
@@ -204,7 +203,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   const Conv2dKernel nhwc_gemm = !gemm_on_tiles ? Conv2dKernel::NhwcGemm
                                  : avx512       ? Conv2dKernel::NhwcGemmAvx512
                                                 : Conv2dKernel::NhwcGemmAvx2;
-  const bool nchw_via_direct = fast_tiles && g.C >= 16 && g.sH <= g.kH && g.sW <= g.kW;
+  const bool nchw_via_direct = fast_tiles;
   if (!channels_last && !(direct_possible && nchw_via_direct)) {
     return g.H_out * g.W_out < kMinNchwGemmPixels ? nhwc_gemm : Conv2dKernel::NchwGemm;
   }
@@ -247,11 +246,15 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
       break;
   }
   if (direct) return direct_kernel;
-  // An NCHW conv the direct kernel does not take: as above, or via channels-last copies to the
-  // tiles' GEMM (Zen 5, batch 128, the input gradient of stride-2 3×3 convs, NCHW GEMM vs tiles:
-  // 16 → 32 @32 2.31 vs 1.98; 32 → 64 @16 2.04 vs 1.02; 64 → 128 @16 7.09 vs 3.81).
+  // An NCHW conv the direct kernel does not take: as above, or via channels-last copies (of the
+  // whole tensors) to the tiles' GEMM, if the conv reads every input pixel (a strided 1×1 reads a
+  // quarter of them; the copy moves all) and has at least 16 input channels (Zen 5, batch 128, the
+  // input gradient, NCHW GEMM vs tiles: stride-2 3×3 16 → 32 @32 2.31 vs 1.98; 32 → 64 @16 2.04 vs
+  // 1.02; 64 → 128 @16 7.09 vs 3.81; but the 3 → 16 stem 1.00–1.06 vs 1.28–1.34, 16 → 32 1×1
+  // stride 2 0.42 vs 0.59–0.66).
   if (!channels_last) {
-    return g.H_out * g.W_out < kMinNchwGemmPixels || gemm_on_tiles ? nhwc_gemm : Conv2dKernel::NchwGemm;
+    const bool copies_pay = g.C >= 16 && g.sH <= g.kH && g.sW <= g.kW;
+    return g.H_out * g.W_out < kMinNchwGemmPixels || (gemm_on_tiles && copies_pay) ? nhwc_gemm : Conv2dKernel::NchwGemm;
   }
   return nhwc_gemm;
 }
@@ -416,7 +419,7 @@ at::Tensor conv2d_forward(Cpu, const at::Tensor& input, const at::Tensor& weight
       return conv2d_forward_depthwise(input, weight, bias, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return in_layout_of(conv2d_forward_direct(as_channels_last(input), weight, bias, g, kernel), input);
+      return conv2d_forward_direct(input, weight, bias, g, kernel);  // (either layout)
     default:
       break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW input: laid out channels-last, the result back)
@@ -483,7 +486,7 @@ at::Tensor conv2d_grad_input(Cpu, const at::Tensor& grad_output, const at::Tenso
       return conv2d_grad_input_depthwise(grad_output, weight, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return in_layout_of(conv2d_grad_input_direct(as_channels_last(grad_output), weight, g, kernel), grad_output);
+      return conv2d_grad_input_direct(grad_output, weight, g, kernel);  // (either layout)
     default:
       break;  // the Winograd kernels (not selected without Winograd: handled above)
     case Conv2dKernel::NhwcGemm:  // (an NCHW δy: laid out channels-last, the result back)
@@ -547,8 +550,7 @@ at::Tensor conv2d_grad_weight(Cpu, const at::Tensor& input, const at::Tensor& gr
       return conv2d_grad_weight_depthwise(input, grad_output, g);
     case Conv2dKernel::DirectAvx2:
     case Conv2dKernel::DirectAvx512:
-      return in_layout_of(conv2d_grad_weight_direct(as_channels_last(input), as_channels_last(grad_output), g, kernel),
-                          input);
+      return conv2d_grad_weight_direct(input, grad_output, g, kernel);  // (either layout)
     case Conv2dKernel::NhwcGemm:  // (NCHW x, δy: laid out channels-last, the result contiguous)
       return in_layout_of(conv2d_grad_weight_channels_last(as_channels_last(input), as_channels_last(grad_output), g),
                           input);

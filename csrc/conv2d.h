@@ -105,7 +105,8 @@ at::Tensor conv2d_grad_weight_channels_last(const at::Tensor& x, const at::Tenso
                                             const Conv2dGeometry& g);
 
 // The direct kernels (conv2d_direct.cpp), for the geometries select_conv2d_kernel gives them:
-// float32, channels-last x / dy, one group, `kernel` DirectAvx2 or DirectAvx512 (which the CPU
+// float32, x / dy channels-last or NCHW (each sample transposed in the cache; the result in x's /
+// δy's layout), one group, `kernel` DirectAvx2 or DirectAvx512 (which the CPU
 // runs), and for the forward a multiple of kDirectLanes output channels; for the input gradient
 // stride 1, padding p ≤ d·(k − 1) and a multiple of kDirectLanes input channels; for the weight
 // gradient a multiple of kDirectLanes output channels and at least the tiling's tile_columns

@@ -24,6 +24,7 @@
 // over a sample's pixels: per pixel the vectors of δy, one broadcast input value per column.
 
 #include "conv2d.h"
+#include "layout_copy.h"
 #include "output_cache.h"
 
 #include <ATen/Parallel.h>
@@ -71,80 +72,108 @@ at::Tensor pack_weight_blocks(const at::Tensor& wt, int64_t C_out, int64_t block
 
 namespace {
 
-// Copies sample x (H, W, C) into the interior of padded (Hp, Wp, C), pad_h / pad_w from the
-// top / left; the border is never written, so it stays zero.
-void copy_into_padded(const float* x, int64_t H, int64_t W, int64_t C, int64_t pad_h,
+// Copies sample x (H, W, C), or (C, H, W) when nchw, into the interior of padded (Hp, Wp, C),
+// pad_h / pad_w from the top / left; the border is never written, so it stays zero. An NCHW
+// sample is transposed here, in the cache, row by row (or whole, without padding): the kernels
+// read NCHW tensors with no copy of the whole tensor between layouts.
+void copy_into_padded(const float* x, bool nchw, int64_t H, int64_t W, int64_t C, int64_t pad_h,
                       int64_t pad_w, int64_t Wp, float* padded) {
+  if (nchw && pad_h == 0 && pad_w == 0 && Wp == W) return transpose_matrix(x, H * W, padded, C, C, H * W);
   for (int64_t h = 0; h < H; ++h) {
-    std::copy_n(x + h * W * C, W * C, padded + ((h + pad_h) * Wp + pad_w) * C);
+    float* row = padded + ((h + pad_h) * Wp + pad_w) * C;
+    if (nchw) {
+      transpose_matrix(x + h * W, H * W, row, C, C, W);  // (C × W), rows H·W apart → (W × C)
+    } else {
+      std::copy_n(x + h * W * C, W * C, row);
+    }
   }
 }
 
-// Calls body(n, padded) for every sample n, samples spread over threads: in_nhwc (N, H, W,
-// C_in) is copied sample by sample into the calling thread's zero-padded buffer (Hp, Wp, C_in).
+// Calls body(n, padded, scratch) for every sample n, samples spread over threads: in (N, H, W,
+// C_in), or (N, C_in, H, W) when in_nchw, is copied sample by sample into the calling thread's
+// zero-padded buffer (Hp, Wp, C_in); scratch: the thread's own scratch_floats floats.
 template <typename F>
-void for_each_padded_sample(const DirectConv& s, int64_t N, const float* in_nhwc, int64_t H,
-                            int64_t W, int64_t pad_h, int64_t pad_w, const F& body) {
+void for_each_padded_sample(const DirectConv& s, int64_t N, const float* in, bool in_nchw, int64_t H,
+                            int64_t W, int64_t pad_h, int64_t pad_w, int64_t scratch_floats, const F& body) {
   at::parallel_for(0, N, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor buffer = at::zeros({s.Hp * s.Wp * s.C_in}, at::kFloat);  // borders stay zero
+    at::Tensor scratch = at::empty({scratch_floats}, at::kFloat);
     float* padded = buffer.mutable_data_ptr<float>();
     for (int64_t n = begin; n < end; ++n) {
-      copy_into_padded(in_nhwc + n * H * W * s.C_in, H, W, s.C_in, pad_h, pad_w, s.Wp, padded);
-      body(n, padded);
+      copy_into_padded(in + n * H * W * s.C_in, in_nchw, H, W, s.C_in, pad_h, pad_w, s.Wp, padded);
+      body(n, padded, scratch.mutable_data_ptr<float>());
     }
   });
 }
 
-// Runs s over the batch, writing out (N, H_out, W_out, C_out).
-void direct_conv_batch(DirectConvSample conv_sample, const DirectConv& s, int64_t N,
-                       const float* in_nhwc, int64_t H, int64_t W, int64_t pad_h, int64_t pad_w,
-                       const float* wt, const float* bias, float* out) {
-  for_each_padded_sample(s, N, in_nhwc, H, W, pad_h, pad_w, [&](int64_t n, const float* padded) {
-    conv_sample(s, padded, wt, bias, out + n * s.H_out * s.W_out * s.C_out);
+// Runs s over the batch, writing out (N, H_out, W_out, C_out), or (N, C_out, H_out, W_out) when
+// nchw (each sample computed into the thread's scratch, then transposed into place).
+void direct_conv_batch(DirectConvSample conv_sample, const DirectConv& s, int64_t N, const float* in,
+                       int64_t H, int64_t W, int64_t pad_h, int64_t pad_w, const float* wt,
+                       const float* bias, float* out, bool nchw) {
+  const int64_t L = s.H_out * s.W_out;
+  for_each_padded_sample(s, N, in, nchw, H, W, pad_h, pad_w, nchw ? L * s.C_out : 0,
+                         [&](int64_t n, const float* padded, float* scratch) {
+    float* y = out + n * L * s.C_out;
+    if (!nchw) return conv_sample(s, padded, wt, bias, y);
+    conv_sample(s, padded, wt, bias, scratch);
+    transpose_matrix(scratch, s.C_out, y, L, L, s.C_out);  // (L × C_out) → (C_out × L)
   });
 }
 
+// A memory format's name for manualconv::empty: channels-last or NCHW
+at::MemoryFormat format_of(bool nchw) { return nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast; }
+
 }  // namespace
 
-// y = x ⋆ W + b, computed directly (x channels-last float32)
-at::Tensor conv2d_forward_direct(const at::Tensor& x, const at::Tensor& weight,
+// y = x ⋆ W + b, computed directly (x float32, channels-last, or NCHW: y in x's layout)
+at::Tensor conv2d_forward_direct(const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& bias, const Conv2dGeometry& g, Conv2dKernel kernel) {
   const DirectKernels k = direct_kernels(kernel);
+  const bool nchw = !is_channels_last(input);
+  const at::Tensor x = manualconv::contiguous(input, format_of(nchw));
   const at::Tensor wt = pack_weight_blocks(weight.permute({2, 3, 1, 0}).contiguous(), g.O,
                                            k.tiling.block_channels);  // (kH, kW, C, O), in blocks
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(format_of(nchw)));
   const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
                      g.dH, g.dW, g.H_out, g.W_out};
   direct_conv_batch(k.conv_sample, s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
                     wt.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
-                    y.mutable_data_ptr<float>());
+                    y.mutable_data_ptr<float>(), nchw);
   return y;
 }
 
 // δx = full-correlation(δy, rot180(W)) with W's channels swapped (stride 1), computed directly
-at::Tensor conv2d_grad_input_direct(const at::Tensor& dy, const at::Tensor& weight,
+// (δy channels-last or NCHW: δx in δy's layout)
+at::Tensor conv2d_grad_input_direct(const at::Tensor& grad_output, const at::Tensor& weight,
                                     const Conv2dGeometry& g, Conv2dKernel kernel) {
   const DirectKernels k = direct_kernels(kernel);
+  const bool nchw = !is_channels_last(grad_output);
+  const at::Tensor dy = manualconv::contiguous(grad_output, format_of(nchw));
   // rot180(W) with in/out swapped, (kH, kW, O, C) in blocks of C: wt[a, b, o, c] = W[o, c, kH−1−a, kW−1−b]
   const at::Tensor wt = pack_weight_blocks(weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous(), g.C,
                                            k.tiling.block_channels);
-  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
-                            dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options().memory_format(format_of(nchw)));
   const int64_t pad_h = g.dH * (g.kH - 1) - g.pH, pad_w = g.dW * (g.kW - 1) - g.pW;
   const DirectConv s{g.H_out + 2 * pad_h, g.W_out + 2 * pad_w, g.O, g.C, g.kH, g.kW, 1, 1,
                      g.dH, g.dW, g.H, g.W};
   direct_conv_batch(k.conv_sample, s, g.N, dy.const_data_ptr<float>(), g.H_out, g.W_out, pad_h, pad_w,
-                    wt.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>());
+                    wt.const_data_ptr<float>(), nullptr, dx.mutable_data_ptr<float>(), nchw);
   return dx;
 }
 
 // ∂J/∂W[o, c, a, b] = Σ_{n, i, j} δy[n, i, j, o] · x_pad[n, i·sH + a·dH, j·sW + b·dW, c], computed
-// directly (one accumulator per thread, summed at the end; returned channels-last)
-at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
+// directly (one accumulator per thread, summed at the end; returned channels-last, or NCHW-
+// contiguous for an NCHW x, whose samples, and δy's, are transposed one at a time)
+at::Tensor conv2d_grad_weight_direct(const at::Tensor& input, const at::Tensor& grad_output,
                                      const Conv2dGeometry& g, Conv2dKernel kernel) {
   const DirectKernels k = direct_kernels(kernel);
+  const bool nchw = !is_channels_last(input);
+  const at::Tensor x = manualconv::contiguous(input, format_of(nchw));
+  const bool dy_nchw = !is_channels_last(grad_output);
+  const at::Tensor dy = manualconv::contiguous(grad_output, format_of(dy_nchw));
   const DirectConv s{g.H + 2 * g.pH, g.W + 2 * g.pW, g.C, g.O, g.kH, g.kW, g.sH, g.sW,
                      g.dH, g.dW, g.H_out, g.W_out};
   const int64_t K = g.K();
@@ -156,13 +185,19 @@ at::Tensor conv2d_grad_weight_direct(const at::Tensor& x, const at::Tensor& dy,
   }
   const PerThreadSum dwt_sum(at::get_num_threads(), {K, g.O}, x.options());  // ∂J/∂Wᵀ, as the tiles add it
   const float* dy_data = dy.const_data_ptr<float>();
-  for_each_padded_sample(s, g.N, x.const_data_ptr<float>(), g.H, g.W, g.pH, g.pW,
-                         [&](int64_t n, const float* padded) {
-    k.grad_weight_sample(s, padded, dy_data + n * g.L() * g.O, col.data(), dwt_sum.mine<float>());
+  const int64_t L = g.L();
+  for_each_padded_sample(s, g.N, x.const_data_ptr<float>(), nchw, g.H, g.W, g.pH, g.pW, dy_nchw ? L * g.O : 0,
+                         [&](int64_t n, const float* padded, float* scratch) {
+    const float* d = dy_data + n * L * g.O;
+    if (dy_nchw) {
+      transpose_matrix(d, L, scratch, g.O, g.O, L);  // (O × L) → (L × O)
+      d = scratch;
+    }
+    k.grad_weight_sample(s, padded, d, col.data(), dwt_sum.mine<float>());
   });
-  // (kH, kW, C, O) → (O, C, kH, kW), channels-last
+  // (kH, kW, C, O) → (O, C, kH, kW), in x's layout
   return manualconv::contiguous(dwt_sum.total().view({g.kH, g.kW, g.C, g.O}).permute({3, 2, 0, 1}),
-                                at::MemoryFormat::ChannelsLast);
+                                format_of(nchw));
 }
 
 }  // namespace manualconv

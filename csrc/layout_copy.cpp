@@ -108,6 +108,15 @@ void transpose_planes(const uint32_t* src, uint32_t* dst, int64_t N, int64_t row
 
 }  // namespace
 
+void transpose_matrix(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+  const auto* from = reinterpret_cast<const uint32_t*>(src);
+  auto* to = reinterpret_cast<uint32_t*>(dst);
+#ifdef MANUALCONV_HAVE_AVX_TRANSPOSE
+  if (cpu_capability() >= CpuCapability::Avx2) return transpose_avx2(from, ld_src, to, ld_dst, rows, cols);
+#endif
+  transpose_scalar(from, ld_src, to, ld_dst, rows, cols);
+}
+
 void transpose_planes(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols) {
   transpose_planes(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst), N, rows, cols);
 }

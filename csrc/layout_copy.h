@@ -17,4 +17,8 @@ bool copy_between_layouts(const at::Tensor& src, at::Tensor& dst);
 // threads (the transposes copy_between_layouts runs; also the Winograd kernels' weight layouts).
 void transpose_planes(const float* src, float* dst, int64_t N, int64_t rows, int64_t cols);
 
+// dst (cols × rows, row stride ld_dst) = srcᵀ, src (rows × cols, row stride ld_src), on the
+// calling thread (the direct kernels' per-sample layout changes, inside their parallel loops).
+void transpose_matrix(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t cols);
+
 }  // namespace manualconv

@@ -72,6 +72,14 @@ CONV_CHANNELS_LAST += [
 # direct kernel on channels-last copies (select_conv2d_kernel), else the NCHW GEMM.
 CONV_NCHW_WIDE = [c for c in SAMPLES if record_of(c).name == "conv2d" and c.layout == "contiguous"
                   and len(c.input) == 4 and c.input[1] >= 16]
+# and narrow NCHW convs the direct kernel takes where the tiles outrun the BLAS (each sample
+# transposed into the padded buffer, the result transposed back): 3 input channels (the stem; its
+# input gradient on the NCHW GEMM), 8 (the input gradient direct too), a strided 1×1
+CONV_NCHW_WIDE += [
+    Case("nchw-direct-stem", "conv2d", (2, 3, 9, 7), dict(padding=1), weight=(16, 3, 3, 3)),
+    Case("nchw-direct-8", "conv2d", (2, 8, 6, 5), dict(padding=1), weight=(8, 8, 3, 3), bias=False),
+    Case("nchw-direct-1x1-stride2", "conv2d", (2, 16, 9, 9), dict(stride=2), weight=(8, 16, 1, 1)),
+]
 FLAG = "MANUALCONV_TILES_OUTRUN_BLAS"
 # A geometry each capability gives to a different kernel: 16 channels, 3×3, stride 1 (a ResNet-20
 # conv), forward, input gradient and weight gradient.
@@ -160,14 +168,18 @@ def test_selected_kernel_follows_capability(cpp):
     assert _selected_kernel("grad_weight", **strided) == (direct if fast else "nhwc_gemm")
     assert _selected_kernel("grad_weight", **{**strided, "weight_size": [512, 128, 3, 3]}) == "nhwc_gemm"
     # NCHW: the NCHW GEMM, or where the tiles outrun the BLAS the direct kernel for the passes it
-    # takes, at ≥ 16 input channels, unless a strided 1×1 (float64, not expressible here: the op
-    # asks for float32, and groups never take the direct kernel)
+    # takes, at any width; an input gradient it does not take goes via channels-last copies to the
+    # tiles' GEMM at ≥ 16 input channels, unless a strided 1×1 (float64, not expressible here: the
+    # op asks for float32, and groups never take the direct kernel)
     assert _selected_kernel("forward", channels_last=False) == (direct if fast else "nchw_gemm")
     assert _selected_kernel("grad_input", channels_last=False) == (direct if fast else "nchw_gemm")
     assert _selected_kernel("grad_input", channels_last=False, stride=[2, 2]) == (gemm_tiles if fast else "nchw_gemm")
-    assert _selected_kernel("forward", channels_last=False, input_size=[2, 8, 8, 8], weight_size=[16, 8, 3, 3]) == "nchw_gemm"
-    assert _selected_kernel("forward", channels_last=False, weight_size=[16, 16, 1, 1], stride=[2, 2],
-                            padding=[0, 0]) == "nchw_gemm"
+    narrow_nchw = dict(channels_last=False, input_size=[2, 8, 8, 8], weight_size=[16, 8, 3, 3])
+    assert _selected_kernel("forward", **narrow_nchw) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", **narrow_nchw, stride=[2, 2]) == "nchw_gemm"
+    strided_1x1 = dict(channels_last=False, weight_size=[16, 16, 1, 1], stride=[2, 2], padding=[0, 0])
+    assert _selected_kernel("forward", **strided_1x1) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", **strided_1x1) == "nchw_gemm"
     assert _selected_kernel("forward", channels_last=False, groups=2, weight_size=[16, 8, 3, 3]) == "nchw_gemm"
     assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"
     # one filter per channel (groups = C = O): the depthwise kernels, in either layout, every pass;
