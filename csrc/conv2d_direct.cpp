@@ -1,8 +1,11 @@
-// Direct channels-last float32 convolution, for the layers select_conv2d_kernel (conv2d.cpp) gives
-// it: up to 64 channels (8 or 16 output channels for the weight gradient). This file is the ATen
-// side (weight packing, padding, threads); the register tiles are written once over a vector type
-// (conv2d_direct_tiles.h, vec.h) and compiled per instruction set (conv2d_direct_avx2.cpp,
-// conv2d_direct_avx512.cpp), called here through the kernel select_conv2d_kernel chose.
+// Direct float32 convolution, for the layers select_conv2d_kernel (conv2d.cpp) gives it (up to 64
+// channels, 16 or 32 output channels for the weight gradient; wider where the tiles outrun the
+// BLAS). The tiles compute channels-last; an NCHW sample is transposed into the padded buffer the
+// kernels read anyway, and its result transposed back, one sample at a time in the cache. This
+// file is the ATen side (weight packing, padding, layouts, threads); the register tiles are
+// written once over a vector type (conv2d_direct_tiles.h, vec.h) and compiled per instruction set
+// (conv2d_direct_avx2.cpp, conv2d_direct_avx512.cpp), called here through the kernel
+// select_conv2d_kernel chose.
 //
 // CIFAR-size layers (8 to 64 output channels, 8² to 32² maps) give an im2col GEMM few columns,
 // which BLAS runs well below its peak, and im2col itself costs a pass over memory. Here each
