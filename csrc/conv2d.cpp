@@ -178,27 +178,18 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // 0.26 / 0.28 / 0.85; 960→160 @3×3 3.83 / 4.54 / 0.61 vs 0.53 / 0.54 / 0.57; 384→64 @4×4
   // 0.18 / 0.20 / 0.19 vs 0.23 / 0.21 / 0.21; @1×1 a tie.
   constexpr int64_t kMinNchwGemmPixels = 16;
-  // On a CPU with the tiles, an NCHW conv whose pass the direct kernel takes (below) runs it, each
-  // sample transposed in the cache (conv2d_direct.cpp). Zen 5, batch 128, NCHW GEMM vs
+  // Where the tiles outrun the BLAS, an NCHW conv whose pass the direct kernel takes (below) runs
+  // it, each sample transposed in the cache (conv2d_direct.cpp). Zen 5, batch 128, NCHW GEMM vs
   // direct, forward / input grad / weight grad, ms: 64 → 128 @8 1×1 0.72 / 0.75 / 0.85 vs 0.35 /
   // 0.35 / 0.40; the 3 → 16 stem 0.94–0.97 / – / 0.98–1.00 vs 0.74–0.76 / – / 0.53; 16 → 32 1×1
   // stride 2 0.39–0.41 / – / 0.46–0.52 vs 0.24–0.31 / – / 0.24–0.25; 8 → 16 @32 2.41–2.43 /
   // 2.31–2.37 / 2.34–2.39 vs 0.91–0.95 / 2.09 / 0.89–1.03. (With copies of the whole tensors
   // between layouts, before: 16 → 16 @32 4.95 / 4.58 / 4.21 vs 2.55 / 2.68 / 2.76; 32 → 32 @32
   // 15.8 / 18.0 / 14.6 vs 8.5 / 8.6 / 10.3; 64 → 64 @32 50.7 / 51.4 / 49.1 vs 29.2 / 29.6 / 35.2.)
-  // And where the tiles do not outrun the BLAS (the direct kernels' channel limits below), measured
-  // on the same Zen 5 with both sides restricted to AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2, the avx2
-  // capability: the tiles and MKL at one width, as on a Zen 3, a Zen 4 or an Intel AVX-512 CPU),
-  // NCHW GEMM vs direct: 32 → 32 @32 15.0 / 15.0 / 14.8 vs 11.6 / 11.2 / (GEMM); 32 → 64 @32
-  // 28.2 / 26.8 / 26.8 vs 21.9 / 21.9 / (GEMM); 64 → 64 @16 stride 2 4.38 / 4.14 / 4.23 vs 2.96 /
-  // 3.27 (tiles' GEMM) / (GEMM); but 16 → 16 @32 1×1 0.56 / 0.53 / 0.57 vs 0.61 / 0.59 / 0.58. The
-  // benchmark's conv rows there (forward + backward, ms): NCHW 16 → 16 @32 15.1 → 9.8, stem 3.54 →
-  // 3.32, 16 → 32 stride 2 8.11 → 7.53, NHWC stem 3.65 → 3.00 (the tiles' GEMM below); geomean
-  // 1.41 → 1.53; training steps unchanged or faster (mobilenet_v2 47.4 → 44.7).
   // The direct kernels are float32 code for one group, compiled for AVX2 + FMA and AVX-512.
   const bool direct_possible = dtype == at::kFloat && g.groups == 1 && capability >= CpuCapability::Avx2;
-  // The NHWC GEMM's input gradient with its product δY · W on the tiles (every CPU with them: as
-  // measured above under AVX2), on output maps of at least 16 pixels (K padded to whole vectors, but for a pointwise conv,
+  // The NHWC GEMM's input gradient with its product δY · W on the tiles, where they outrun the BLAS,
+  // on output maps of at least 16 pixels (K padded to whole vectors, but for a pointwise conv,
   // whose product is δx itself: there K must fill them). (The forward and the weight
   // gradient under the same conditions take the direct kernel itself.) Zen 5, NHWC, tiles vs BLAS,
   // the input gradient of stride-2 3×3 convs (batch 64): 16 → 32 @32 0.48 vs 0.93; 64 → 128 @16
@@ -207,12 +198,13 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
   // weights per block: mixed, e.g. 160 → 960 @1 0.06–0.14 vs 0.12 and 320 → 1280 @1 0.16–0.35 vs
   // 0.30 (noisy rows of 0.05–0.5 ms): BLAS there. The stem's input gradient (3 → 16 @32, K = 27
   // padded to 32, batch 128, NHWC): 2.29–2.36 ms on BLAS vs 0.98–1.00 on the tiles (torch 1.46–1.48).
-  const bool gemm_on_tiles = direct_possible && pass == Conv2dPass::GradInput &&
+  const bool gemm_on_tiles = fast_tiles && direct_possible && pass == Conv2dPass::GradInput &&
                              g.H_out * g.W_out >= 16 && (g.K() % kDirectLanes == 0 || !g.is_pointwise());
   const Conv2dKernel nhwc_gemm = !gemm_on_tiles ? Conv2dKernel::NhwcGemm
                                  : avx512       ? Conv2dKernel::NhwcGemmAvx512
                                                 : Conv2dKernel::NhwcGemmAvx2;
-  if (!channels_last && !direct_possible) {
+  const bool nchw_via_direct = fast_tiles;
+  if (!channels_last && !(direct_possible && nchw_via_direct)) {
     return g.H_out * g.W_out < kMinNchwGemmPixels ? nhwc_gemm : Conv2dKernel::NchwGemm;
   }
   if (!direct_possible) return Conv2dKernel::NhwcGemm;

@@ -162,29 +162,24 @@ def test_selected_kernel_follows_capability(cpp):
     strided = dict(input_size=[8, 128, 16, 16], weight_size=[256, 128, 3, 3], stride=[2, 2])
     direct = EXPECTED_KERNEL[capability]
     assert _selected_kernel("forward", **strided) == (direct if fast else "nhwc_gemm")
-    # (stride 2: no direct kernel; on a CPU with the tiles, the GEMM's product on them)
+    # (stride 2: no direct kernel; where the tiles outrun the BLAS, the GEMM's product on them)
     gemm_tiles = {"default": "nhwc_gemm", "avx2": "nhwc_gemm_avx2", "avx512": "nhwc_gemm_avx512"}[capability]
-    assert _selected_kernel("grad_input", **strided) == gemm_tiles
+    assert _selected_kernel("grad_input", **strided) == (gemm_tiles if fast else "nhwc_gemm")
     assert _selected_kernel("grad_weight", **strided) == (direct if fast else "nhwc_gemm")
     assert _selected_kernel("grad_weight", **{**strided, "weight_size": [512, 128, 3, 3]}) == "nhwc_gemm"
-    # NCHW: on a CPU with the tiles, the direct kernel for the passes it takes (within its channel
-    # limits, none where the tiles outrun the BLAS); an input gradient it does not take goes via
-    # channels-last copies to the tiles' GEMM at ≥ 16 input channels, unless a strided 1×1; else
-    # (and on the baseline) the NCHW GEMM (float64, not expressible here: the op asks for float32,
-    # and groups never take the direct kernel)
-    tiles_cpu = capability != "default"
-    nchw_direct = direct if tiles_cpu else "nchw_gemm"
-    assert _selected_kernel("forward", channels_last=False) == nchw_direct
-    assert _selected_kernel("grad_input", channels_last=False) == nchw_direct
-    assert _selected_kernel("grad_input", channels_last=False, stride=[2, 2]) == (gemm_tiles if tiles_cpu else "nchw_gemm")
+    # NCHW: the NCHW GEMM, or where the tiles outrun the BLAS the direct kernel for the passes it
+    # takes, at any width; an input gradient it does not take goes via channels-last copies to the
+    # tiles' GEMM at ≥ 16 input channels, unless a strided 1×1 (float64, not expressible here: the
+    # op asks for float32, and groups never take the direct kernel)
+    assert _selected_kernel("forward", channels_last=False) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", channels_last=False) == (direct if fast else "nchw_gemm")
+    assert _selected_kernel("grad_input", channels_last=False, stride=[2, 2]) == (gemm_tiles if fast else "nchw_gemm")
     narrow_nchw = dict(channels_last=False, input_size=[2, 8, 8, 8], weight_size=[16, 8, 3, 3])
-    assert _selected_kernel("forward", **narrow_nchw) == nchw_direct
+    assert _selected_kernel("forward", **narrow_nchw) == (direct if fast else "nchw_gemm")
     assert _selected_kernel("grad_input", **narrow_nchw, stride=[2, 2]) == "nchw_gemm"
     strided_1x1 = dict(channels_last=False, weight_size=[16, 16, 1, 1], stride=[2, 2], padding=[0, 0])
-    assert _selected_kernel("forward", **strided_1x1) == nchw_direct
+    assert _selected_kernel("forward", **strided_1x1) == (direct if fast else "nchw_gemm")
     assert _selected_kernel("grad_input", **strided_1x1) == "nchw_gemm"
-    wide_nchw = dict(channels_last=False, input_size=[2, 128, 8, 8], weight_size=[128, 128, 1, 1], padding=[0, 0])
-    assert _selected_kernel("forward", **wide_nchw) == (direct if fast else "nchw_gemm")
     assert _selected_kernel("forward", channels_last=False, groups=2, weight_size=[16, 8, 3, 3]) == "nchw_gemm"
     assert _selected_kernel("forward", groups=2, weight_size=[16, 8, 3, 3]) == "nhwc_gemm"
     # one filter per channel (groups = C = O): the depthwise kernels, in either layout, every pass;
