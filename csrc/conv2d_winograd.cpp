@@ -421,7 +421,6 @@ void transform_grad_output_tile(const float* const* dy, int64_t Co, int64_t ld, 
 // computed in float64 and rounded to float32 once; returned (Co, Ci, 3, 3), laid out channels-last
 // (Co, 3, 3, Ci). As transform_weights: for each input channel a vectorized loop over output
 // channels, into (3·3·Ci, Co), then one transpose (the loop it replaces wrote 9·Ci floats apart).
-template <bool kUnused = true>
 void inverse_transform_weights_of_channel(const float* w, int64_t c, int64_t Ci, int64_t Co, float* dgt) {
   const auto& G = kG2;
   const int64_t plane = Ci * Co;

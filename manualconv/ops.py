@@ -156,6 +156,9 @@ if AVAILABLE:
         return input.new_empty(input.shape).contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
+    # a copy: its gradient is δ itself (in whatever layout it comes)
+    torch.library.register_autograd("manualconv::layout_copy", lambda ctx, grad: (grad, None))
+
 
 if AVAILABLE:
     # torch.autocast: the conv operators cast their inputs to the autocast dtype (bfloat16 on CPU,

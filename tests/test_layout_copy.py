@@ -66,6 +66,16 @@ def test_non_dense_input_is_copied_by_value():
     assert torch.equal(_bits(out), _bits(src.contiguous(memory_format=torch.channels_last)))
 
 
+@pytest.mark.parametrize("channels_last", (True, False))
+def test_gradcheck(channels_last):
+    """A copy's gradient is the incoming δ: gradcheck and gradgradcheck in float64."""
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.contiguous_format if channels_last else torch.channels_last).requires_grad_()
+    op = lambda t: torch.ops.manualconv.layout_copy(t, channels_last)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x,))
+    assert torch.autograd.gradgradcheck(op, (x,))
+
+
 def test_channels_last_needs_4_dims():
     with pytest.raises(RuntimeError, match="layout_copy: channels_last needs a 4-d input, got 3 dimensions"):
         torch.ops.manualconv.layout_copy(torch.zeros(2, 3, 4), True)
