@@ -11,24 +11,29 @@
 // channels-last max pool's backward (64@32, batch 128) writes a 32 MiB δx: 8193 faults, 11.3 ms;
 // the same kernel on memory already mapped, 2.8 ms.
 //
-// How. The blocks are taken from the system as segments (one per request the free blocks could not
-// serve) and handed out whole or split: a request takes the smallest free block at least as large
-// (best fit) and leaves the rest of it free, rounded to 4 KiB pages (a new segment is at least
-// 16 MiB, kMinSegmentBytes); a freed block merges with its free neighbours in its segment (as
-// torch's CUDA caching allocator does). Splitting matters:
-// with whole blocks per size, an airbench step (batch 512) held 440 MB, the sum over its tensor
-// sizes of the most alive at once, where at most 272 MB are ever in use together. Free memory is
-// kept up to MANUALCONV_CPU_CACHE_MB MiB (default 1024; 0 turns the cache off), whole free
-// segments beyond it given back, the least recently freed first;
-// torch.ops.manualconv.output_cache_release() gives back every whole free segment
-// (manualconv.empty_cache()). Requests under 1 MiB take at::empty's path: malloc's heap reuses
-// them without faults. The profiler is told when a segment is taken from or given back to the
-// system (its memory timeline then shows what the process holds, free blocks included).
+// How. The blocks are carved from one arena: a range of virtual memory as large as the machine's
+// physical memory, reserved at the first request (MAP_NORESERVE: only the pages written are backed)
+// and tiled by blocks from its start to its top. A request takes the smallest free block at least
+// as large (best fit) and leaves the rest of it free, rounded to 4 KiB pages; with none, the top
+// grows (the free block at the top, if any, growing into the request); a freed block merges with
+// its free neighbours (as torch's CUDA caching allocator does). One arena instead of separate
+// segments lets any freed memory serve any later request: with 16 MiB-and-up segments each merged
+// only within itself, an airbench step (batch 512) held 348 MiB, with the arena 278, where 272 are
+// ever in use together (AMD EPYC Zen 5; torch.nn's step 374: memory ratio 0.93 -> 0.74; mobilenet_v2
+// 0.80 -> 0.74; ResNet-20 189 both ways, its step times unchanged). Free memory is kept up to
+// MANUALCONV_CPU_CACHE_MB MiB (default 1024; 0 turns the cache off): beyond it the least recently
+// freed blocks are given back (madvise: their pages return to the system, their addresses stay the
+// arena's, and a request they serve later is faulted in again); a free block at the top lowers the
+// top instead. torch.ops.manualconv.output_cache_release() gives back every free block
+// (manualconv.empty_cache()). Requests under 1 MiB take at::empty's path: malloc's heap reuses them
+// without faults; so do requests the arena cannot hold (full, or not reserved where the system
+// refuses the mapping). The profiler is told when the memory the cache holds grows or shrinks (its
+// memory timeline then shows what the process holds, free blocks included).
 //
-// With it (same machine, benchmark against torch.nn in one process, native / manual time): the
-// ResNet-20 step 0.96 → 1.07–1.12, airbench (batch 512) 0.99 → 1.29–1.37, held memory 1.01 and
-// 0.73 → 0.93 of torch's; a ResNet-20 step alone took 5–13 k page faults instead of 20.5 k (the
-// rest are torch's own tensors in it: ReLU's forward output, the residual adds' gradients).
+// With it (AMD EPYC Zen 4, benchmark against torch.nn in one process, native / manual time): the
+// ResNet-20 step 0.96 → 1.07–1.12, airbench (batch 512) 0.99 → 1.29–1.37; a ResNet-20 step alone
+// took 5–13 k page faults instead of 20.5 k (the rest are torch's own tensors in it: ReLU's forward
+// output, the residual adds' gradients).
 
 #include "output_cache.h"
 
@@ -37,10 +42,12 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include <pthread.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -48,7 +55,9 @@
 #include <new>
 #include <set>
 #include <string>
+#include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace manualconv {
@@ -56,10 +65,6 @@ namespace {
 
 constexpr size_t kMinCachedBytes = size_t(1) << 20;
 constexpr size_t kPage = 4096;
-// Segments of at least 16 MiB, so that smaller tensors share them. Held in a steady training
-// step (AMD EPYC Zen 4; whole segments per request vs at least 16 / 64 / 256 MiB): ResNet-20,
-// batch 128: 108 vs 96 / 128 / 256 MB; airbench, batch 512: 341 vs 347 / 320 / 512 MB.
-constexpr size_t kMinSegmentBytes = size_t(16) << 20;
 constexpr size_t kDefaultLimitMiB = 1024;
 
 // MANUALCONV_CPU_CACHE_MB: the most bytes of free blocks kept (0: no cache)
@@ -74,17 +79,19 @@ size_t limit_from_environment() {
   return size_t(mib) << 20;
 }
 
-// A piece of a segment: handed out (free = false) or free; prev / next: its neighbours in the
-// segment (nullptr at the segment's ends)
+size_t round_to_pages(size_t nbytes) { return (nbytes + kPage - 1) / kPage * kPage; }
+
+// A piece of the arena: handed out, free (its pages held), or given back (free, its pages returned
+// to the system); prev / next: its neighbours in address order (nullptr at the arena's start / top)
+enum class State { InUse, Free, GivenBack };
+
 struct Block {
   char* data;
   size_t size;
-  bool free = false;
+  State state = State::InUse;
   Block* prev = nullptr;
   Block* next = nullptr;
   uint64_t freed_at = 0;  // the release counter when it was last freed (oldest given back first)
-
-  bool whole_segment() const { return prev == nullptr && next == nullptr; }
 };
 
 struct BySizeThenAddress {
@@ -92,6 +99,26 @@ struct BySizeThenAddress {
     return a->size != b->size ? a->size < b->size : a->data < b->data;
   }
 };
+using BlockSet = std::set<Block*, BySizeThenAddress>;
+
+// The arena's address range: the machine's physical memory (at most a quarter of the process's
+// address-space limit, RLIMIT_AS, where one is set, so that other allocations keep the rest), or
+// the largest power-of-two share of it the system maps (halved down to 64 MiB); [nullptr, 0] where
+// it maps none
+std::pair<char*, size_t> reserve_arena() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  size_t bytes = pages > 0 && page > 0 ? size_t(pages) * size_t(page) : size_t(64) << 30;
+  rlimit limit{};
+  if (getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+    bytes = std::min(bytes, size_t(limit.rlim_cur / 4));
+  }
+  for (; bytes >= (size_t(64) << 20); bytes /= 2) {
+    bytes = round_to_pages(bytes);
+    void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base != MAP_FAILED) return {static_cast<char*>(base), bytes};
+  }
+  return {nullptr, 0};
+}
 
 class OutputCache final : public c10::Allocator {
  public:
@@ -106,27 +133,18 @@ class OutputCache final : public c10::Allocator {
     // (empty() sends only large requests here; a storage resized to a small size by torch gets
     // the default allocator's memory, which carries its own deleter)
     if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
-    const size_t size = (nbytes + kPage - 1) / kPage * kPage;
+    const size_t size = round_to_pages(nbytes);
     std::lock_guard<std::mutex> lock(mutex_);
-    Block key{nullptr, size};
-    auto it = free_.lower_bound(&key);  // the smallest free block of at least `size` bytes
-    Block* block = nullptr;
-    if (it != free_.end()) {
-      block = *it;
-      free_.erase(it);
-      free_bytes_ -= block->size;
-      if (block->size - size >= kMinCachedBytes) split(block, size);
+    Block* block = take_free(size);
+    if (block != nullptr) {
       ++hits_;
     } else {
-      const size_t segment = std::max(size, std::min(kMinSegmentBytes, limit_));
-      void* data = c10::alloc_cpu(segment);
-      block = new Block{static_cast<char*>(data), segment};
-      reserved_bytes_ += segment;
-      report(data, static_cast<int64_t>(segment));
-      if (segment - size >= kMinCachedBytes) split(block, size);
+      block = take_given_back(size);
+      if (block == nullptr) block = grow(size);
+      if (block == nullptr) return c10::GetCPUAllocator()->allocate(nbytes);  // the arena cannot hold it
       ++misses_;
     }
-    block->free = false;
+    block->state = State::InUse;
     used_[block->data] = block;
     return {block->data, block->data, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -137,15 +155,15 @@ class OutputCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  // Gives every whole free segment back to the system: [segments given back]
+  // Gives every free block back to the system: [blocks given back]
   int64_t release_all() {
     std::lock_guard<std::mutex> lock(mutex_);
-    int64_t segments = 0;
-    for (auto it = free_.begin(); it != free_.end();) {
-      Block* block = *it;
-      it = block->whole_segment() ? (++segments, give_back(it)) : std::next(it);
+    int64_t blocks = 0;
+    while (!free_.empty()) {
+      give_back(*free_.begin());
+      ++blocks;
     }
-    return segments;
+    return blocks;
   }
 
   // [free bytes, reserved bytes (free and in use), hits, misses, limit bytes]
@@ -162,27 +180,107 @@ class OutputCache final : public c10::Allocator {
 
   static void release(void* data) { instance().put_back(data); }
 
-  // block = its first `size` bytes; the rest a new free block after it
-  void split(Block* block, size_t size) {
+  // The smallest free block of at least `size` bytes, cut to `size` (the rest stays free), out of
+  // free_; nullptr if none
+  Block* take_free(size_t size) {
+    auto it = free_.lower_bound(size_key(size));
+    if (it == free_.end()) return nullptr;
+    Block* block = *it;
+    free_.erase(it);
+    free_bytes_ -= block->size;
+    if (block->size - size >= kMinCachedBytes) split(block, size, free_, &free_bytes_);
+    return block;
+  }
+
+  // The smallest given-back block of at least `size` bytes, cut to `size` (the rest stays given
+  // back): its pages are held again (faulted in when written)
+  Block* take_given_back(size_t size) {
+    auto it = given_back_.lower_bound(size_key(size));
+    if (it == given_back_.end()) return nullptr;
+    Block* block = *it;
+    given_back_.erase(it);
+    if (block->size - size >= kMinCachedBytes) split(block, size, given_back_, nullptr);
+    hold(block->data, int64_t(block->size));
+    return block;
+  }
+
+  // A block of `size` bytes at the arena's top, taking in the free or given-back block there;
+  // nullptr if the arena is full (or was never reserved)
+  Block* grow(size_t size) {
+    if (arena_ == nullptr && !arena_tried_) {
+      arena_tried_ = true;
+      std::tie(arena_, capacity_) = reserve_arena();
+    }
+    Block* tail = top_block_;
+    const bool reuse_tail = tail != nullptr && tail->state != State::InUse;
+    const size_t start = reuse_tail ? size_t(tail->data - arena_) : top_;
+    if (arena_ == nullptr || start + size > capacity_) return nullptr;
+    size_t held_before = 0;  // of the tail's bytes, those whose pages are held
+    Block* block = tail;
+    if (reuse_tail) {
+      if (tail->state == State::Free) {
+        free_.erase(tail);
+        free_bytes_ -= tail->size;
+        held_before = tail->size;
+      } else {
+        given_back_.erase(tail);
+      }
+      tail->size = size;
+    } else {
+      block = new Block{arena_ + top_, size};
+      block->prev = tail;
+      if (tail != nullptr) tail->next = block;
+      top_block_ = block;
+    }
+    top_ = start + size;
+    hold(block->data + held_before, int64_t(size - held_before));
+    return block;
+  }
+
+  static Block* size_key(size_t size) {
+    static thread_local Block key{nullptr, 0};
+    key.size = size;
+    return &key;
+  }
+
+  // block = its first `size` bytes; the rest a new block after it, in the same state, into `set`
+  void split(Block* block, size_t size, BlockSet& set, size_t* set_bytes) {
     Block* rest = new Block{block->data + size, block->size - size};
-    rest->free = true;
+    rest->state = block->state;
     rest->freed_at = block->freed_at;
     rest->prev = block;
     rest->next = block->next;
     if (block->next != nullptr) block->next->prev = rest;
+    else top_block_ = rest;
     block->next = rest;
     block->size = size;
-    free_.insert(rest);
-    free_bytes_ += rest->size;
+    set.insert(rest);
+    if (set_bytes != nullptr) *set_bytes += rest->size;
   }
 
-  // into = into + its next neighbour (both free and out of free_); the neighbour is deleted
-  static void merge_next(Block* into) {
+  // into = into + its next neighbour (both out of their sets); the neighbour is deleted
+  void merge_next(Block* into) {
     Block* next = into->next;
     into->size += next->size;
     into->next = next->next;
     if (next->next != nullptr) next->next->prev = into;
+    else top_block_ = into;
     delete next;
+  }
+
+  // block merged with its neighbours in `state` (taken out of `set`): the merged block
+  Block* merge_with_neighbours(Block* block, State state, BlockSet& set) {
+    if (block->next != nullptr && block->next->state == state) {
+      set.erase(block->next);
+      merge_next(block);
+    }
+    if (block->prev != nullptr && block->prev->state == state) {
+      Block* prev = block->prev;
+      set.erase(prev);
+      merge_next(prev);
+      block = prev;
+    }
+    return block;
   }
 
   void put_back(void* data) {
@@ -191,45 +289,41 @@ class OutputCache final : public c10::Allocator {
     TORCH_INTERNAL_ASSERT(used != used_.end(), "manualconv output cache: freeing an unknown block");
     Block* block = used->second;
     used_.erase(used);
-    free_bytes_ += block->size;
-    if (block->next != nullptr && block->next->free) {
-      free_.erase(block->next);
-      merge_next(block);
-    }
-    if (block->prev != nullptr && block->prev->free) {
-      Block* prev = block->prev;
-      free_.erase(prev);
-      merge_next(prev);
-      block = prev;
-    }
-    block->free = true;
+    free_bytes_ += block->size;  // (its free neighbours' bytes are counted already)
+    block = merge_with_neighbours(block, State::Free, free_);
+    block->state = State::Free;
     block->freed_at = ++releases_;
     free_.insert(block);
-    while (free_bytes_ > limit_) {  // whole free segments go back, the least recently freed first
-      auto oldest = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if ((*it)->whole_segment() && (oldest == free_.end() || (*it)->freed_at < (*oldest)->freed_at)) {
-          oldest = it;
-        }
-      }
-      if (oldest == free_.end()) break;  // what is free is split among segments in use
-      give_back(oldest);
+    while (free_bytes_ > limit_) {  // the least recently freed blocks go back first
+      give_back(*std::min_element(free_.begin(), free_.end(),
+                                  [](const Block* a, const Block* b) { return a->freed_at < b->freed_at; }));
     }
   }
 
-  // Frees a whole free segment (the lock held); returns the next position in free_
-  std::set<Block*, BySizeThenAddress>::iterator give_back(std::set<Block*, BySizeThenAddress>::iterator it) {
-    Block* block = *it;
+  // A free block's pages go back to the system (the lock held): at the top, the top comes down to
+  // it; elsewhere it stays in the arena, given back, merged with given-back neighbours
+  void give_back(Block* block) {
+    free_.erase(block);
     free_bytes_ -= block->size;
-    reserved_bytes_ -= block->size;
-    report(block->data, -static_cast<int64_t>(block->size));
-    c10::free_cpu(block->data);
-    delete block;
-    return free_.erase(it);
+    hold(block->data, -int64_t(block->size));
+    madvise(block->data, block->size, MADV_DONTNEED);  // the pages are zero-filled when written again
+    block->state = State::GivenBack;
+    block = merge_with_neighbours(block, State::GivenBack, given_back_);
+    if (block->next == nullptr) {  // the top: the arena ends where the block began
+      top_ = size_t(block->data - arena_);
+      top_block_ = block->prev;
+      if (block->prev != nullptr) block->prev->next = nullptr;
+      delete block;
+    } else {
+      given_back_.insert(block);
+    }
   }
 
-  void report(void* data, int64_t delta) {  // (the lock held)
-    if (c10::memoryProfilingEnabled()) {
+  // The pages held grow (delta > 0) or shrink by |delta| bytes at data (the lock held); the
+  // profiler is told
+  void hold(void* data, int64_t delta) {
+    reserved_bytes_ += delta;
+    if (delta != 0 && c10::memoryProfilingEnabled()) {
       c10::reportMemoryUsageToProfiler(data, delta, reserved_bytes_, reserved_bytes_,
                                        c10::Device(c10::DeviceType::CPU));
     }
@@ -237,9 +331,13 @@ class OutputCache final : public c10::Allocator {
 
   const size_t limit_;
   std::mutex mutex_;
-  std::set<Block*, BySizeThenAddress> free_;    // free blocks, by size
+  char* arena_ = nullptr;
+  size_t capacity_ = 0, top_ = 0;  // the arena's bytes reserved, and those up to its top
+  bool arena_tried_ = false;
+  Block* top_block_ = nullptr;                  // the block ending at the top (nullptr: none)
+  BlockSet free_, given_back_;                  // free blocks (their pages held), given-back blocks; by size
   std::unordered_map<void*, Block*> used_;      // blocks handed out, by address
-  size_t free_bytes_ = 0, reserved_bytes_ = 0;
+  size_t free_bytes_ = 0, reserved_bytes_ = 0;  // free blocks' bytes; bytes held (free and in use)
   int64_t hits_ = 0, misses_ = 0;
   uint64_t releases_ = 0;
 };

@@ -1,5 +1,7 @@
 """The C++ operators' CPU output cache (csrc/output_cache.cpp): a freed block is reused, split
-for smaller tensors and merged back when they are freed; live tensors never share memory; small
+for smaller tensors and merged back when they are freed; memory freed anywhere in the arena serves
+a larger request once merged; beyond the limit the least recently freed blocks are given back,
+in the arena's middle as at its top, and serve later requests; live tensors never share memory; small
 tensors, other devices and MANUALCONV_CPU_CACHE_MB=0 bypass it; the limit on free bytes holds; a bad
 limit is refused at import, naming the variable; the benchmark's peak memory counts the free bytes
 it holds. Each scenario runs in a fresh process (the cache is process-wide) after empty_cache(),
@@ -47,7 +49,7 @@ b = out(2 * MiB); r["same_address"] = b.data_ptr() == first; r["after_second"] =
 fresh()
 before = info(); s = out(MiB // 2); r["small_untouched"] = info() == before; del s
 
-# split and merge: one 64 MiB segment serves four 16 MiB tensors, and is whole again after
+# split and merge: one freed 64 MiB block serves four 16 MiB tensors, and is whole again after
 fresh()
 big = out(64 * MiB); base = big.data_ptr(); del big
 misses = info()["misses"]
@@ -100,6 +102,36 @@ del x, w  # (x.grad, δx, is the cache's)
 fresh()
 c = out(32 * MiB); del c
 r["after_large_free"] = info()
+
+# the arena: blocks freed apart merge into one that serves a larger request (no new memory)
+fresh()
+a, b, c = out(8 * MiB), out(8 * MiB), out(8 * MiB)
+base = a.data_ptr()
+del a, b
+misses = info()["misses"]
+d = out(16 * MiB)
+r["merged_serves"] = {"offset": d.data_ptr() - base, "new_misses": info()["misses"] - misses, **info()}
+del c, d
+
+# a freed block in the arena's middle (c stays in use above it), beyond the limit: given back, its
+# address kept; a later request takes it (a miss: its pages are faulted in again), the rest stays
+# given back; given back at the top, the top comes down
+fresh()
+a, b, c = out(4 * MiB), out(24 * MiB), out(4 * MiB)
+b_address = b.data_ptr()
+del b
+r["middle_given_back"] = info()
+e = out(20 * MiB)
+r["given_back_reused"] = {"same_address": e.data_ptr() == b_address, **info()}
+e.fill_(3.0); c.fill_(5.0)
+r["given_back_intact"] = bool((e == 3.0).all()) and bool((c == 5.0).all())
+top = c.data_ptr() + 4 * MiB
+del e
+f = out(28 * MiB)  # 20 + 4 free below c: too small; from the top, above c
+r["above_top"] = f.data_ptr() == top
+del f
+r["after_top_free"] = info()
+del a, c
 print(json.dumps(r))
 """
 
@@ -126,10 +158,10 @@ def test_default_limit_is_1_GiB(observed):
 def test_a_freed_block_is_reused(observed):
     first, second = observed["after_first"], observed["after_second"]
     assert (first["misses"], first["hits"]) == (1, 0)
-    assert first["reserved_bytes"] == 16 * MiB  # kMinSegmentBytes: the rest of the segment stays free
-    assert first["free_bytes"] == 14 * MiB
+    assert first["reserved_bytes"] == 2 * MiB  # the arena's top grew by the request
+    assert first["free_bytes"] == 0
     assert (second["misses"], second["hits"]) == (1, 1)
-    assert second["reserved_bytes"] == 16 * MiB
+    assert second["reserved_bytes"] == 2 * MiB
     assert observed["same_address"]
 
 
@@ -142,7 +174,7 @@ def test_a_segment_is_split_and_merged_back(observed):
     assert observed["parts_misses"] == 0
     merged = observed["merged"]
     assert merged["free_bytes"] == merged["reserved_bytes"] == 64 * MiB
-    assert observed["released"] == 1  # one whole free segment, given back
+    assert observed["released"] == 1  # one free block, given back
     assert observed["after_release"]["reserved_bytes"] == 0
 
 
@@ -162,6 +194,23 @@ def test_conv_outputs_and_gradients_come_from_the_cache(observed):
     assert observed["conv_requests"] >= 2
 
 
+def test_within_the_limit_the_middle_block_is_kept_and_split(observed):
+    middle, reused, top = observed["middle_given_back"], observed["given_back_reused"], observed["after_top_free"]
+    assert (middle["reserved_bytes"], middle["free_bytes"]) == (32 * MiB, 24 * MiB)
+    assert reused["same_address"] and observed["given_back_intact"]
+    assert reused["hits"] == middle["hits"] + 1 and reused["misses"] == middle["misses"]
+    assert (reused["reserved_bytes"], reused["free_bytes"]) == (32 * MiB, 4 * MiB)
+    assert observed["above_top"]  # 24 MiB free below c: too small for 28
+    assert (top["reserved_bytes"], top["free_bytes"]) == (60 * MiB, 52 * MiB)
+
+
+def test_blocks_freed_apart_merge_and_serve_a_larger_request(observed):
+    served = observed["merged_serves"]
+    assert served["offset"] == 0  # a and b's 16 MiB, at a's address
+    assert served["new_misses"] == 0
+    assert (served["reserved_bytes"], served["free_bytes"]) == (24 * MiB, 0)
+
+
 def test_within_the_limit_a_freed_block_is_kept(observed):
     after = observed["after_large_free"]
     assert after["free_bytes"] == after["reserved_bytes"] == 32 * MiB
@@ -173,8 +222,21 @@ def test_a_block_beyond_the_limit_goes_back():
     r = json.loads(result.stdout.strip().splitlines()[-1])
     assert r["limit"] == 16 * MiB
     assert r["after_large_free"]["reserved_bytes"] == 0  # 32 MiB free > 16 MiB: given back
-    assert r["after_second"]["reserved_bytes"] == 16 * MiB  # 16 MiB free: kept
+    assert r["after_second"]["reserved_bytes"] == 2 * MiB  # 2 MiB free: kept
     assert r["disjoint"] and r["intact"]
+    # 24 MiB freed between two live 4 MiB blocks: 24 > 16, given back though not at the top
+    middle = r["middle_given_back"]
+    assert (middle["reserved_bytes"], middle["free_bytes"]) == (8 * MiB, 0)
+    # 20 MiB served at its address: held again; the 4 MiB rest stays given back
+    reused = r["given_back_reused"]
+    assert reused["same_address"] and r["given_back_intact"]
+    assert (reused["reserved_bytes"], reused["free_bytes"]) == (28 * MiB, 0)
+    assert reused["misses"] == middle["misses"] + 1
+    # e freed: 20 > 16, given back, merged with the 4 MiB rest; 28 MiB fits neither: the top grows
+    assert r["above_top"]
+    # freed, 28 + 20 MiB > 16: given back, the 28 at the top lowering it; 8 MiB (a, c) held
+    top = r["after_top_free"]
+    assert (top["reserved_bytes"], top["free_bytes"]) == (8 * MiB, 0)
 
 
 def test_zero_turns_the_cache_off():
