@@ -102,28 +102,43 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     //   NHWC 16→16 @32  4.63 / 4.68 / 4.10 vs 3.28 / 3.12 / 3.24
     //   NHWC 16→32 @32  7.83 / 6.68 / 6.86 vs 6.33 / 6.31 / 6.21
     //   NHWC 32→16 @16  1.45 / 1.76 / 1.27 vs 1.48 / 1.47 / 1.65
-    // and NCHW maps of 32×32 pay for copying x, δy and the result between layouts (32 MiB each,
-    // freshly faulted in):
-    //   NCHW 32→32 @32  24.1 / 34.3 / 23.0 vs 16.6 / 16.9 / 16.0
-    //   NCHW 64→64 @32  80.6 / 81.6 / 77.5 vs 67.7 / 69.3 / 54.5
+    // NCHW tensors were then copied whole to channels-last and the result back, which on maps of
+    // 32×32 cost more than Winograd saved (NCHW 32→32 @32 24.1 / 34.3 / 23.0 vs 16.6 / 16.9 /
+    // 16.0); since they are staged a block of rows at a time (conv2d_winograd.cpp, split_block),
+    // measured on an AMD EPYC Zen 5 (family 26 model 2), 2 threads, batch 128 (b32: batch 32),
+    // Winograd vs the path below, forward / input grad / weight grad, ms:
+    //   with MANUALCONV_TILES_OUTRUN_BLAS=0 (the choices of CPUs other than a Zen 5; NCHW GEMM):
+    //     NCHW 32→32 @32       4.85 / 4.93 / 5.16 vs 14.6 / 14.3 / 14.3
+    //     NCHW 64→64 @32       14.2 / 14.2 / 30.1 vs 50.4 / 50.0 / 49.9
+    //     NCHW 32→64 @32       7.98 / 8.92 / 18.0 vs 26.1 / 26.4 / 26.3
+    //     NCHW 64→64 @56 b32   10.7 / 10.9 / 21.9 vs 42.7 / 42.5 / 40.8
+    //     NCHW 128→128 @28 b32 9.57 / 9.66 / 18.6 vs 36.9 / 36.1 / 36.7
+    //   restricted to AVX2 (MANUALCONV_CPU_CAPABILITY=avx2; MKL runs AVX2 there anyway):
+    //     NCHW 32→32 @32       7.29 / 7.27 / 9.78 vs 15.1 / 14.5 / 14.0
+    //     NCHW 64→64 @32       22.9 / 22.9 / 29.3 vs 49.8 / 50.1 / 49.1
+    //   where the tiles outrun the BLAS (the direct kernel):
+    //     NCHW 32→32 @32       5.16 / 5.09 / 5.16 vs 5.99 / 5.97 / 6.21
+    //     NCHW 64→64 @32       14.1 / 14.0 / 16.4 vs 21.2 / 21.2 / 21.8
+    //     NCHW 64→64 @56 b32   10.5 / 10.4 / 11.7 vs 16.2 / 15.9 / 17.6
+    //     NCHW 128→128 @28 b32 9.33 / 9.31 / 9.07 vs 15.2 / 15.2 / 15.2
+    // (and on 16×16 maps, staged against copied whole: NCHW 32→32 @16 1.02 / 1.04 / 1.01 vs
+    // 1.23 / 1.09 / 1.16).
     // The same machine with manualconv restricted to AVX2 (AVX2 tiles) and to the baseline
     // (BLAS products), NHWC: 32→32 @8 0.77 / 0.74 / 0.60 vs 0.99 / 0.75 / 0.97 and
     // 0.73 / 0.74 / 0.64 vs 1.38 / 1.17 / 0.97; 32→32 @16 2.93 / 2.92 / 2.33 vs 2.90 / 2.90 / 4.01
     // and 3.04 / 2.96 / 2.45 vs 3.94 / 5.48 / 3.95; 64→64 @8 2.96 / 2.91 / 2.41 vs 3.01 / 3.60 /
     // 4.01 and 2.11 / 2.13 / 1.96 vs 3.32 / 3.44 / 3.31: the same rule holds.
-    // So: at least 32 channels each side; NCHW only on maps of up to 16×16; maps of at least 4×4
-    // (the smallest measured).
+    // So: at least 32 channels each side, either layout; maps of at least 4×4 (the smallest
+    // measured).
     // Accuracy: 3 summed channels exceeded tests/oracle.py's bound on mixed-magnitude data
     // (tests/test_winograd.py); 16 and more stayed within it. The weight gradient sums
     // n = N·H_out·W_out terms, and a tile's transforms also multiply inputs and deltas the direct
     // sum never pairs: on mixed-magnitude data the worst error was 0.4–2.6× the bound at
     // n = 243, 0.13–0.42× at 512, 0.013–0.018× at 2048 (16–64 channels). So: n ≥ 2048.
     constexpr int64_t kMinWinogradChannels = 32;
-    constexpr int64_t kMaxWinogradNchwPixels = 16 * 16;
     constexpr int64_t kMinWinogradMap = 4;
     constexpr int64_t kMinWinogradGradWeightTerms = 2048;  // N·H_out·W_out
     const bool wide = std::min(g.C, g.O) >= kMinWinogradChannels;
-    const bool layout = channels_last || std::max(g.H * g.W, g.L()) <= kMaxWinogradNchwPixels;
     const bool long_sums = pass != Conv2dPass::GradWeight || g.N * g.L() >= kMinWinogradGradWeightTerms;
     // F(4×4, 3×3) for the forward and the input gradient (36 products per 4×4 outputs instead of
     // 16 per 2×2), measured 2026-11-30 on the same AMD EPYC Zen 4 (avx512 tiles), 2 threads,
@@ -158,7 +173,7 @@ Conv2dKernel select_conv2d_kernel(Conv2dPass pass, const Conv2dGeometry& g, at::
     // kernel stops at max_direct_grad_weight_channels).
     const bool direct_grad_weight_wins = fast_tiles && pass == Conv2dPass::GradWeight && !tiles &&
                                          g.O <= max_direct_grad_weight_channels && g.O % kDirectLanes == 0;
-    if (choice == WinogradChoice::Measured && wide && layout && long_sums && !direct_grad_weight_wins &&
+    if (choice == WinogradChoice::Measured && wide && long_sums && !direct_grad_weight_wins &&
         std::min({g.H, g.W, g.H_out, g.W_out}) >= kMinWinogradMap) {
       return large_tiles ? winograd4x4 : winograd;
     }

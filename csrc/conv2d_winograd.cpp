@@ -14,9 +14,10 @@
 // one GEMM over a block of T tiles:
 //   M_ξ (T × C_out) = V_ξ (T × C_in) · U_ξ (C_in × C_out),  V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ,
 //                                                         U_ξ[c, o] = (G g[o, c] Gᵀ)_ξ.
-// Everything is channels-last (a pixel's channels contiguous), so the input and output transforms
-// are loops over channels that the compiler vectorizes (built for the capability the kernels
-// use, cpu_capability.h's run_for_cpu).
+// The transforms read and write channels-last pixels (a pixel's channels contiguous), so they are
+// loops over channels that the compiler vectorizes (built for the capability the kernels use,
+// cpu_capability.h's run_for_cpu); NCHW tensors are staged that way a block of rows at a time
+// (split_block).
 //
 // The input gradient of a stride-1 conv is a stride-1 conv (the seeds' observation, section 2):
 // δx = δy padded by 2 − p, correlated with the 180°-rotated kernel whose input and output channels
@@ -275,28 +276,112 @@ bool transform_output_tile6(const float* m, int64_t ld, int64_t Co, const float*
   return nonfinite == 0;
 }
 
-// The input pointers of tile t's α×α input pixels, row-major (zeros where in the padding or past
-// the image)
-void input_tile_pixels(const WinogradConv& s, const float* in, int64_t tile, const float* zeros,
-                       const float** d) {
-  const int64_t th = s.tiles_h(), tw = s.tiles_w(), alpha = s.alpha();
-  const int64_t n = tile / (th * tw), ti = tile / tw % th, tj = tile % tw;
-  const float* sample = in + n * s.Hi * s.Wi * s.Ci;
+// Where a block's tiles read and write (NHWC: the tensors themselves; NCHW: staging rows, below):
+// the tiles of one sample n, the block's [first, last), the first being the sample's tile tile0;
+// the sample's input pixels channels-last from row in_h0 (pixel (h, w) at in + ((h − in_h0)·Wi + w)·Ci),
+// and its output's (out, written) or its output gradient's (dy, read) from row out_h0 to out_h1.
+struct BlockPart {
+  int64_t n, first, last, tile0;
+  const float* in;
+  int64_t in_h0;
+  float* out;
+  const float* dy;
+  int64_t out_h0, out_h1;
+};
+
+// The input pointers of tile (ti, tj)'s α×α input pixels, row-major, in part p's input rows
+// (zeros where in the padding or past the image)
+void input_tile_pixels(const WinogradConv& s, const BlockPart& p, int64_t ti, int64_t tj,
+                       const float* zeros, const float** d) {
+  const int64_t alpha = s.alpha();
   for (int64_t r = 0; r < alpha; ++r) {
     const int64_t h = s.m * ti - s.ph + r;
     for (int64_t c = 0; c < alpha; ++c) {
       const int64_t w = s.m * tj - s.pw + c;
       const bool inside = 0 <= h && h < s.Hi && 0 <= w && w < s.Wi;
-      d[r * alpha + c] = inside ? sample + (h * s.Wi + w) * s.Ci : zeros;
+      d[r * alpha + c] = inside ? p.in + ((h - p.in_h0) * s.Wi + w) * s.Ci : zeros;
     }
   }
 }
 
 // Tiles per GEMM block: V and M of a block (α²·T·(Ci + Co) floats) fit in about 512 KiB of the
-// cache, and every thread gets a block.
-int64_t tile_block(const WinogradConv& s) {
+// cache, and every thread gets a block. For NCHW tensors, whole rows of tiles (a multiple of
+// tiles_w), so that a block's output rows are whole rows of the image.
+int64_t tile_block(const WinogradConv& s, bool nchw) {
   int64_t T = std::clamp<int64_t>(131072 / s.points() / (s.Ci + s.Co), 16, 512);
-  return std::max<int64_t>(1, std::min(T, ceil_div<int64_t>(s.tiles(), at::get_num_threads())));
+  T = std::max<int64_t>(1, std::min(T, ceil_div<int64_t>(s.tiles(), at::get_num_threads())));
+  return nchw ? ceil_div(T, s.tiles_w()) * s.tiles_w() : T;
+}
+
+// NCHW tensors are read and written a block at a time, through rows laid out channels-last:
+// before the block's transforms, the rows of x its tiles read (and of δy, for the weight
+// gradient) are transposed into per-thread staging rows; after, the output rows its tiles wrote
+// are transposed back. No copy of a whole tensor between layouts is made; a block's rows are
+// those of its tiles, plus the α − m rows that tiles of neighbouring rows share (read twice).
+// (Before, the tensors were copied to channels-last and the result back: NCHW 32 → 32 @16,
+// batch 128, AMD EPYC Zen 5: see select_conv2d_kernel.)
+//
+// rows (h1 − h0)·W pixels of C channels = rows [h0, h1) of the NCHW sample `planes` (C × H × W)
+void stage_rows(const float* planes, int64_t C, int64_t H, int64_t W, int64_t h0, int64_t h1, float* rows) {
+  if (h1 > h0) transpose_matrix(planes + h0 * W, H * W, rows, C, C, (h1 - h0) * W);
+}
+
+// rows [h0, h1) of the NCHW sample `planes` = the channels-last rows `rows`
+void unstage_rows(const float* rows, int64_t C, int64_t H, int64_t W, int64_t h0, int64_t h1, float* planes) {
+  if (h1 > h0) transpose_matrix(rows, C, planes + h0 * W, H * W, (h1 - h0) * W, C);
+}
+
+// The block's tiles [t0, t0 + T) sample by sample, with where they read and write: in the
+// tensors (NHWC: `in`, and `out` or `dy`, channels-last) or, for NCHW tensors (T whole rows of
+// tiles), in the staging rows in_rows and out_rows, resized here and filled with the rows of `in`
+// (and `dy`) the tiles read.
+void split_block(const WinogradConv& s, int64_t t0, int64_t T, bool nchw, const float* in, float* out,
+                 const float* dy, std::vector<float>& in_rows, std::vector<float>& out_rows,
+                 std::vector<BlockPart>& parts) {
+  parts.clear();
+  const int64_t tw = s.tiles_w(), per_sample = s.tiles_h() * tw, m = s.m;
+  const int64_t in_sample = s.Hi * s.Wi * s.Ci, out_sample = s.Ho * s.Wo * s.Co;
+  size_t in_floats = 0, out_floats = 0;
+  for (int64_t t = t0; t < t0 + T;) {
+    const int64_t n = t / per_sample, local = t % per_sample;
+    const int64_t count = std::min(t0 + T - t, per_sample - local);
+    BlockPart p{n, t - t0, t - t0 + count, local, in + n * in_sample, 0, nullptr, nullptr, 0, s.Ho};
+    if (out != nullptr) p.out = out + n * out_sample;
+    if (dy != nullptr) p.dy = dy + n * out_sample;
+    if (nchw) {  // tile rows [ti0, ti1): input rows m·ti0 − p … m·(ti1 − 1) + α − 1 − p, output rows m·ti0 …
+      const int64_t ti0 = local / tw, ti1 = (local + count) / tw;
+      p.in_h0 = std::clamp<int64_t>(m * ti0 - s.ph, 0, s.Hi);
+      const int64_t in_h1 = std::clamp<int64_t>(m * (ti1 - 1) + s.alpha() - s.ph, p.in_h0, s.Hi);
+      p.out_h0 = m * ti0, p.out_h1 = std::min(s.Ho, m * ti1);
+      in_floats += (in_h1 - p.in_h0) * s.Wi * s.Ci;
+      out_floats += (p.out_h1 - p.out_h0) * s.Wo * s.Co;
+    }
+    parts.push_back(p);
+    t += count;
+  }
+  if (!nchw) return;
+  in_rows.resize(std::max(in_rows.size(), in_floats));
+  out_rows.resize(std::max(out_rows.size(), out_floats));
+  float* next_in = in_rows.data();
+  float* next_out = out_rows.data();
+  for (BlockPart& p : parts) {
+    const int64_t ti1 = (p.tile0 + p.last - p.first) / tw;
+    const int64_t in_h1 = std::clamp<int64_t>(m * (ti1 - 1) + s.alpha() - s.ph, p.in_h0, s.Hi);
+    stage_rows(in + p.n * in_sample, s.Ci, s.Hi, s.Wi, p.in_h0, in_h1, next_in);
+    p.in = next_in;
+    next_in += (in_h1 - p.in_h0) * s.Wi * s.Ci;
+    if (out != nullptr) p.out = next_out;
+    if (dy != nullptr) {
+      stage_rows(dy + p.n * out_sample, s.Co, s.Ho, s.Wo, p.out_h0, p.out_h1, next_out);
+      p.dy = next_out;
+    }
+    next_out += (p.out_h1 - p.out_h0) * s.Wo * s.Co;
+  }
+}
+
+// The output pointer of pixel (h, w) of part p (nullptr past the output)
+float* output_pixel(const WinogradConv& s, const BlockPart& p, int64_t h, int64_t w) {
+  return h < s.Ho && w < s.Wo ? p.out + ((h - p.out_h0) * s.Wo + w) * s.Co : nullptr;
 }
 
 // Floats from one ξ plane of a block's buffer (T rows of `width` floats) to the next: one cache
@@ -340,13 +425,13 @@ struct WinogradProducts {
   }
 };
 
-// out = in ⋆ g + b for the correlation s, with U = transform_weights(g, s.m, …, products.weight_block(s.Co)).
-// Returns whether every output is finite.
+// out = in ⋆ g + b for the correlation s, with U = transform_weights(g, s.m, …, products.weight_block(s.Co)),
+// in and out both channels-last or both NCHW. Returns whether every output is finite.
 bool winograd_correlate(const WinogradConv& s, const WinogradProducts& products, const float* in,
-                        const float* U, const float* bias, float* out) {
+                        const float* U, const float* bias, float* out, bool nchw) {
   std::atomic<bool> finite{true};
-  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles(), m = s.m, points = s.points();
-  const int64_t block = tile_block(s);
+  const int64_t tw = s.tiles_w(), tiles = s.tiles(), m = s.m, points = s.points();
+  const int64_t block = tile_block(s, nchw);
   const int64_t ldv = plane_stride(block, s.Ci), ldm = plane_stride(block, s.Co);
   at::parallel_for(0, ceil_div<int64_t>(tiles, block), /*grain_size=*/1, [&](int64_t first, int64_t last) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -360,16 +445,22 @@ bool winograd_correlate(const WinogradConv& s, const WinogradProducts& products,
     const float* b = bias != nullptr ? bias : zero_bias.data();
     const float* d[36];
     float* y[16];
+    std::vector<float> in_rows, out_rows;  // (NCHW) the block's rows, channels-last
+    std::vector<BlockPart> parts;
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
+      split_block(s, t0, T, nchw, in, out, nullptr, in_rows, out_rows, parts);
       // V_ξ[t, c] = (Bᵀ d_t[c] B)_ξ
-      for (int64_t t = 0; t < T; ++t) {
-        input_tile_pixels(s, in, t0 + t, zeros.data(), d);
-        float* v = V.data() + t * s.Ci;
-        if (m == 2) {
-          run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, v); });
-        } else {
-          run_for_cpu([&] { transform_input_tile6(d, s.Ci, ldv, v); });
+      for (const BlockPart& p : parts) {
+        for (int64_t t = p.first; t < p.last; ++t) {
+          const int64_t tile = p.tile0 + t - p.first;
+          input_tile_pixels(s, p, tile / tw, tile % tw, zeros.data(), d);
+          float* v = V.data() + t * s.Ci;
+          if (m == 2) {
+            run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, v); });
+          } else {
+            run_for_cpu([&] { transform_input_tile6(d, s.Ci, ldv, v); });
+          }
         }
       }
       // M_ξ = V_ξ · U_ξ   (T × Co)
@@ -377,19 +468,21 @@ bool winograd_correlate(const WinogradConv& s, const WinogradProducts& products,
         products.multiply(T, s.Ci, s.Co, V.data() + xi * ldv, U + xi * s.Ci * s.Co, M.data() + xi * ldm);
       }
       // y_t = Aᵀ M_t A + b
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
-        float* sample = out + n * s.Ho * s.Wo * s.Co;
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < m; ++j) {
-            const int64_t h = m * ti + i, w = m * tj + j;
-            y[i * m + j] = h < s.Ho && w < s.Wo ? sample + (h * s.Wo + w) * s.Co : discard.data();
+      for (const BlockPart& p : parts) {
+        for (int64_t t = p.first; t < p.last; ++t) {
+          const int64_t tile = p.tile0 + t - p.first, ti = tile / tw, tj = tile % tw;
+          for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < m; ++j) {
+              float* pixel = output_pixel(s, p, m * ti + i, m * tj + j);
+              y[i * m + j] = pixel != nullptr ? pixel : discard.data();
+            }
           }
+          const float* mt = M.data() + t * s.Co;
+          const bool ok = m == 2 ? run_for_cpu([&] { return transform_output_tile(mt, ldm, s.Co, b, y); })
+                                 : run_for_cpu([&] { return transform_output_tile6(mt, ldm, s.Co, b, y); });
+          if (!ok) finite = false;
         }
-        const float* mt = M.data() + t * s.Co;
-        const bool ok = m == 2 ? run_for_cpu([&] { return transform_output_tile(mt, ldm, s.Co, b, y); })
-                               : run_for_cpu([&] { return transform_output_tile6(mt, ldm, s.Co, b, y); });
-        if (!ok) finite = false;
+        if (nchw) unstage_rows(p.out, s.Co, s.Ho, s.Wo, p.out_h0, p.out_h1, out + p.n * s.Ho * s.Wo * s.Co);
       }
     }
   });
@@ -454,11 +547,12 @@ at::Tensor inverse_transform_weights(const at::Tensor& Wt, int64_t Ci, int64_t C
 }
 
 // Wᵀ = Σ_t Vξ[t, ·]ᵀ Dξ[t, ·] (16, Ci, Co) of the correlation s (in: its input, dy: the gradient of
-// its output): per block of tiles, 16 products of depth T into each thread's own accumulator.
+// its output, both channels-last or both NCHW): per block of tiles, 16 products of depth T into
+// each thread's own accumulator.
 at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProducts& products,
-                                     const float* in, const float* dy, const at::TensorOptions& options) {
-  const int64_t th = s.tiles_h(), tw = s.tiles_w(), tiles = s.tiles();
-  const int64_t block = tile_block(s);
+                                     const float* in, const float* dy, bool nchw, const at::TensorOptions& options) {
+  const int64_t tw = s.tiles_w(), tiles = s.tiles();
+  const int64_t block = tile_block(s, nchw);
   const int64_t ldv = plane_stride(block, s.Ci), ldd = plane_stride(block, s.Co);
   std::vector<int64_t> column(s.Ci);  // the tiles' weight columns: channel c of a tile's row
   for (int64_t c = 0; c < s.Ci; ++c) column[c] = c;
@@ -470,22 +564,26 @@ at::Tensor winograd_grad_weight_sums(const WinogradConv& s, const WinogradProduc
     float* w = W.mine<float>();
     const float* d[16];
     const float* e[4];
+    std::vector<float> in_rows, dy_rows;  // (NCHW) the block's rows, channels-last
+    std::vector<BlockPart> parts;
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t t0 = blk * block, T = std::min(block, tiles - t0);
-      for (int64_t t = 0; t < T; ++t) {
-        // Vξ[t, c] = (Bᵀ d_t[c] B)_ξ
-        input_tile_pixels(s, in, t0 + t, zeros.data(), d);
-        run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, V.data() + t * s.Ci); });
-        // Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ
-        const int64_t n = (t0 + t) / (th * tw), ti = (t0 + t) / tw % th, tj = (t0 + t) % tw;
-        const float* sample = dy + n * s.Ho * s.Wo * s.Co;
-        for (int64_t i = 0; i < 2; ++i) {
-          for (int64_t j = 0; j < 2; ++j) {
-            const int64_t h = 2 * ti + i, c = 2 * tj + j;
-            e[i * 2 + j] = h < s.Ho && c < s.Wo ? sample + (h * s.Wo + c) * s.Co : zeros.data();
+      split_block(s, t0, T, nchw, in, nullptr, dy, in_rows, dy_rows, parts);
+      for (const BlockPart& p : parts) {
+        for (int64_t t = p.first; t < p.last; ++t) {
+          const int64_t tile = p.tile0 + t - p.first, ti = tile / tw, tj = tile % tw;
+          // Vξ[t, c] = (Bᵀ d_t[c] B)_ξ
+          input_tile_pixels(s, p, ti, tj, zeros.data(), d);
+          run_for_cpu([&] { transform_input_tile(d, s.Ci, ldv, V.data() + t * s.Ci); });
+          // Dξ[t, o] = (A δy_t[o] Aᵀ)_ξ
+          for (int64_t i = 0; i < 2; ++i) {
+            for (int64_t j = 0; j < 2; ++j) {
+              const int64_t h = 2 * ti + i, c = 2 * tj + j;
+              e[i * 2 + j] = h < s.Ho && c < s.Wo ? p.dy + ((h - p.out_h0) * s.Wo + c) * s.Co : zeros.data();
+            }
           }
+          run_for_cpu([&] { transform_grad_output_tile(e, s.Co, ldd, D.data() + t * s.Co); });
         }
-        run_for_cpu([&] { transform_grad_output_tile(e, s.Co, ldd, D.data() + t * s.Co); });
       }
       // Wξᵀ += Vξᵀ · Dξ   (Ci × Co, a sum over the block's T tiles)
       for (int64_t xi = 0; xi < kPoints; ++xi) {
@@ -513,42 +611,46 @@ at::Tensor conv2d_forward_winograd(const at::Tensor& x, const at::Tensor& weight
                                    const at::Tensor& bias, const Conv2dGeometry& g,
                                    Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
-  const at::Tensor in = manualconv::contiguous(x, at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat layout = output_layout(x);  // y's, as x's: NCHW staged a block at a time
+  const at::Tensor in = manualconv::contiguous(x, layout);
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out, winograd_tile(kernel)};
   const at::Tensor U = transform_weights(weight, s.m, /*rotated=*/false, products.weight_block(s.Co));
   const at::Tensor b = bias.defined() ? bias.contiguous() : bias;
-  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = manualconv::empty(g.output_size(), x.options().memory_format(layout));
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(),
-                          b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>())) {
+                          b.defined() ? b.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
+                          layout == at::MemoryFormat::Contiguous)) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
   }
-  return manualconv::contiguous(y, output_layout(x));
+  return y;
 }
 
 // δx = (δy padded by 2 − p) ⋆ rot180(W) with W's channels swapped, per 2×2 tile of δx
 at::Tensor conv2d_grad_input_winograd(const at::Tensor& dy, const at::Tensor& weight,
                                       const Conv2dGeometry& g, Conv2dKernel kernel) {
   const WinogradProducts products(kernel);
-  const at::Tensor in = manualconv::contiguous(dy, at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat layout = output_layout(dy);  // δx's, as δy's: NCHW staged a block at a time
+  const at::Tensor in = manualconv::contiguous(dy, layout);
   const WinogradConv s{g.N, g.H_out, g.W_out, g.O, g.C, 2 - g.pH, 2 - g.pW, g.H, g.W, winograd_tile(kernel)};
   const at::Tensor U = transform_weights(weight, s.m, /*rotated=*/true, products.weight_block(s.Co));
-  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W},
-                            dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx = manualconv::empty({g.N, g.C, g.H, g.W}, dy.options().memory_format(layout));
   if (!winograd_correlate(s, products, in.const_data_ptr<float>(), U.const_data_ptr<float>(), nullptr,
-                          dx.mutable_data_ptr<float>())) {
+                          dx.mutable_data_ptr<float>(), layout == at::MemoryFormat::Contiguous)) {
     return at::Tensor();  // a NaN or ±inf: the caller's direct / GEMM kernel gives torch's
   }
-  return manualconv::contiguous(dx, output_layout(dy));
+  return dx;
 }
 
 // ∂J/∂g[o, c] = Gᵀ [ Σ_t (A δy_t[o] Aᵀ) ⊙ (Bᵀ d_t[c] B) ] G  (section 18: the adjoint of the forward's
 // y_t = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d_t B)]A in g)
 at::Tensor conv2d_grad_weight_winograd(const at::Tensor& x, const at::Tensor& dy,
                                        const Conv2dGeometry& g, Conv2dKernel kernel) {
-  const at::Tensor in = manualconv::contiguous(x, at::MemoryFormat::ChannelsLast);
-  const at::Tensor delta = manualconv::contiguous(dy, at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat layout = output_layout(x, dy);  // NCHW (staged) unless both are channels-last
+  const at::Tensor in = manualconv::contiguous(x, layout);
+  const at::Tensor delta = manualconv::contiguous(dy, layout);
   const WinogradConv s{g.N, g.H, g.W, g.C, g.O, g.pH, g.pW, g.H_out, g.W_out};
-  const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+  const at::Tensor W = winograd_grad_weight_sums(s, WinogradProducts(kernel), in.const_data_ptr<float>(),
+                                                 delta.const_data_ptr<float>(), layout == at::MemoryFormat::Contiguous,
                                                  x.options());
   const at::Tensor dg = inverse_transform_weights(W, g.C, g.O);
   if (!all_finite(dg)) return at::Tensor();  // as the forward (conv2d.h)

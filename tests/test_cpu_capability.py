@@ -155,6 +155,10 @@ def test_selected_kernel_follows_capability(cpp):
     assert _selected_kernel("forward", **wider) == (tiles if fast else tiles4x4)
     assert _selected_kernel("grad_input", **wider) == (tiles if fast else tiles4x4)
     assert _selected_kernel("forward", **{**wider, "input_size": [64, 128, 16, 16]}) == tiles4x4
+    # NCHW as channels-last, at any map size (NCHW staged a block of rows at a time)
+    wide_nchw = dict(input_size=[8, 64, 32, 32], weight_size=[64, 64, 3, 3], channels_last=False)
+    assert _selected_kernel("forward", **wide_nchw) == tiles
+    assert _selected_kernel("grad_input", **wide_nchw) == tiles
     narrow = dict(input_size=[64, 32, 8, 8], weight_size=[32, 32, 3, 3])
     assert _selected_kernel("grad_weight", **narrow) == (tiles if capability == "avx512" or fast else "winograd")
     # the direct kernels' channel limits (forward, input gradient: 64; weight gradient: 32 on

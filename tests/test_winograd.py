@@ -309,7 +309,7 @@ MODES = {"4": "always4x4", "2": "always", "-": "never"}
     (128, 128, 4, "222", "222"),  # a 4×4 map: F(2×2)
     (64, 64, 8, "222", "222"), (32, 64, 5, "222", "222"), (128, 32, 4, "222", "222"),  # ≥ 32 each way, maps ≥ 4×4
     (32, 32, 8, "222", "222"),  # 32 each way is enough (the direct tiles' products)
-    (32, 64, 32, "---", "222"),  # NCHW 32×32: the layout copies cost more than Winograd saves
+    (32, 64, 32, "222", "222"),  # NCHW 32×32 too (staged a block of rows at a time)
     (16, 128, 8, "---", "---"), (128, 16, 8, "---", "---"),  # under 32 channels one way
     (64, 64, 3, "---", "---"),  # a map under 4×4
 ])
@@ -317,7 +317,7 @@ MODES = {"4": "always4x4", "2": "always", "-": "never"}
 def test_measured_selection(monkeypatch, C, O, size, nchw, channels_last, layout):
     """select_conv2d_kernel's measured choice (switch unset) gives the bits of the kernel it
     names, in each pass: Winograd's with at least 32 channels each way, on maps of at least 4×4
-    (NCHW: of at most 16×16), and for the weight gradient on sums of at least 2048 terms, F(4×4)
+    (either layout), and for the weight gradient on sums of at least 2048 terms, F(4×4)
     for the forward and input gradient from 128 summed channels on output maps of at least 8×8
     (16×16 where the tiles outrun the BLAS); the GEMM/direct kernels' otherwise."""
     gen = torch.Generator().manual_seed(C + O + size)
