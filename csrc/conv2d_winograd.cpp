@@ -278,12 +278,13 @@ bool transform_output_tile6(const float* m, int64_t ld, int64_t Co, const float*
 
 // Where a block's tiles read and write (NHWC: the tensors themselves; NCHW: staging rows, below):
 // the tiles of one sample n, the block's [first, last), the first being the sample's tile tile0;
-// the sample's input pixels channels-last from row in_h0 (pixel (h, w) at in + ((h − in_h0)·Wi + w)·Ci),
-// and its output's (out, written) or its output gradient's (dy, read) from row out_h0 to out_h1.
+// the sample's input pixels channels-last from row in_h0 (pixel (h, w) at in + ((h − in_h0)·Wi + w)·Ci;
+// NCHW: rows [in_h0, in_h1) staged), and its output's (out, written) or its output gradient's (dy,
+// read) from row out_h0 to out_h1.
 struct BlockPart {
   int64_t n, first, last, tile0;
   const float* in;
-  int64_t in_h0;
+  int64_t in_h0, in_h1;
   float* out;
   const float* dy;
   int64_t out_h0, out_h1;
@@ -345,15 +346,15 @@ void split_block(const WinogradConv& s, int64_t t0, int64_t T, bool nchw, const 
   for (int64_t t = t0; t < t0 + T;) {
     const int64_t n = t / per_sample, local = t % per_sample;
     const int64_t count = std::min(t0 + T - t, per_sample - local);
-    BlockPart p{n, t - t0, t - t0 + count, local, in + n * in_sample, 0, nullptr, nullptr, 0, s.Ho};
+    BlockPart p{n, t - t0, t - t0 + count, local, in + n * in_sample, 0, s.Hi, nullptr, nullptr, 0, s.Ho};
     if (out != nullptr) p.out = out + n * out_sample;
     if (dy != nullptr) p.dy = dy + n * out_sample;
     if (nchw) {  // tile rows [ti0, ti1): input rows m·ti0 − p … m·(ti1 − 1) + α − 1 − p, output rows m·ti0 …
       const int64_t ti0 = local / tw, ti1 = (local + count) / tw;
       p.in_h0 = std::clamp<int64_t>(m * ti0 - s.ph, 0, s.Hi);
-      const int64_t in_h1 = std::clamp<int64_t>(m * (ti1 - 1) + s.alpha() - s.ph, p.in_h0, s.Hi);
+      p.in_h1 = std::clamp<int64_t>(m * (ti1 - 1) + s.alpha() - s.ph, p.in_h0, s.Hi);
       p.out_h0 = m * ti0, p.out_h1 = std::min(s.Ho, m * ti1);
-      in_floats += (in_h1 - p.in_h0) * s.Wi * s.Ci;
+      in_floats += (p.in_h1 - p.in_h0) * s.Wi * s.Ci;
       out_floats += (p.out_h1 - p.out_h0) * s.Wo * s.Co;
     }
     parts.push_back(p);
@@ -365,11 +366,9 @@ void split_block(const WinogradConv& s, int64_t t0, int64_t T, bool nchw, const 
   float* next_in = in_rows.data();
   float* next_out = out_rows.data();
   for (BlockPart& p : parts) {
-    const int64_t ti1 = (p.tile0 + p.last - p.first) / tw;
-    const int64_t in_h1 = std::clamp<int64_t>(m * (ti1 - 1) + s.alpha() - s.ph, p.in_h0, s.Hi);
-    stage_rows(in + p.n * in_sample, s.Ci, s.Hi, s.Wi, p.in_h0, in_h1, next_in);
+    stage_rows(in + p.n * in_sample, s.Ci, s.Hi, s.Wi, p.in_h0, p.in_h1, next_in);
     p.in = next_in;
-    next_in += (in_h1 - p.in_h0) * s.Wi * s.Ci;
+    next_in += (p.in_h1 - p.in_h0) * s.Wi * s.Ci;
     if (out != nullptr) p.out = next_out;
     if (dy != nullptr) {
       stage_rows(dy + p.n * out_sample, s.Co, s.Ho, s.Wo, p.out_h0, p.out_h1, next_out);
