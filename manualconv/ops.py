@@ -52,8 +52,8 @@ def output_cache_info() -> dict:
 
 
 def empty_cache() -> int:
-    """Gives the output cache's wholly free segments back to the system (as torch.cuda.empty_cache
-    does for the GPU); returns how many."""
+    """Gives the output cache's free blocks back to the system (as torch.cuda.empty_cache does for
+    the GPU); returns how many."""
     return torch.ops.manualconv.output_cache_release() if AVAILABLE else 0
 
 
