@@ -11,7 +11,9 @@
 // 67 / 49, 64@8 29 / 29, 16@32 124 / 117, 256@8 (8 MiB) 124 / 127. The NCHW 3×3 32 → 32 @16 conv
 // (Winograd on channels-last copies), forward + backward: 4.92 → 3.81 ms; the NCHW 1×1 64 → 128 @8
 // (the direct kernel on copies), forward / input grad / weight grad: 0.54 / 0.57 / 0.60 → 0.38 /
-// 0.40 / 0.43 ms.
+// 0.40 / 0.43 ms. (Since then the direct kernels and Winograd transpose NCHW tensors themselves,
+// a sample or a block of tile rows at a time, with transpose_matrix; this copy serves the
+// channels-last GEMM on small NCHW maps and manualconv::contiguous.)
 //
 // Pure data movement: every bit (NaN payloads included) arrives unchanged.
 
