@@ -17,6 +17,7 @@ from .deltas import record_deltas
 from .ops import cpu_capability  # the instruction set of the C++ kernels (MANUALCONV_CPU_CAPABILITY)
 from .ops import tiles_outrun_blas  # whether the kernel choice favours the tiles (MANUALCONV_TILES_OUTRUN_BLAS)
 from .ops import empty_cache, output_cache_info  # the C++ operators' CPU output cache (MANUALCONV_CPU_CACHE_MB)
+from .recompute import get_recompute, set_recompute  # ReLU outputs after batch norm rebuilt, not kept (MANUALCONV_RECOMPUTE)
 from .modules import (
     AdaptiveAvgPool2d,
     AdaptiveMaxPool2d,
@@ -49,7 +50,7 @@ __all__ = [
     "Conv2d", "MaxPool2d", "AvgPool2d", "Conv1d", "ConvTranspose2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
     "Linear", "ReLU", "Sigmoid", "Tanh", "ScaledTanh", "CrossEntropyLoss", "Subsampling2d",
 ]
-__all__ += ["cpu_capability", "tiles_outrun_blas", "empty_cache", "output_cache_info"]
+__all__ += ["cpu_capability", "tiles_outrun_blas", "empty_cache", "output_cache_info", "set_recompute", "get_recompute"]
 __all__ += ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm", "Dropout", "Dropout2d"]  # normalisation, dropout
 __all__ += ["GELU", "SiLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "LeakyReLU", "ELU", "Softmax", "LogSoftmax",
             "capture"]  # activations, functional capture

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from . import recompute
 from .backend import kernels
 from .checks import check_conv2d
 from .reference import (GELU_TANH_KAPPA, SQRT_2_OVER_PI, conv2d_grad_bias, gelu_tanh_inner, max_pool2d_gather,
@@ -215,8 +216,9 @@ class Conv2dFunction(Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups, backend = inputs
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # save only what backward needs: W for δx, x for ∂J/∂W
-        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+        # save only what backward needs: W for δx, x for ∂J/∂W (x = max(BN(x₀), 0): what rebuilds it, recompute.py)
+        source = recompute.rebuildable(input) if need_weight else None
+        recompute.save(ctx, input if need_weight else None, source, weight if need_input else None)
         ctx.save_for_forward(input, weight)  # jvp: ẏ = ẋ ⋆ W + x ⋆ Ẇ + ḃ
         ctx.input_size = tuple(input.shape)
         ctx.weight_size = tuple(weight.shape)
@@ -224,7 +226,7 @@ class Conv2dFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
+        input, weight = recompute.saved(ctx, differentiated_again())
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = derivative(Conv2dGradInputFunction, grad_output, weight, ctx.input_size, *ctx.conf)
@@ -668,13 +670,17 @@ class ReLUFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
+        # y = max(BN(x), 0) after a training batch norm: x, γ, β, μ, σ⁻¹ saved in y's place (recompute.py)
+        source = recompute.batch_norm_output(inputs[0])
+        recompute.save(ctx, output, source, output=True)
+        if source is not None:
+            recompute.mark_rebuilt(ctx, output, source)
         ctx.save_for_forward(output)  # jvp
         ctx.backend = inputs[1]
 
     @staticmethod
     def backward(ctx, delta):
-        (output,) = ctx.saved_tensors
+        (output,) = recompute.saved(ctx, differentiable=False, relu=False)  # the selection alone reads it
         if differentiated_again():  # create_graph or forward AD: the selection in differentiable tensor code
             return _reference.relu_backward(delta, output), None
         return cpu_only_kernels(ctx.backend, output).relu_backward(delta, output), None
@@ -993,6 +999,8 @@ class BatchNormFunction(Function):
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.save_for_forward(input, weight, mean, invstd)  # jvp
         ctx.conf = (training, eps, backend)
+        if training:  # y = BN(x) can be rebuilt from what is saved, and β (recompute.py)
+            ctx.rebuilds_output = (bias, eps, backend)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -1630,11 +1638,19 @@ class InplaceActivationFromOutputFunction(Function):
         input, ctx.function, ctx.args = inputs
         ctx.mark_dirty(input)
         support = getattr(ctx.function, "support", None)
-        ctx.save_for_backward(output if support is None else support(output, *ctx.args))
+        if support is not None:
+            ctx.rebuild = None
+            ctx.save_for_backward(support(output, *ctx.args))
+            return
+        # ReLU on a training batch norm's output, written once since (by forward's copy_): recompute.py
+        source = recompute.batch_norm_output(input, writes=1) if ctx.function is ReLUFunction else None
+        recompute.save(ctx, output, source, output=True)
+        if source is not None:
+            recompute.mark_rebuilt(ctx, output, source)
 
     @staticmethod
     def backward(ctx, delta):
-        (saved,) = ctx.saved_tensors
+        (saved,) = recompute.saved(ctx, differentiable=False, relu=False)  # y, or BN(x) for ReLU's selection
         if hasattr(ctx.function, "support"):  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
             backend = "reference" if differentiated_again() else ctx.args[-1]
             return cpu_only_kernels(backend, delta).select_backward(delta, saved), None, None
