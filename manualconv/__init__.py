@@ -17,7 +17,7 @@ from .deltas import record_deltas
 from .ops import cpu_capability  # the instruction set of the C++ kernels (MANUALCONV_CPU_CAPABILITY)
 from .ops import tiles_outrun_blas  # whether the kernel choice favours the tiles (MANUALCONV_TILES_OUTRUN_BLAS)
 from .ops import empty_cache, output_cache_info  # the C++ operators' CPU output cache (MANUALCONV_CPU_CACHE_MB)
-from .recompute import get_recompute, set_recompute  # ReLU outputs after batch norm rebuilt, not kept (MANUALCONV_RECOMPUTE)
+from .recompute import get_recompute, set_recompute  # activations after batch norm rebuilt, not kept (MANUALCONV_RECOMPUTE)
 from .modules import (
     AdaptiveAvgPool2d,
     AdaptiveMaxPool2d,

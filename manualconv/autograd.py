@@ -122,7 +122,7 @@ def _eager_twin(cls):
 
     twin = torch.autograd.function.FunctionMeta(cls.__name__, (torch.autograd.Function,), dict(
         forward=staticmethod(forward), backward=staticmethod(backward), jvp=staticmethod(jvp),
-        __module__=cls.__module__, __qualname__=cls.__qualname__))
+        __module__=cls.__module__, __qualname__=cls.__qualname__, function=cls))
     return twin
 
 
@@ -664,23 +664,30 @@ class ReLUFunction(Function):
     selection: δz = δy where y > 0 (or y is NaN, as torch), else 0 — never δy·0, which is NaN for
     δy = ±∞ or NaN where torch gives 0 (relu_backward: csrc/relu.cpp, reference.py)."""
 
+    piecewise = True  # rebuilt after a training batch norm (recompute.py)
+
     @staticmethod
     def forward(input, backend):
         return input.clamp(min=0)
 
     @staticmethod
+    def forward_(input, backend):
+        """forward in place, the same bits (recompute.rebuild's y from its own z)."""
+        return input.clamp_(min=0)
+
+    @staticmethod
     def setup_context(ctx, inputs, output):
         # y = max(BN(x), 0) after a training batch norm: x, γ, β, μ, σ⁻¹ saved in y's place (recompute.py)
-        source = recompute.batch_norm_output(inputs[0])
-        recompute.save(ctx, output, source, output=True)
+        source = recompute.batch_norm_output(inputs[0], ReLUFunction)
+        recompute.save(ctx, output, source, made_by=ctx)
         if source is not None:
-            recompute.mark_rebuilt(ctx, output, source)
+            recompute.mark_rebuilt(ctx, output, source, inputs[1:])
         ctx.save_for_forward(output)  # jvp
         ctx.backend = inputs[1]
 
     @staticmethod
     def backward(ctx, delta):
-        (output,) = recompute.saved(ctx, differentiable=False, relu=False)  # the selection alone reads it
+        (output,) = recompute.saved(ctx, differentiable=False, activate=False)  # y, or z: the selection reads either
         if differentiated_again():  # create_graph or forward AD: the selection in differentiable tensor code
             return _reference.relu_backward(delta, output), None
         return cpu_only_kernels(ctx.backend, output).relu_backward(delta, output), None
@@ -1335,6 +1342,16 @@ def silu_derivative(x):
     return s * (1 + x * (1 - s))
 
 
+def save_activation_input(ctx, input, output):
+    """setup_context's save of an activation that keeps its input z: z, or, where z = BN(x) of a
+    training batch norm, what rebuilds it (and then y = f(z) too, for the next conv: recompute.py)."""
+    function = recompute.function_of(ctx) if recompute.may_rebuild() else None  # (torch.compile's ctx has no class)
+    source = None if function is None else recompute.batch_norm_output(input, function)
+    recompute.save(ctx, input, source)
+    if source is not None:
+        recompute.mark_rebuilt(ctx, output, source, ctx.args, function)
+
+
 class ElementwiseRules:
     """torch.func rules of an elementwise y = f(x, *args) whose Function saves x for forward
     (``ctx.save_for_forward(x)``, args in ``ctx.args``) and has ``input_grad(x, δ, *args) = δ ⊙ f′(x)``:
@@ -1361,7 +1378,7 @@ class GELUFunction(ElementwiseRules, Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, ctx.args = inputs[0], inputs[1:]
-        ctx.save_for_backward(input)
+        save_activation_input(ctx, input, output)
         ctx.save_for_forward(input)  # jvp
 
     @staticmethod
@@ -1370,7 +1387,7 @@ class GELUFunction(ElementwiseRules, Function):
 
     @staticmethod
     def backward(ctx, delta):
-        (input,) = ctx.saved_tensors
+        (input,) = recompute.saved(ctx, differentiated_again(), activate=False)
         return GELUFunction.input_grad(input, delta, *ctx.args), None, None
 
 
@@ -1434,7 +1451,7 @@ def activation_input_grad(kind, differentiable_grad, input, delta, args):
 
 def activation_backward(kind, differentiable_grad, ctx, delta):
     """The backward of the activation ``kind``: δx, and None for each of its (*params, backend)."""
-    (input,) = ctx.saved_tensors
+    (input,) = recompute.saved(ctx, differentiated_again(), activate=False)
     return (activation_input_grad(kind, differentiable_grad, input, delta, ctx.args),) + (None,) * len(ctx.args)
 
 
@@ -1448,7 +1465,7 @@ class KernelActivation(ElementwiseRules):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, ctx.args = inputs[0], inputs[1:]
-        ctx.save_for_backward(input)
+        save_activation_input(ctx, input, output)
         ctx.save_for_forward(input)  # jvp
 
 
@@ -1474,6 +1491,8 @@ class SiLUFunction(KernelActivation, Function):
 
 class HardtanhFunction(KernelActivation, Function):
     """y = clamp(x, min_val, max_val); δx = δy where min_val < x < max_val, else 0."""
+
+    piecewise = True  # rebuilt after a training batch norm (recompute.py)
 
     @staticmethod
     def forward(input, min_val, max_val, backend):
@@ -1508,6 +1527,8 @@ class HardtanhFunction(KernelActivation, Function):
 class HardswishFunction(KernelActivation, Function):
     """y = x·relu6(x + 3)/6; δx = 0 | δ(x/3 + ½) | δ on x ≤ −3 | −3 < x < 3 | x ≥ 3."""
 
+    piecewise = True  # rebuilt after a training batch norm (recompute.py)
+
     @staticmethod
     def forward(input, backend):
         return activation_kernel_forward("hardswish", input, backend)
@@ -1526,6 +1547,8 @@ class HardswishFunction(KernelActivation, Function):
 class HardsigmoidFunction(KernelActivation, Function):
     """y = relu6(x + 3)/6; δx = δ/6 where −3 < x < 3, else 0."""
 
+    piecewise = True  # rebuilt after a training batch norm (recompute.py)
+
     @staticmethod
     def forward(input, backend):
         return activation_kernel_forward("hardsigmoid", input, backend)
@@ -1543,6 +1566,8 @@ class HardsigmoidFunction(KernelActivation, Function):
 
 class LeakyReLUFunction(KernelActivation, Function):
     """y = x | a·x on x > 0 | x ≤ 0; δx = δ | a·δ."""
+
+    piecewise = True  # rebuilt after a training batch norm (recompute.py)
 
     @staticmethod
     def forward(input, negative_slope, backend):
@@ -1606,11 +1631,15 @@ class InplaceActivationFunction(Function):
     def setup_context(ctx, inputs, output):
         input, original, ctx.function, ctx.args = inputs
         ctx.mark_dirty(input)
-        ctx.save_for_backward(original)
+        # x = BN(x₀) of a training batch norm, written once since (by forward's copy_): recompute.py
+        source = recompute.batch_norm_output(input, ctx.function, writes=1)
+        recompute.save(ctx, None if source is not None else original, source)
+        if source is not None:
+            recompute.mark_rebuilt(ctx, output, source, ctx.args, ctx.function)
 
     @staticmethod
     def backward(ctx, delta):
-        (original,) = ctx.saved_tensors
+        (original,) = recompute.saved(ctx, differentiable=False, activate=False)  # (detached, as the copy is)
         check = getattr(ctx.function, "check_inplace_backward", None)
         if check is not None:
             check(*ctx.args)
@@ -1638,19 +1667,20 @@ class InplaceActivationFromOutputFunction(Function):
         input, ctx.function, ctx.args = inputs
         ctx.mark_dirty(input)
         support = getattr(ctx.function, "support", None)
-        if support is not None:
-            ctx.rebuild = None
-            ctx.save_for_backward(support(output, *ctx.args))
-            return
-        # ReLU on a training batch norm's output, written once since (by forward's copy_): recompute.py
-        source = recompute.batch_norm_output(input, writes=1) if ctx.function is ReLUFunction else None
-        recompute.save(ctx, output, source, output=True)
+        # x = BN(x₀) of a training batch norm, written once since (by forward's copy_): recompute.py
+        source = recompute.batch_norm_output(input, ctx.function, writes=1)
+        if support is None:
+            recompute.save(ctx, output, source, made_by=ctx)
+        else:  # the mask, unless it can be read from a rebuilt BN(x₀) (min < z < max where min < y < max)
+            recompute.save(ctx, support(output, *ctx.args) if source is None else None, source)
         if source is not None:
-            recompute.mark_rebuilt(ctx, output, source)
+            recompute.mark_rebuilt(ctx, output, source, ctx.args, ctx.function)
 
     @staticmethod
     def backward(ctx, delta):
-        (saved,) = recompute.saved(ctx, differentiable=False, relu=False)  # y, or BN(x) for ReLU's selection
+        (saved,) = recompute.saved(ctx, differentiable=False, activate=False)  # y or the mask; or z = BN(x₀)
+        if hasattr(ctx.function, "support") and ctx.rebuild is not None:
+            saved = ctx.function.support(saved, *ctx.args)
         if hasattr(ctx.function, "support"):  # δx = δ where f′ = 1, else 0 (a selection: never δ·0)
             backend = "reference" if differentiated_again() else ctx.args[-1]
             return cpu_only_kernels(backend, delta).select_backward(delta, saved), None, None

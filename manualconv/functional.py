@@ -34,6 +34,7 @@ from .autograd import (
     Subsampling2dFunction,
     TanhFunction,
 )
+from . import recompute
 from .backend import get_backend
 from .precision import autocast_inputs
 from .checks import (
@@ -814,8 +815,8 @@ def _activation(function, input: torch.Tensor, inplace: bool, *args) -> torch.Te
     if torch.is_grad_enabled() and input.requires_grad:
         if hasattr(function, "output_grad") or (hasattr(function, "support") and function.support_is_exact(input, *args)):
             # f′ read from y: no copy of x
-            return InplaceActivationFromOutputFunction.apply(input, function, args)
-        return InplaceActivationFunction.apply(input, input.detach().clone(), function, args)
+            return recompute.returned(InplaceActivationFromOutputFunction.apply(input, function, args))
+        return recompute.returned(InplaceActivationFunction.apply(input, input.detach().clone(), function, args))
     return input.copy_(function.forward(input, *args))
 
 

@@ -20,25 +20,38 @@ from manualconv import models, recompute
 
 
 @contextlib.contextmanager
-def recomputing(enabled: bool):
+def recomputing(enabled):
+    """True: every activation rebuilt ('all'); False: none; or a mode's name."""
     before = recompute.get_recompute()
-    recompute.set_recompute(enabled)
+    recompute.set_recompute({True: "all", False: "none"}.get(enabled, enabled))
     try:
         yield
     finally:
         recompute.set_recompute(before)
 
 
-def block(inplace: bool, dtype=torch.float32) -> torch.nn.Module:
-    """conv → BN → ReLU → conv → BN → ReLU(inplace) → conv: both ReLU paths, an out-of-place one first."""
+# every activation that can follow a batch norm, each in-place path: ReLU keeps y (relu_: y in
+# place), hardtanh/ReLU6 in place a mask, the others x (in place: a copy of x)
+ACTIVATIONS = {
+    "relu": lambda: manualconv.ReLU(), "relu_": lambda: manualconv.ReLU(inplace=True),
+    "relu6": lambda: manualconv.ReLU6(), "relu6_": lambda: manualconv.ReLU6(inplace=True),
+    "gelu": lambda: manualconv.GELU(), "gelu_tanh": lambda: manualconv.GELU("tanh"),
+    "silu": lambda: manualconv.SiLU(), "silu_": lambda: manualconv.SiLU(inplace=True),
+    "hardswish": lambda: manualconv.Hardswish(), "hardsigmoid_": lambda: manualconv.Hardsigmoid(inplace=True),
+    "leaky_relu_": lambda: manualconv.LeakyReLU(0.1, inplace=True), "elu": lambda: manualconv.ELU(),
+}
+
+
+def block(activation: str = "relu", dtype=torch.float32) -> torch.nn.Module:
+    """conv → BN → ReLU → conv → BN → activation → conv (the activation's both neighbours as in a CNN)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(manualconv.Conv2d(3, 6, 3, padding=1), manualconv.BatchNorm2d(6), manualconv.ReLU(),
                               manualconv.Conv2d(6, 5, 3, padding=1, bias=False), manualconv.BatchNorm2d(5),
-                              manualconv.ReLU(inplace=inplace), manualconv.Conv2d(5, 4, 3, stride=2)).to(dtype)
-    with torch.no_grad():  # γ, β away from 1, 0; some negative γ
+                              ACTIVATIONS[activation](), manualconv.Conv2d(5, 4, 3, stride=2)).to(dtype)
+    with torch.no_grad():  # γ, β away from 1, 0; some negative γ; entries on both sides of ReLU6's 6
         for m in net:
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(-1.5, 1.5)
+                m.weight.uniform_(-4, 4)
                 m.bias.uniform_(-0.5, 0.5)
     return net
 
@@ -69,11 +82,11 @@ def saved_storages(output: torch.Tensor) -> dict:
     return storages
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu_"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rebuilt_equals_kept_bit_for_bit(backend, inplace, layout, dtype):
-    net = block(inplace, dtype)
+def test_rebuilt_equals_kept_bit_for_bit(backend, activation, layout, dtype):
+    net = block(activation, dtype)
     x = torch.randn(4, 3, 9, 9, dtype=dtype).to(memory_format=layout)
     x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])  # hostile values travel too
     on, off = run(net, x, True), run(net, x, False)
@@ -86,19 +99,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int64)
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu_"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rebuild_is_the_forward_output_bit_for_bit(backend, inplace, layout, dtype):
-    """recompute.rebuild from the ReLU node's saved tensors gives y's very bits (signed zeros and
+def test_rebuild_is_the_forward_output_bit_for_bit(backend, activation, layout, dtype):
+    """recompute.rebuild from the activation node's saved tensors gives y's very bits (signed zeros and
     NaN payloads included), by the kernels and by the Functions (the double-backward path)."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 7, 6, dtype=dtype).to(memory_format=layout)
     x[0, 1, 2, :2] = torch.tensor([float("nan"), float("inf")])
     x.requires_grad_()
     gamma, beta = torch.randn(5, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype, requires_grad=True)
-    z = manualconv.functional.batch_norm(x * 1, None, None, gamma, beta, training=True)
-    y = manualconv.functional.relu(z, inplace=inplace)
+    with recomputing("all"):
+        z = manualconv.functional.batch_norm(x * 1, None, None, gamma * 4, beta, training=True)  # past ReLU6's 6
+        y = ACTIVATIONS[activation]()(z)
     node = y.grad_fn
     assert node.rebuilds_input is not None
     for differentiable in (False, True):
@@ -107,17 +121,47 @@ def test_rebuild_is_the_forward_output_bit_for_bit(backend, inplace, layout, dty
         assert torch.equal(bits(rebuilt), bits(y))
 
 
-def test_graph_keeps_no_relu_output_after_batch_norm(cpp):
-    """The rebuilt y is in no saved tensor; with recomputation off it is (the test can fail)."""
-    net, x = block(inplace=False), torch.randn(2, 3, 8, 8)
+@pytest.mark.parametrize("write", ["recorded", "no_grad"])
+def test_batch_norm_output_written_since_is_kept(cpp, write):
+    """z changed in place after the batch norm (recorded by autograd, or under no_grad where only
+    its version says so) is no longer BN(x): the activation keeps what it would without recomputation."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    z = manualconv.functional.batch_norm(x * 1, None, None, torch.rand(3) + 0.5, torch.randn(3), training=True)
+    if write == "no_grad":
+        with torch.no_grad():
+            z.mul_(2)
+    else:
+        z = z.mul_(2)
+    y = manualconv.functional.relu(z)
+    assert getattr(y.grad_fn, "rebuilds_input", None) is None
+    assert y.untyped_storage().data_ptr() in saved_storages(y)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_graph_keeps_no_activation_after_batch_norm(cpp, activation):
+    """Neither z = BN(x) nor y = f(z) is in a saved tensor (or a mask of y); with recomputation
+    off y is (the test can fail)."""
+    net, x = block(activation), torch.randn(2, 3, 8, 8)
     for enabled in (True, False):
         with recomputing(enabled):
-            relu_out = {}
-            net[2].register_forward_hook(lambda m, i, o: relu_out.setdefault("y", o))
+            seen = {}
+
+            def record(name):
+                def hook(module, inputs, output):
+                    seen[name] = output  # held: its memory is not reused while the walk compares addresses
+                return hook
+
+            hooks = [net[4].register_forward_hook(record("z")), net[5].register_forward_hook(record("y"))]
             out = net(x)
+            for hook in hooks:
+                hook.remove()
             kept = saved_storages(out)
-            assert (relu_out["y"].untyped_storage().data_ptr() in kept) is not enabled
-            net[2]._forward_hooks.clear()
+            address = {name: t.untyped_storage().data_ptr() for name, t in seen.items()}
+            assert (address["y"] in kept) is not enabled
+            if enabled:
+                assert address["z"] not in kept
+                assert len(kept) == len(saved_storages(net[:4](x))) + 6  # + x, γ, β, μ, σ⁻¹ of the BN, W of the last conv
 
 
 def test_resnet20_keeps_ten_activations_fewer(cpp):
@@ -158,17 +202,19 @@ def test_write_to_rebuilt_output_raises_as_torch(inplace):
             out.sum().backward()
 
 
-def bn_relu_conv(x, w1, gamma, beta, w2):
-    """conv → training batch norm (no running statistics) → ReLU → conv, in manualconv.functional."""
+def bn_relu_conv(x, w1, gamma, beta, w2, activation=manualconv.functional.relu):
+    """conv → training batch norm (no running statistics) → activation → conv, in manualconv.functional."""
     z = manualconv.functional.batch_norm(manualconv.functional.conv2d(x, w1, padding=1), None, None, gamma, beta,
                                          training=True)
-    return manualconv.functional.conv2d(manualconv.functional.relu(z), w2)
+    return manualconv.functional.conv2d(activation(z), w2)
 
 
-def test_double_backward_reaches_batch_norm_parameters(backend):
-    """create_graph: y is rebuilt by the Functions, so ∂(∂J/∂W)/∂(x, γ, β) are those of the kept y.
-    gradgradcheck in float64, and the second derivatives on against off (the second-order graph
-    sums the same terms, in the order of a different set of nodes: agreement to float64 rounding)."""
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "gelu"])
+def test_double_backward_reaches_batch_norm_parameters(backend, activation):
+    """create_graph: z and y are rebuilt by the Functions, so ∂(∂J/∂W)/∂(x, γ, β) are those of the
+    kept ones (SiLU's and GELU's own backward reads z: their f″ path too). gradgradcheck in float64,
+    and the second derivatives on against off (the second-order graph sums the same terms, in the
+    order of a different set of nodes: agreement to float64 rounding)."""
     torch.manual_seed(0)
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -176,7 +222,9 @@ def test_double_backward_reaches_batch_norm_parameters(backend):
     beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
 
-    f = bn_relu_conv
+    def f(*inputs):
+        return bn_relu_conv(*inputs, activation=getattr(manualconv.functional, activation))
+
     inputs = (x, w1, gamma, beta, w2)
     with recomputing(True):
         assert torch.autograd.gradcheck(f, inputs)
@@ -194,7 +242,7 @@ def test_double_backward_reaches_batch_norm_parameters(backend):
 
 def test_graph_freed_then_reused_output_is_kept(cpp):
     """y used again after the graph that could rebuild it was freed: it is saved as it is."""
-    net, x = block(inplace=False), torch.randn(2, 3, 8, 8)
+    net, x = block(), torch.randn(2, 3, 8, 8)
     y = net[:3](x)
     net[3:](y).sum().backward()  # frees the ReLU node's saved tensors
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -231,6 +279,30 @@ def test_off_where_others_decide_what_is_kept(cpp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_set_recompute_takes_a_bool():
-    with pytest.raises(TypeError, match="enabled"):
-        recompute.set_recompute(1)
+def test_default_rebuilds_the_piecewise_activations_only(cpp):
+    """'piecewise' (the default) rebuilds ReLU and ReLU6, and leaves GELU, SiLU and ELU (erf, exp)
+    keeping their input, as with 'none'."""
+    assert recompute.get_recompute() == "piecewise"
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    for name in ACTIVATIONS:
+        y = ACTIVATIONS[name]()(manualconv.functional.batch_norm(x, None, None, None, None, training=True))
+        piecewise = name.split("_")[0] in ("relu", "relu6", "hardswish", "hardsigmoid", "leaky")
+        assert (getattr(y.grad_fn, "rebuilds_input", None) is not None) is piecewise, name
+
+
+def test_set_recompute_takes_a_mode(monkeypatch):
+    with pytest.raises(ValueError, match="mode"):
+        recompute.set_recompute(True)
+    with pytest.raises(ValueError, match="mode"):
+        recompute.set_recompute("some")
+    assert manualconv.set_recompute is recompute.set_recompute
+
+
+def test_bad_environment_value_is_refused_at_import():
+    """MANUALCONV_RECOMPUTE=1 (not a mode): import raises ValueError naming the variable."""
+    import subprocess
+    import sys
+    env = dict(__import__("os").environ, MANUALCONV_RECOMPUTE="1")
+    run = subprocess.run([sys.executable, "-c", "import manualconv"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "ValueError" in run.stderr and "MANUALCONV_RECOMPUTE" in run.stderr
