@@ -346,6 +346,9 @@ def adaptive_max_pool2d_cases() -> List[Case]:
         Case("ties-relu", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
         Case("nan", "adaptive_max_pool2d", (2, 2, 7, 7), dict(output_size=3, return_indices=True), fill="nan"),
         Case("return-indices", "adaptive_max_pool2d", (2, 2, 9, 5), dict(output_size=(4, 2), return_indices=True)),
+        # NCHW with more planes (15, 18) than the samples above, ties and NaN spread over them
+        Case("plane-groups-ties-relu", "adaptive_max_pool2d", (3, 5, 7, 7), dict(output_size=3, return_indices=True), fill="relu"),
+        Case("plane-groups-nan", "adaptive_max_pool2d", (2, 9, 7, 9), dict(output_size=(3, 4), return_indices=True), fill="nan"),
         Case("channels-last-ties-relu", "adaptive_max_pool2d", (2, 19, 7, 7), dict(output_size=3, return_indices=True), fill="relu", layout="channels_last"),
         Case("channels-last-ties-zeros", "adaptive_max_pool2d", (1, 6, 6, 5), dict(output_size=(4, 3), return_indices=True), fill="zeros", layout="channels_last"),
         Case("channels-last-nan", "adaptive_max_pool2d", (2, 3, 7, 7), dict(output_size=3, return_indices=True), fill="nan", layout="channels_last"),
