@@ -216,7 +216,7 @@ class Conv2dFunction(Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups, backend = inputs
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # save only what backward needs: W for δx, x for ∂J/∂W (x = max(BN(x₀), 0): what rebuilds it, recompute.py)
+        # save only what backward needs: W for δx, x for ∂J/∂W (x = f(BN(x₀)): what rebuilds it, recompute.py)
         source = recompute.rebuildable(input) if need_weight else None
         recompute.save(ctx, input if need_weight else None, source, weight if need_input else None)
         ctx.save_for_forward(input, weight)  # jvp: ẏ = ẋ ⋆ W + x ⋆ Ẇ + ḃ
