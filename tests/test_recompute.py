@@ -67,18 +67,26 @@ def run(net, x, enabled: bool):
     return [y.detach(), x.grad] + [p.grad for p in net.parameters()]
 
 
-def saved_storages(output: torch.Tensor) -> dict:
-    """data_ptr → bytes of every tensor saved by the graph behind ``output`` (all manualconv nodes)."""
-    seen, storages, stack = set(), {}, [output.grad_fn]
+def graph_nodes(output: torch.Tensor) -> list:
+    """Every node of the backward graph behind ``output``."""
+    nodes, seen, stack = [], set(), [output.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        nodes.append(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return nodes
+
+
+def saved_storages(output: torch.Tensor) -> dict:
+    """data_ptr → bytes of every tensor saved by the graph behind ``output`` (all manualconv nodes)."""
+    storages = {}
+    for node in graph_nodes(output):
         for t in getattr(node, "saved_tensors", ()) or ():
             if t is not None:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        stack.extend(next_node for next_node, _ in node.next_functions)
     return storages
 
 
@@ -306,3 +314,26 @@ def test_bad_environment_value_is_refused_at_import():
     env = dict(__import__("os").environ, MANUALCONV_RECOMPUTE="1")
     run = subprocess.run([sys.executable, "-c", "import manualconv"], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "ValueError" in run.stderr and "MANUALCONV_RECOMPUTE" in run.stderr
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_torchvision_model_same_bits_with_every_activation_rebuilt(cpp, name):
+    """Converted torchvision nets whose blocks put hardswish / ReLU (mobilenet_v3) or SiLU
+    (efficientnet) after batch norm, with squeeze-excitation gates and stochastic depth around
+    them: with every activation rebuilt ('all') the output and every gradient are those of 'none'."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    native = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for mode in ("all", "none"):
+        model = manualconv.convert(native).train()
+        with recomputing(mode):
+            torch.manual_seed(1)  # the same dropout and stochastic-depth draws
+            out = model(x)
+            rebuilt = sum(getattr(n, "rebuilds_input", None) is not None for n in graph_nodes(out))
+            out.square().sum().backward()
+        results[mode] = [out.detach()] + [p.grad for p in model.parameters()]
+        assert (rebuilt > 0) is (mode == "all")
+    for a, b in zip(results["all"], results["none"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
