@@ -1621,11 +1621,12 @@ class ELUFunction(KernelActivation, Function):
 class InplaceActivationFunction(Function):
     """x ← f(x) in place (torch's ``inplace=True``): the input is overwritten and returned, marked
     dirty as torch's in-place ops are; ``original`` is a copy of x taken before the write, so
-    δx = δy ⊙ f′(x) is the out-of-place Function's own ``input_grad``."""
+    δx = δy ⊙ f′(x) is the out-of-place Function's own ``input_grad``. Where x = BN(x₀) of a
+    training batch norm is rebuilt instead (recompute.py), no copy is taken: original is None."""
 
     @staticmethod
     def forward(input, original, function, args):
-        return input.copy_(function.forward(original, *args))
+        return input.copy_(function.forward(input if original is None else original, *args))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -1633,6 +1634,8 @@ class InplaceActivationFunction(Function):
         ctx.mark_dirty(input)
         # x = BN(x₀) of a training batch norm, written once since (by forward's copy_): recompute.py
         source = recompute.batch_norm_output(input, ctx.function, writes=1)
+        if source is None and original is None:  # (_activation asked the same question just before)
+            raise RuntimeError("manualconv: an in-place activation without a copy of x found nothing to rebuild x from")
         recompute.save(ctx, None if source is not None else original, source)
         if source is not None:
             recompute.mark_rebuilt(ctx, output, source, ctx.args, ctx.function)

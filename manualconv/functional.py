@@ -816,7 +816,9 @@ def _activation(function, input: torch.Tensor, inplace: bool, *args) -> torch.Te
         if hasattr(function, "output_grad") or (hasattr(function, "support") and function.support_is_exact(input, *args)):
             # f′ read from y: no copy of x
             return recompute.returned(InplaceActivationFromOutputFunction.apply(input, function, args))
-        return recompute.returned(InplaceActivationFunction.apply(input, input.detach().clone(), function, args))
+        # a copy of x for f′(x), unless x = BN(x₀) is rebuilt in the backward (recompute.py)
+        original = None if recompute.batch_norm_output(input, function) is not None else input.detach().clone()
+        return recompute.returned(InplaceActivationFunction.apply(input, original, function, args))
     return input.copy_(function.forward(input, *args))
 
 
