@@ -47,7 +47,7 @@ from .backend import kernels
 # mode in alternating pairs (21 each), and held memory against torch.nn's:
 # - "piecewise" (the default): the piecewise polynomials (ReLU, hardtanh / ReLU6, leaky ReLU,
 #   hardswish, hardsigmoid: Functions with ``piecewise = True``), rebuilt in one pass over memory.
-#   ResNet-20 1.000–1.044, memory 1.01 → 0.75; mobilenet_v2 0.989–1.007, 0.74 → 0.42; airbench
+#   ResNet-20 1.000–1.044, memory 1.01 → 0.75; mobilenet_v2 0.989–1.004, 0.74 → 0.42; airbench
 #   (GELU: nothing rebuilt) 1.005–1.008, 0.74;
 # - "all": GELU, SiLU and ELU too, whose rebuild evaluates erf or exp once more for each entry:
 #   airbench 0.965–0.975 (3 % slower), memory 0.74 → 0.59;
