@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import manualconv
 from manualconv import models, recompute
+from manualconv.verify import backward_nodes
 
 
 @contextlib.contextmanager
@@ -67,23 +68,10 @@ def run(net, x, enabled: bool):
     return [y.detach(), x.grad] + [p.grad for p in net.parameters()]
 
 
-def graph_nodes(output: torch.Tensor) -> list:
-    """Every node of the backward graph behind ``output``."""
-    nodes, seen, stack = [], set(), [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nodes.append(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return nodes
-
-
 def saved_storages(output: torch.Tensor) -> dict:
     """data_ptr → bytes of every tensor saved by the graph behind ``output`` (all manualconv nodes)."""
     storages = {}
-    for node in graph_nodes(output):
+    for node in backward_nodes(output):
         for t in getattr(node, "saved_tensors", ()) or ():
             if t is not None:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -331,9 +319,19 @@ def test_torchvision_model_same_bits_with_every_activation_rebuilt(cpp, name):
         with recomputing(mode):
             torch.manual_seed(1)  # the same dropout and stochastic-depth draws
             out = model(x)
-            rebuilt = sum(getattr(n, "rebuilds_input", None) is not None for n in graph_nodes(out))
+            rebuilt = sum(getattr(n, "rebuilds_input", None) is not None for n in backward_nodes(out))
             out.square().sum().backward()
         results[mode] = [out.detach()] + [p.grad for p in model.parameters()]
         assert (rebuilt > 0) is (mode == "all")
     for a, b in zip(results["all"], results["none"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_empty_batch_is_rebuilt_empty(backend):
+    """An empty batch through batch norm, ReLU6 in place and a conv: rebuilt (empty) tensors, and
+    gradients (zeros, empty) equal to those with nothing rebuilt."""
+    net, x = block("relu6_"), torch.randn(0, 3, 8, 8)
+    on, off = run(net, x, True), run(net, x, False)
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert on[0].shape == (0, 4, 3, 3) and on[1].shape == (0, 3, 8, 8)
